@@ -1,0 +1,51 @@
+"""Shared command-line options as ``Annotated`` aliases, so every command spells them the same way."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+class TableFormat(str, Enum):
+    """Output formats of commands that print one table."""
+
+    table = "table"
+    json = "json"
+
+
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model", "-m",
+        help="Alias (smollm2-135m), cached name, .gguf file, Hugging Face folder, ONNX folder or .onnx file. "
+        "Default: smollm2-135m, fetched and converted on first use.",
+        show_default=False,
+    ),
+]
+ProfileOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--profile", "-p",
+        help="Profile name or comma list merged left to right (chat, batch, quality, 3b, 7b, 13b, 20b, "
+        "int8, int4, ...). The model's size class is applied first. See `inferos profiles list`.",
+        show_default=False,
+    ),
+]
+ConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="Config file (TOML, or the guide's YAML with `infer_os:`).", show_default=False),
+]
+FormatOpt = Annotated[
+    TableFormat, typer.Option("--format", "-f", help="table for people, json for scripts.", case_sensitive=False)
+]
+ThreadsOpt = Annotated[
+    Optional[int],
+    typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: physical cores).", show_default=False),
+]
+StrictDevicesOpt = Annotated[
+    bool,
+    typer.Option("--strict-devices", help="Fail instead of falling back to CPU when a requested provider does not work."),
+]

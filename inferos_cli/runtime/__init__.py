@@ -1,0 +1,1 @@
+"""Model resolution, conversion, sessions, the engine, the scheduler and telemetry."""

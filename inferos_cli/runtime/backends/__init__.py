@@ -1,0 +1,1 @@
+"""Backends that produce engine events: in-process ONNX Runtime, a Lemonade server, the GAIA CLI."""

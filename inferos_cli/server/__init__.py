@@ -1,0 +1,1 @@
+"""`inferos serve`: the control API and the Lemonade/OpenAI-compatible routes."""

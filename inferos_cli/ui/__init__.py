@@ -1,0 +1,1 @@
+"""Pure renderers: a snapshot in, a rich renderable out."""

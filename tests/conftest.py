@@ -1,0 +1,68 @@
+"""Shared fixtures: an isolated INFEROS_HOME per test, and the real reference models from ../shared."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("INFEROS_SHARED", REPO.parent / "shared"))
+MODELS = SHARED / "models"
+DATA = SHARED / "data"
+STORIES_SRC = MODELS / "stories260K"
+OGA_DIR = MODELS / "smollm2-135m-oga-int4"
+STORIES_SAMPLE = "Once upon a time, there was a little girl named Lily"
+
+
+def need(path: Path) -> Path:
+    """Skip the test with a stated reason when a ../shared resource is absent."""
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the reference models and data live in ../shared beside the checkout")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def inferos_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own INFEROS_HOME and no stray INFEROS_* settings from the caller's shell."""
+    for key in list(os.environ):
+        if key.startswith("INFEROS_") and key not in ("INFEROS_SHARED", "INFEROS_TEST_CACHE"):
+            monkeypatch.delenv(key, raising=False)
+    home = tmp_path / "inferos-home"
+    monkeypatch.setenv("INFEROS_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def stories_src() -> Path:
+    """The stories260K Hugging Face folder (safetensors + tokenizer.json)."""
+    return need(STORIES_SRC)
+
+
+@pytest.fixture(scope="session")
+def oga_dir() -> Path:
+    """The onnxruntime-genai SmolLM2-135M int4 folder (GroupQueryAttention + MatMulNBits)."""
+    return need(OGA_DIR / "model.onnx")
+
+
+@pytest.fixture(scope="session")
+def stories_onnx(tmp_path_factory: pytest.TempPathFactory, stories_src: Path) -> Path:
+    """stories260K converted once per test session to an fp32 inferos ONNX folder."""
+    from inferos_cli.runtime.convert import convert_hf_folder
+
+    out = tmp_path_factory.mktemp("stories260K-onnx") / "model"
+    convert_hf_folder(stories_src, out, dtype="fp32")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tinystories_text() -> Path:
+    """The TinyStories validation sample (the right text for stories260K)."""
+    return need(DATA / "tinystories-valid-sample.txt")
+
+
+@pytest.fixture(scope="session")
+def wikitext() -> Path:
+    """wikitext-2 raw test split."""
+    return need(DATA / "wikitext2-raw-test.txt")
