@@ -8,11 +8,30 @@ that describe the past in feed order; after the run it hands the cache the sessi
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Protocol, Sequence
 
 import numpy as np
 
 from inferos_cli.runtime.events import KVStats
+
+
+class KVBackend(Protocol):
+    """A graph plus the cache type that feeds it: the original graph with a plain cache (baseline), or
+    the KV-boundary-rewritten graph with the segmented cache."""
+
+    @property
+    def onnx_path(self) -> Path:
+        """The ONNX file the sessions load."""
+        ...
+
+    def new_cache(self, batch: int) -> "KVCache":
+        """An empty cache for ``batch`` rows."""
+        ...
+
+    def describe(self) -> str:
+        """One line for tables: e.g. ``plain fp32`` or ``int4 k-rotated, window 64, 4 sinks``."""
+        ...
 
 
 class KVCache(Protocol):
@@ -42,6 +61,11 @@ class KVCache(Protocol):
 
     def select(self, rows: Sequence[int]) -> None:
         """Keep only these rows (finished sequences retire)."""
+        ...
+
+    def merge(self, other: "KVCache") -> None:
+        """Append ``other``'s rows (new sequences admitted between steps), padding the shorter past with
+        masked columns so both parts share one ``past_len``."""
         ...
 
     def stats(self) -> KVStats:
