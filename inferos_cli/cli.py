@@ -56,6 +56,13 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
+        except OSError as exc:  # disk full, permission denied, file vanished: the environment, not a bug
+            if debug_enabled():
+                raise
+            where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
+            typer.echo(f"error: {exc.strerror or exc}{where} (check the path and permissions; "
+                       "INFEROS_DEBUG=1 shows the traceback)", err=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

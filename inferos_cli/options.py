@@ -49,3 +49,18 @@ StrictDevicesOpt = Annotated[
     bool,
     typer.Option("--strict-devices", help="Fail instead of falling back to CPU when a requested provider does not work."),
 ]
+
+
+class PolicyFormat(str, Enum):
+    """Output formats of commands that print a resolved policy."""
+
+    table = "table"
+    toml = "toml"
+    json = "json"
+
+
+PolicyFormatOpt = Annotated[
+    PolicyFormat,
+    typer.Option("--format", "-f", help="table for people, toml (a loadable config) or json for scripts.",
+                 case_sensitive=False),
+]

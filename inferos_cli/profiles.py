@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from inferos_cli import paths
-from inferos_cli.errors import ConfigError, ProfileError
+from inferos_cli.errors import ConfigError, ModelError, ModelNotFoundError, ProfileError, UsageError
 from inferos_cli.settings import Resolved, env_layer, resolve
 
 BUILTIN_DIR = Path(__file__).with_name("profiles")
@@ -38,14 +38,25 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}", "check the path or run `inferos config init`") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path} is not valid TOML: {exc}", "fix the file and try again") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise ConfigError(f"cannot read {path}: {reason}", "pass a readable UTF-8 TOML file") from None
 
 
 def load(name: str) -> dict[str, Any]:
     """The raw table of one profile, ``kind``/``description`` included."""
     known = available()
     if name not in known:
-        raise ProfileError(f"unknown profile {name!r}; known profiles: {', '.join(sorted(known))}")
+        raise ProfileError(
+            f"unknown profile {name!r}; known profiles: {', '.join(sorted(known, key=_name_order))}",
+            f"see `inferos profiles list`; add your own as {paths.user_profiles_dir() / (name + '.toml')}",
+        )
     return read_toml(known[name])
+
+
+def _name_order(name: str) -> tuple[int, str]:
+    """Size classes first, by size; then every other name alphabetically."""
+    return (SIZE_CLASSES.index(name), "") if name in SIZE_CLASSES else (len(SIZE_CLASSES), name)
 
 
 def policy_part(table: dict[str, Any]) -> dict[str, Any]:
@@ -85,6 +96,9 @@ def read_config(path: Path) -> dict[str, Any]:
             data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         except FileNotFoundError:
             raise ConfigError(f"config file not found: {path}", "check the path") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise ConfigError(f"cannot read {path}: {reason}", "pass a readable UTF-8 YAML file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
     else:
@@ -102,7 +116,12 @@ def config_profile(path: Path | None) -> list[str]:
     """Profile names a config file asks for with a top-level ``profile = "..."`` key."""
     if path is None or not path.is_file():
         return []
-    raw: Any = read_toml(path) if path.suffix.lower() == ".toml" else None
+    try:
+        raw: Any = read_toml(path) if path.suffix.lower() not in (".yaml", ".yml") else None
+    except ConfigError:
+        return []  # read_config reports the same problem with its one-line message
+    if isinstance(raw, dict) and isinstance(raw.get("infer_os"), dict):
+        raw = raw["infer_os"]
     if raw is None:
         try:
             import yaml
@@ -131,14 +150,17 @@ def resolve_settings(
     config_path: Path | None = None,
     flags: dict[str, Any] | None = None,
     use_env: bool = True,
+    use_config: bool = True,
 ) -> Resolved:
     """Resolve the effective policy once: defaults < size class < profiles < config < env < flags.
 
     ``profile`` is one name or a comma list merged left to right. When ``param_count`` is known, the
     model's size class is applied first, so ``chat`` on a 7B model means ``7b`` + ``chat``. ``flags``
-    is a nested dict of values given on the command line (None values are ignored).
+    is a nested dict of values given on the command line (None values are ignored). ``use_config=False``
+    ignores the default config file (``inferos profiles show`` shows profiles over defaults only).
     """
-    config_path = config_path or default_config_path()
+    if config_path is None and use_config:
+        config_path = default_config_path()
     names = split_names(profile) or config_profile(config_path)
     size = size_class(param_count)
     ordered: list[str] = []
@@ -171,3 +193,123 @@ def _drop_none(data: dict[str, Any]) -> dict[str, Any]:
         elif value is not None:
             out[key] = value
     return out
+
+
+# ------------------------------------------------------------------------------------------ snapshots
+
+
+def describe(name: str, path: Path) -> dict[str, str]:
+    """One profile's list row: name, kind (size / use / preset / user), description, defining file."""
+    try:
+        table = read_toml(path)
+    except ConfigError as exc:
+        return {"name": name, "kind": "invalid", "description": exc.message, "source": str(path)}
+    builtin = path.parent == BUILTIN_DIR
+    kind = str(table.get("kind", "preset" if builtin else "user"))
+    return {
+        "name": name,
+        "kind": kind,
+        "description": str(table.get("description", "")),
+        "source": f"built-in ({path.name})" if builtin else str(path),
+    }
+
+
+KIND_ORDER = {"size": 0, "use": 1, "preset": 2}
+
+
+def profile_list_snapshot() -> dict[str, Any]:
+    """``{"profiles": [...], "user_dir": PATH}`` sorted by kind (size, use, preset, user) then name."""
+    rows = [describe(name, path) for name, path in available().items()]
+    rows.sort(key=lambda r: (KIND_ORDER.get(r["kind"], 3), _size_key(r["name"]), r["name"]))
+    return {"profiles": rows, "user_dir": str(paths.user_profiles_dir())}
+
+
+def _size_key(name: str) -> float:
+    """``13b`` -> 13.0 so size classes sort by size; other names -> 0."""
+    try:
+        return float(name[:-1]) if name.endswith("b") else 0.0
+    except ValueError:
+        return 0.0
+
+
+def policy_snapshot(resolved: Resolved, *, param_count: int | None = None) -> dict[str, Any]:
+    """Plain data of a resolution: profiles applied, config file, size class, policy, per-leaf sources."""
+    return {
+        "profiles": list(resolved.profiles),
+        "size_class": size_class(param_count),
+        "param_count": param_count,
+        "config": str(resolved.config_path) if resolved.config_path else None,
+        "policy": resolved.as_dict(),
+        "sources": dict(resolved.sources),
+    }
+
+
+_COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_param_count(text: str) -> int:
+    """``7B`` / ``135M`` / ``1.5b`` / ``13e9`` / ``7000000000`` -> an integer parameter count."""
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
+    if not match:
+        raise UsageError(f"--params {text!r} is not a parameter count", "use e.g. 7B, 135M or 13e9")
+    return int(float(match.group(1)) * _COUNT_UNITS[match.group(2)])
+
+
+def param_count_for(model: str | None, params: str | None = None) -> int | None:
+    """The parameter count that picks the size class: ``--params``, else the model's, read without loading
+    weights from an ONNX folder / .onnx, a .gguf tensor table or safetensors headers; aliases and cached
+    names go through :func:`inferos_cli.runtime.models.resolve_model`."""
+    if params:
+        return parse_param_count(params)
+    if not model:
+        return None
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_param_count(path)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        path = path.parent
+    if path.is_dir():
+        from inferos_cli.runtime.modelinfo import find_onnx, inspect_folder
+
+        if find_onnx(path) is not None:
+            return inspect_folder(path).param_count
+        if sorted(path.glob("*.safetensors")):
+            return safetensors_param_count(path)
+    try:
+        from inferos_cli.runtime.models import resolve_model
+    except ImportError:
+        raise ModelNotFoundError(
+            f"cannot resolve model {model!r} here", "pass an ONNX folder, or --params 7B to pick the size class"
+        ) from None
+    return resolve_model(model, progress=False).param_count
+
+
+def gguf_param_count(path: Path) -> int:
+    """Parameter count of a GGUF file from its tensor table (memory-mapped header; no weights are read)."""
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        return int(sum(int(t.n_elements) for t in reader.tensors))
+    except Exception as exc:  # malformed or truncated file
+        raise ModelError(f"{path} is not a readable GGUF file: {str(exc)[:160]}") from None
+
+
+def safetensors_param_count(folder: Path) -> int:
+    """Parameter count of a Hugging Face folder from its ``*.safetensors`` headers (no weights are read)."""
+    import json
+    import math
+    import struct
+
+    total = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            with file.open("rb") as handle:
+                (size,) = struct.unpack("<Q", handle.read(8))
+                header = json.loads(handle.read(size))
+        except (OSError, struct.error, ValueError) as exc:
+            raise ModelError(f"{file} has no readable safetensors header: {exc}") from None
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total

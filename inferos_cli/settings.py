@@ -185,8 +185,8 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))  # an empty table sets nothing
         else:
             out[name] = value
     return out
@@ -215,25 +215,120 @@ def unflatten(dotted: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def canonical_keys(data: dict[str, Any], model: type[BaseModel] = Policy) -> dict[str, Any]:
+    """Map keys to the model's field names case-insensitively (env vars arrive lower-cased, so
+    ``INFEROS_KV__LEVEL_THRESHOLDS__L1_INT8`` must still reach ``kv.level_thresholds.L1_int8``).
+    Unknown keys are kept as given so validation can name them."""
+    fields = {name.lower(): name for name in model.model_fields}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = fields.get(str(key).lower(), key)
+        sub = _submodel(model, name)
+        if isinstance(value, dict) and sub is not None:
+            value = canonical_keys(value, sub)
+        out[name] = value
+    return out
+
+
+def _submodel(model: type[BaseModel], name: str) -> type[BaseModel] | None:
+    """The nested model class of field ``name``, or None for a leaf / unknown field."""
+    info = model.model_fields.get(name)
+    ann = getattr(info, "annotation", None)
+    return ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+
+
 def env_layer() -> dict[str, Any]:
-    """The ``INFEROS_*`` policy values present in the environment, as a nested dict."""
+    """The ``INFEROS_*`` policy values present in the environment, as a nested dict with canonical keys."""
     try:
         env = EnvSettings()
-    except ValidationError as exc:  # pragma: no cover - only on malformed JSON in env values
-        raise ConfigError(f"invalid INFEROS_* environment value: {exc.errors()[0]['msg']}") from None
-    return {k: v for k, v in env.model_dump().items() if v}
+    except ValidationError as exc:  # only on malformed JSON in env values such as INFEROS_KV='{...'
+        err = exc.errors()[0]
+        name = "INFEROS_" + "__".join(str(p) for p in err["loc"]).upper()
+        raise ConfigError(
+            f"invalid environment value {name}: {err['msg']}",
+            "use INFEROS_SECTION__KEY=value, e.g. INFEROS_KV__RECENT_WINDOW=32",
+        ) from None
+    return canonical_keys({k: v for k, v in env.model_dump().items() if v})
 
 
-def validate_policy(merged: dict[str, Any]) -> Policy:
-    """Validate a nested dict into a :class:`Policy`, turning the first error into a one-line ConfigError."""
+def field_info(loc: tuple[Any, ...] | list[Any]) -> Any:
+    """The pydantic ``FieldInfo`` at a dotted location inside :class:`Policy`, or None."""
+    model: type[BaseModel] | None = Policy
+    info = None
+    for part in loc:
+        if model is None or str(part) not in model.model_fields:
+            return None
+        info = model.model_fields[str(part)]
+        model = _submodel(model, str(part))
+    return info
+
+
+def allowed_values(loc: tuple[Any, ...] | list[Any]) -> str | None:
+    """What a key accepts, in words: ``16..512``, ``one of: dml, npu, cuda, cpu``, ``a byte size``..."""
+    import typing
+
+    if tuple(str(p) for p in loc[-1:]) in (("dml_pool_bytes",), ("host_pool_bytes",), ("budget_bytes",)):
+        return "a byte size such as 2048MiB, 4GiB or an integer"
+    if tuple(str(p) for p in loc[-1:]) == ("level_thresholds",) or str(loc[-1]) in LevelThresholds.model_fields:
+        return "0..1 with 1 >= L1_int8 > L2_int4 > L3_evict >= 0"
+    info = field_info(loc)
+    if info is None:
+        return None
+    ann = info.annotation
+    args = [a for a in typing.get_args(ann) if a is not type(None)]
+    literal = ann if typing.get_origin(ann) is Literal else next(
+        (a for a in args if typing.get_origin(a) is Literal), None
+    )
+    if literal is not None:
+        return "one of: " + ", ".join(str(v) for v in typing.get_args(literal))
+    low = high = None
+    for meta in info.metadata:
+        low = getattr(meta, "ge", low)
+        high = getattr(meta, "le", high)
+    kind = "true or false" if ann is bool else None
+    if low is not None or high is not None:
+        rng = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+        return rng + (" or unset" if type(None) in typing.get_args(ann) else "")
+    return kind
+
+
+def validate_policy(merged: dict[str, Any], sources: dict[str, str] | None = None) -> Policy:
+    """Validate a nested dict into a :class:`Policy`, turning the first error into a one-line ConfigError
+    that names the key, the value, what is allowed and (given ``sources``) the layer that set it."""
     try:
         return Policy.model_validate(merged)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "policy"
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "policy"
         value = err.get("input")
+        origin = _origin(key, sources or {})
+        if err.get("type") == "extra_forbidden":
+            parent = field_info(loc[:-1])
+            sub = _submodel(Policy, str(loc[0])) if len(loc) == 2 else None
+            model = sub if sub is not None else (parent.annotation if parent is not None else Policy)
+            names = ", ".join(getattr(model, "model_fields", {})) if isinstance(model, type) else ""
+            raise ConfigError(
+                f"unknown setting {key}{origin}", f"known keys here: {names}" if names else "check the spelling"
+            ) from None
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err.get("type") == "literal_error":
+            msg = "not one of the allowed values"
         shown = "" if isinstance(value, dict) else f" = {value!r}"
-        raise ConfigError(f"invalid setting {key}{shown}: {err['msg']}", "fix the value and try again") from None
+        allowed = allowed_values(loc)
+        fix = f"allowed: {allowed}" if allowed else "fix the value and try again"
+        if loc and str(loc[-1]) == "level_thresholds":
+            fix = "e.g. L1_int8 = 0.7, L2_int4 = 0.5, L3_evict = 0.3"
+        raise ConfigError(f"invalid setting {key}{shown}{origin}: {msg}", fix) from None
+
+
+def _origin(key: str, sources: dict[str, str]) -> str:
+    """`` (from env)`` for the layer that set ``key`` (or a key below it), else empty."""
+    found = sources.get(key)
+    if found is None or found == "default":
+        below = [v for k, v in sources.items() if k.startswith(key + ".") and v != "default"]
+        found = below[-1] if below else None
+    return f" (from {found})" if found and found != "default" else ""
 
 
 def resolve(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
@@ -243,13 +338,14 @@ def resolve(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
     for name, layer in layers:
         if not layer:
             continue
+        layer = canonical_keys(layer)
         unknown = set(layer) - set(POLICY_SECTIONS)
         if unknown:
             raise ConfigError(
-                f"unknown setting section {sorted(unknown)[0]!r} in {name}",
+                f"unknown setting section {sorted(map(str, unknown))[0]!r} in {name}",
                 f"use one of: {', '.join(POLICY_SECTIONS)}",
             )
         merged = deep_merge(merged, layer)
         for key in flatten(layer):
             sources[key] = name
-    return Resolved(policy=validate_policy(merged), sources=sources)
+    return Resolved(policy=validate_policy(merged, sources), sources=sources)

@@ -1,8 +1,59 @@
-"""`inferos eval` (being built in this session; owned by one helper)."""
+"""`inferos eval`: perplexity, KL and KV bytes of KV configurations, teacher-forced through the real cache."""
 
-from inferos_cli.errors import InferosError
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from inferos_cli.options import FormatOpt, ModelOpt, TableFormat, ThreadsOpt
 
 
-def evaluate() -> None:
-    """Not built yet."""
-    raise InferosError("`inferos eval` is not built yet")
+def evaluate(
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text to score (e.g. wikitext-2 test split).",
+                                       exists=True, dir_okay=False, show_default=False)],
+    model: ModelOpt = None,
+    ctx: Annotated[int, typer.Option("--ctx", min=2, help="Window length in tokens.")] = 512,
+    prefix: Annotated[int, typer.Option("--prefix", min=1, help="Tokens prefilled per window before "
+                                        "one-token-at-a-time scoring.")] = 64,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens to score "
+                                                      "(default: the whole text).", show_default=False)] = None,
+    compare: Annotated[str, typer.Option("--compare", help="Comma list of configurations, each a profile or "
+                                         "KV preset (baseline, int8, int4, int4-k8v4, chat, ...); join profiles "
+                                         "with '+' (chat+int4). baseline is always included as the reference.")]
+    = "baseline,int8,int4",
+    rss: Annotated[bool, typer.Option("--rss/--no-rss", help="Measure peak RSS per configuration in a fresh "
+                                      "subprocess (one window).")] = True,
+    fmt: FormatOpt = TableFormat.table,
+    threads: ThreadsOpt = None,
+) -> None:
+    """Teacher-forced evaluation of KV configurations on the same windows: perplexity, ΔPPL and mean KL vs
+    the baseline, top-1 agreement, mean/peak KV bytes and their ratio to fp16, peak RSS.
+
+    Example: inferos eval --model smollm2-135m --text wikitext2-raw-test.txt --ctx 512 --compare baseline,int8,int4
+    """
+    from inferos_cli.runtime.evaluate import run_eval
+    from inferos_cli.ui.eval_table import eval_lines, eval_table
+    from inferos_cli.ui.output import is_terminal, print_json, print_table
+
+    if is_terminal() and fmt == TableFormat.table:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(TextColumn("scoring tokens"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                      transient=True) as bar:
+            task = bar.add_task("eval", total=None)
+
+            def tick(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare,
+                              threads=threads, measure_rss=rss, progress=tick)
+    else:
+        report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare,
+                          threads=threads, measure_rss=rss)
+    snapshot = report.to_json()
+    if fmt == TableFormat.json:
+        print_json(snapshot)
+    else:
+        print_table(eval_table(snapshot), eval_lines(snapshot))

@@ -1,13 +1,70 @@
-"""`inferos profiles` (being built in this session)."""
+"""`inferos profiles list|show`: the built-in and user profiles, and the policy a profile list resolves to."""
 
-from inferos_cli.errors import InferosError
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from inferos_cli.options import FormatOpt, PolicyFormat, PolicyFormatOpt, TableFormat
+
+SizeModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="Model whose size class is applied first: ONNX folder (read without "
+                 "loading weights), alias, .gguf or Hugging Face folder.", show_default=False),
+]
+
+ParamsOpt = Annotated[
+    Optional[str],
+    typer.Option("--params", help="Parameter count to pick the size class without a model, e.g. 7B, 135M, 13e9.",
+                 show_default=False),
+]
 
 
-def list_profiles() -> None:
-    """Not built yet."""
-    raise InferosError("not built yet")
+def list_profiles(fmt: FormatOpt = TableFormat.table) -> None:
+    """List every profile: size classes, use cases and KV presets, with the file that defines each.
+
+    Example: inferos profiles list
+    """
+    from inferos_cli.profiles import profile_list_snapshot
+    from inferos_cli.ui.output import print_json, print_table
+    from inferos_cli.ui.profile_table import profile_list_lines, profile_list_table
+
+    snapshot = profile_list_snapshot()
+    if fmt == TableFormat.json:
+        print_json(snapshot)
+    else:
+        print_table(profile_list_table(snapshot), profile_list_lines(snapshot))
 
 
-def show() -> None:
-    """Not built yet."""
-    raise InferosError("not built yet")
+def show(
+    names: Annotated[str, typer.Argument(help="Profile name or comma list merged left to right, e.g. 7b,chat.")],
+    model: SizeModelOpt = None,
+    params: ParamsOpt = None,
+    fmt: PolicyFormatOpt = PolicyFormat.table,
+) -> None:
+    """Print the policy that profiles resolve to over the defaults and, per value, where it came from.
+    With --model (or --params) the model's size class is applied first. Config file and INFEROS_* are
+    not applied here (see `inferos config show`).
+
+    Example: inferos profiles show chat --params 7B --format toml
+    """
+    from inferos_cli.profiles import param_count_for, policy_snapshot
+    from inferos_cli.profiles import resolve_settings
+
+    count = param_count_for(model, params)
+    resolved = resolve_settings(names, param_count=count, use_env=False, use_config=False)
+    emit_policy(policy_snapshot(resolved, param_count=count), fmt)
+
+
+def emit_policy(snapshot: dict[str, Any], fmt: PolicyFormat) -> None:
+    """Print a policy snapshot as a table / plain lines, TOML or JSON."""
+    from inferos_cli.ui.output import print_json, print_table
+    from inferos_cli.ui.profile_table import policy_lines, policy_table, policy_toml
+
+    if fmt == PolicyFormat.json:
+        print_json(snapshot)
+    elif fmt == PolicyFormat.toml:
+        typer.echo(policy_toml(snapshot), nl=False)
+    else:
+        print_table(policy_table(snapshot), policy_lines(snapshot))

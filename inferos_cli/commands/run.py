@@ -1,8 +1,74 @@
-"""`inferos run` (being built in this session; owned by one helper)."""
+"""`inferos run`: generate text with the in-process engine, with a live table of what the machine does."""
 
-from inferos_cli.errors import InferosError
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from inferos_cli.errors import UsageError
+from inferos_cli.options import ConfigOpt, ModelOpt, ProfileOpt, StrictDevicesOpt, ThreadsOpt
 
 
-def run() -> None:
-    """Not built yet."""
-    raise InferosError("`inferos run` is not built yet")
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (read from stdin when omitted and piped).",
+                                                    show_default=False)] = None,
+    model: ModelOpt = None,
+    profile: ProfileOpt = None,
+    config: ConfigOpt = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", min=0, help="Most tokens to generate.")] = 256,
+    interactive: Annotated[bool, typer.Option("--interactive", "-i",
+                                              help="Keep a chat going; the KV cache is reused across turns "
+                                              "(/reset starts over, /exit or an empty line ends).")] = False,
+    json_lines: Annotated[bool, typer.Option("--json", help="One JSON object per event per line.")] = False,
+    chat: Annotated[Optional[bool], typer.Option("--chat/--no-chat",
+                                                 help="Apply the model's chat template (default: when it has one).",
+                                                 show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="System message for chat models.",
+                                                  show_default=False)] = None,
+    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
+    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", min=0.01,
+                                                      help="CTRL-style penalty on seen tokens (1 = off).")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.", show_default=False)] = None,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).",
+                                                      show_default=False)] = None,
+    prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", min=1,
+                                                         help="Prefill the prompt in chunks of this many tokens.",
+                                                         show_default=False)] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past end-of-sequence.")] = False,
+    prompts_file: Annotated[Optional[Path], typer.Option("--prompts-file",
+                                                         help="Decode every non-empty line of FILE as one batch; "
+                                                         "reports aggregate tokens/s.", show_default=False)] = None,
+    threads: ThreadsOpt = None,
+    strict_devices: StrictDevicesOpt = False,
+) -> None:
+    """Generate text and show decode/prefill tokens/s, first-token latency, KV bytes, RSS, CPU/GPU/NPU use
+    and the provider of each phase, live (at most 10 refreshes/s). In a pipe: the text, then one summary
+    line on stderr. Ctrl-C stops cleanly and prints the summary.
+
+    A prompt longer than the model's context is an error (nothing is truncated); generation stops at
+    the context end (finish reason ``length``).
+
+    Example: inferos run "Tell me a story" --max-tokens 128
+    """
+    from inferos_cli.runtime.run_app import RunRequest, run_request
+
+    if sum(bool(x) for x in (prompt is not None, interactive, prompts_file is not None)) > 1:
+        raise UsageError("give one of PROMPT, --interactive or --prompts-file", "see `inferos run --help`")
+    if prompt is None and not interactive and prompts_file is None:
+        if sys.stdin is not None and not sys.stdin.isatty():
+            prompt = sys.stdin.read().strip()
+        if not prompt:
+            raise UsageError("no prompt given", 'pass a prompt, e.g. inferos run "Tell me a story", or use --interactive')
+    code = run_request(RunRequest(
+        prompt=prompt, model=model, profile=profile, config=config, max_tokens=max_tokens, interactive=interactive,
+        json_lines=json_lines, chat=chat, system=system, temperature=temperature, top_k=top_k, top_p=top_p,
+        repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), prefill_chunk=prefill_chunk,
+        ignore_eos=ignore_eos, prompts_file=prompts_file, threads=threads, strict_devices=strict_devices,
+    ))
+    if code:
+        raise typer.Exit(code)

@@ -1,0 +1,119 @@
+"""Pick the graph and cache type for a model and policy.
+
+``kv_backend(info, policy)`` returns a :class:`~inferos_cli.kv.base.KVBackend`: :class:`PlainBackend`
+(original graph, full-precision cache) when ``kv.mode = disabled``, else :class:`SegmentedBackend`
+(the KV-boundary-rewritten graph of :mod:`inferos_cli.kv.rewrite` + the segmented, quantized cache of
+:mod:`inferos_cli.kv.cache`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inferos_cli.kv.plain import PlainCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.kv.cache import SegmentedCache
+    from inferos_cli.runtime.modelinfo import ModelInfo
+    from inferos_cli.settings import Policy
+
+
+class PlainBackend:
+    """The original ONNX graph fed by a :class:`PlainCache`."""
+
+    def __init__(self, info: "ModelInfo", *, note: str = "", shared_buffer: bool | None = None) -> None:
+        self.info = info
+        self.note = note
+        # GQA graphs can decode in place into preallocated past buffers (see kv/plain.py)
+        self.shared_buffer = info.uses_gqa_op if shared_buffer is None else (shared_buffer and info.uses_gqa_op)
+
+    @property
+    def onnx_path(self) -> Path:
+        """The original graph."""
+        return Path(self.info.onnx_path)
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> PlainCache:
+        """An empty plain cache; ``capacity`` preallocates shared past/present buffers (GQA graphs)."""
+        cap = capacity if (self.shared_buffer and self.info.uses_gqa_op and capacity) else None
+        return PlainCache(self.info, batch, capacity=cap)
+
+    def describe(self) -> str:
+        """e.g. ``plain float32`` (+ a note when a requested policy is not applied)."""
+        text = f"plain {self.info.kv_dtype}"
+        if self.shared_buffer:
+            text += " (shared past/present buffer)"
+        return f"{text}; {self.note}" if self.note else text
+
+
+class SegmentedBackend:
+    """The KV-boundary-rewritten graph fed by a :class:`~inferos_cli.kv.cache.SegmentedCache`."""
+
+    def __init__(self, info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> None:
+        from inferos_cli.kv.cache import CacheConfig
+        from inferos_cli.kv.policy import TierPlan
+        from inferos_cli.kv.quant import can_rotate
+        from inferos_cli.kv.rewrite import RewriteSpec, rewritten_graph
+
+        kv = policy.kv
+        self.info = info
+        self.plan = TierPlan.from_quant(kv.quant)
+        # keys are rotated when asked and some tier stores 4-bit keys (int8 keys need no rotation)
+        four_bit_keys = any(b == 4 for b in self.plan.key_bits.values())
+        rotate = bool(kv.rotate_keys and four_bit_keys and can_rotate(info.head_dim))
+        # tiny heads (stories260K: head_dim 8) get one group per head
+        group = int(kv.group_size) if info.head_dim >= int(kv.group_size) else info.head_dim
+        self.spec = RewriteSpec(group_size=group, rotate_keys=rotate)
+        self.rewrite = rewritten_graph(info, self.spec)
+        level = None
+        if pressure is not None:
+            level = pressure.level if hasattr(pressure, "level") else pressure
+        self.config = CacheConfig(
+            plan=self.plan,
+            sinks=int(kv.sink_tokens),
+            window=int(kv.recent_window),
+            group=group,
+            rotation=self.rewrite.rotation,
+            l1_int8=float(kv.level_thresholds.L1_int8),
+            l3_evict=float(kv.level_thresholds.L3_evict),
+            budget_bytes=kv.budget_bytes,
+            max_tokens=kv.max_tokens,
+            pressure=level,
+        )
+
+    @property
+    def onnx_path(self) -> Path:
+        """The rewritten graph (cached beside the model or in the inferos cache)."""
+        return self.rewrite.path
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> "SegmentedCache":
+        """An empty segmented cache; ``capacity`` preallocates single-tier storage."""
+        from inferos_cli.kv.cache import SegmentedCache
+
+        cache = SegmentedCache(self.info, batch, self.config)
+        if capacity:
+            cache.reserve(capacity)
+        return cache
+
+    def describe(self) -> str:
+        """e.g. ``int4 (keys rotated qk), group 32, window 64 + 4 sinks``."""
+        c = self.config
+        rot = {"qk": "keys Hadamard-rotated (q,k after RoPE)", "host": "keys Hadamard-rotated (un-rotated per step)",
+               "none": "keys not rotated"}[c.rotation]
+        text = f"{self.plan.name} segmented, group {c.group}, window {c.window} + {c.sinks} sinks, {rot}"
+        if c.budget_bytes is not None:
+            text += f", budget {c.budget_bytes} B"
+        if c.max_tokens is not None:
+            text += f", max {c.max_tokens} tokens"
+        if not self.info.has_position_ids:
+            text += ", no eviction (graph has no position_ids)"
+        return f"{text}; {self.rewrite.note}" if self.rewrite.note else text
+
+
+def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "PlainBackend | SegmentedBackend":
+    """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); otherwise the
+    rewritten graph + :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` (e.g.
+    ``runtime.pressure``) or a callable; tightens the cache under memory pressure."""
+    if not policy.kv.enabled:
+        return PlainBackend(info)
+    return SegmentedBackend(info, policy, pressure=pressure)

@@ -1,0 +1,221 @@
+"""The baseline KV cache: full-precision past tensors exactly as the original graph produced them.
+
+Two layouts, chosen from the graph:
+
+- ``concat`` (graphs with ``position_ids``: optimum / inferos exports). ``present`` = past + new columns,
+  so the cache keeps the session's output arrays as the next past (no host copy) and the mask grows by
+  the step's ``new_mask``. Rows may hold masked columns anywhere (left padding, merged rows).
+- ``packed`` (``GroupQueryAttention`` graphs: onnxruntime-genai). GQA derives each row's length from the
+  attention-mask row sum and writes new keys right after the row's real past, so every row is
+  right-padded: real tokens first, then padding. The mask is rebuilt from row lengths. With
+  ``capacity`` set, the past tensors are preallocated to that many columns and the session writes the
+  new keys into them in place (GQA's ``past_present_share_buffer``): the engine binds the same buffers
+  as past inputs and present outputs, so a decode step copies nothing on the host.
+
+Eviction and left padding cannot be expressed for ``packed`` rows (GQA takes no position ids).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import numpy as np
+
+from inferos_cli.runtime.events import KVStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.runtime.modelinfo import ModelInfo
+
+Layout = Literal["concat", "packed"]
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_GENERATIONS = itertools.count(1)  # process-unique ids of buffer layouts (for cached IOBindings)
+
+
+class PlainCache:
+    """Full-precision KV cache for ``batch`` rows of one model (implements ``kv.base.KVCache``)."""
+
+    def __init__(
+        self,
+        info: "ModelInfo",
+        batch: int,
+        *,
+        layout: Layout | None = None,
+        capacity: int | None = None,
+    ) -> None:
+        self.info = info
+        self.layout: Layout = layout or ("packed" if info.uses_gqa_op else "concat")
+        if capacity is not None and self.layout != "packed":
+            raise ValueError("a preallocated (shared-buffer) cache needs the packed layout of GQA graphs")
+        self.dtype = _NP_DTYPES.get(info.kv_dtype, np.float32)
+        self._batch = int(batch)
+        self._names = [
+            (info.past_key_fmt % i, info.past_value_fmt % i, info.present_key_fmt % i, info.present_value_fmt % i)
+            for i in range(info.num_layers)
+        ]
+        self.capacity = capacity
+        cols = capacity or 0
+        shape = (self._batch, info.num_kv_heads, cols, info.head_dim)
+        self._past: dict[str, np.ndarray] = {}
+        for pk, pv, _, _ in self._names:
+            self._past[pk] = np.zeros(shape, dtype=self.dtype)
+            self._past[pv] = np.zeros(shape, dtype=self.dtype)
+        self._len = 0  # logical past columns (<= capacity when preallocated)
+        self._mask = np.zeros((self._batch, 0), dtype=np.int64)
+        self.seen_tokens = np.zeros(self._batch, dtype=np.int64)  # true positions per row
+        # changes whenever the buffers move (new arrays): lets the engine keep an IOBinding between steps
+        self.generation = next(_GENERATIONS)
+        self._out_cache: tuple[int, dict[str, np.ndarray]] | None = None
+
+    # ----- protocol -------------------------------------------------------------------------------
+    @property
+    def batch(self) -> int:
+        """Rows in the cache."""
+        return self._batch
+
+    @property
+    def past_len(self) -> int:
+        """Logical past columns the next run sees."""
+        return self._len
+
+    @property
+    def shares_buffers(self) -> bool:
+        """True when past and present share preallocated buffers (GQA in-place decoding)."""
+        return self.capacity is not None
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """Past inputs by name: ``[batch, kv_heads, past_len, head_dim]`` (or the whole buffer when shared)."""
+        return self._past
+
+    def past_mask(self) -> np.ndarray:
+        """int64 ``[batch, past_len]``."""
+        return self._mask
+
+    def output_buffers(self, n_new: int) -> dict[str, np.ndarray] | None:
+        """Preallocated arrays the session should write ``present.*`` into, or None (it allocates).
+
+        For a shared-buffer cache these are the past buffers themselves (grown first when ``n_new``
+        more columns would not fit)."""
+        if self.capacity is None:
+            return None
+        if self._len + n_new > self.capacity:
+            self.reserve(max(self._len + n_new, 2 * self.capacity))
+        cached = self._out_cache
+        if cached is None or cached[0] != self.generation:
+            bufs = {present: self._past[past] for names in self._names for past, present in
+                    ((names[0], names[2]), (names[1], names[3]))}
+            cached = self._out_cache = (self.generation, bufs)
+        return cached[1]
+
+    def reserve(self, capacity: int) -> None:
+        """Grow the preallocated buffers to ``capacity`` columns (O(context) copy; amortised)."""
+        if self.capacity is None or capacity <= self.capacity:
+            return
+        for name, arr in self._past.items():
+            grown = np.zeros(arr.shape[:2] + (capacity,) + arr.shape[3:], dtype=arr.dtype)
+            grown[:, :, : self._len] = arr[:, :, : self._len]
+            self._past[name] = grown
+        self.capacity = capacity
+        self.generation = next(_GENERATIONS)
+
+    def append(self, outputs: dict[str, np.ndarray], n_new: int, new_mask: np.ndarray) -> None:
+        """Take the step's presents. ``new_mask`` is int ``[batch, n_new]`` (1 = real token)."""
+        new_mask = np.asarray(new_mask, dtype=np.int64)
+        real_new = new_mask.sum(axis=1)
+        if self.layout == "concat":
+            for pk, pv, ok, ov in self._names:
+                self._past[pk] = outputs[ok]
+                self._past[pv] = outputs[ov]
+            self._mask = np.concatenate([self._mask, new_mask], axis=1) if self._len else new_mask.copy()
+            self._len += n_new
+        else:
+            lengths = self._mask.sum(axis=1) + real_new
+            if self.capacity is None:
+                for pk, pv, ok, ov in self._names:
+                    self._past[pk] = outputs[ok]
+                    self._past[pv] = outputs[ov]
+                self._len = int(self._past[self._names[0][0]].shape[2])
+            else:  # the session wrote the new columns in place into the shared buffers
+                self._len = int(lengths.max()) if lengths.size else 0
+            self._mask = (np.arange(self._len)[None, :] < lengths[:, None]).astype(np.int64)
+        self.seen_tokens = self.seen_tokens + real_new
+
+    def select(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (in the given order)."""
+        idx = np.asarray(list(rows), dtype=np.int64)
+        for name, arr in self._past.items():
+            self._past[name] = np.ascontiguousarray(arr[idx])
+        self._mask = self._mask[idx]
+        self.seen_tokens = self.seen_tokens[idx]
+        self._batch = len(idx)
+        self.generation = next(_GENERATIONS)
+        if self.layout == "packed" and self.capacity is None and self._batch:
+            used = int(self._mask.sum(axis=1).max())  # drop trailing all-padding columns
+            if used < self._len:
+                for name, arr in self._past.items():
+                    self._past[name] = np.ascontiguousarray(arr[:, :, :used])
+                self._len = used
+                self._mask = self._mask[:, :used]
+
+    def merge(self, other: "PlainCache") -> None:  # type: ignore[override]
+        """Append ``other``'s rows; the shorter past is padded with masked columns (left for ``concat``,
+        right for ``packed``)."""
+        if not isinstance(other, PlainCache) or other.layout != self.layout:
+            raise TypeError("can only merge a PlainCache of the same layout")
+        if other.batch == 0:
+            return
+        if self._batch == 0:
+            self.__dict__.update({k: v for k, v in other.__dict__.items()})
+            self._past = dict(other._past)
+            self.generation = next(_GENERATIONS)
+            return
+        width = max(self._len, other._len)
+        cap = None
+        if self.capacity is not None or other.capacity is not None:
+            cap = max(self.capacity or 0, other.capacity or 0, width)
+
+        def padded(arr: np.ndarray, length: int, cols: int) -> np.ndarray:
+            extra = cols - arr.shape[2]
+            if extra <= 0:
+                return arr
+            pad = np.zeros(arr.shape[:2] + (extra,) + arr.shape[3:], dtype=arr.dtype)
+            if self.layout == "concat":
+                return np.concatenate([pad, arr], axis=2)
+            return np.concatenate([arr, pad], axis=2)
+
+        cols = cap if cap is not None else width
+        for name in self._past:
+            a = padded(self._past[name], self._len, cols)
+            b = padded(other._past[name], other._len, cols)
+            self._past[name] = np.concatenate([a, b], axis=0)
+
+        def mask_to(m: np.ndarray, w: int) -> np.ndarray:
+            extra = w - m.shape[1]
+            if extra <= 0:
+                return m
+            pad = np.zeros((m.shape[0], extra), dtype=np.int64)
+            return np.concatenate([pad, m] if self.layout == "concat" else [m, pad], axis=1)
+
+        self._mask = np.concatenate([mask_to(self._mask, width), mask_to(other._mask, width)], axis=0)
+        self.seen_tokens = np.concatenate([self.seen_tokens, other.seen_tokens])
+        self._batch += other.batch
+        self._len = width
+        self.capacity = cap
+        self.generation = next(_GENERATIONS)
+
+    def stats(self) -> KVStats:
+        """Real tokens and resident bytes (tier ``fp``); ``bytes_fp16`` for the same tokens in fp16."""
+        tokens = int(self._mask.sum())
+        resident = int(sum(arr.nbytes for arr in self._past.values()))
+        per_token_fp16 = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim * 2
+        return KVStats(tokens={"fp": tokens}, bytes={"fp": resident}, bytes_fp16=tokens * per_token_fp16)
+
+    def clone(self) -> "PlainCache":
+        """A deep copy (for branching a conversation)."""
+        twin = PlainCache.__new__(PlainCache)
+        twin.__dict__.update(self.__dict__)
+        twin._past = {k: v.copy() for k, v in self._past.items()}
+        twin._mask = self._mask.copy()
+        twin.seen_tokens = self.seen_tokens.copy()
+        twin.generation = next(_GENERATIONS)
+        return twin

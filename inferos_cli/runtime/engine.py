@@ -1,0 +1,581 @@
+"""The in-process engine: prefill + decode over ONNX Runtime sessions, yielding typed events.
+
+One primitive, :meth:`Engine.forward`, runs ``input_ids`` through the session of a phase against a KV
+cache (built from ``cache.past_mask()`` + ``new_mask``: ``attention_mask``; from each row's true length:
+``position_ids``), then hands the ``present.*`` outputs back to the cache. :meth:`Engine.generate`
+(one sequence) and :meth:`Engine.generate_batch` (several sequences in the batch dimension, finished
+rows retiring) are loops over it that sample and time, and produce :class:`~inferos_cli.runtime.events.Event`.
+
+Per-step host work is O(new tokens): the cache keeps the session's output arrays as the next past
+(no copy), and for ``GroupQueryAttention`` graphs the past buffers are preallocated and bound as both
+past input and present output via IOBinding, so ORT writes the new keys in place
+(``past_present_share_buffer``, as onnxruntime-genai does).
+
+Context: a prompt that does not fit the model's context raises
+:class:`~inferos_cli.errors.ContextOverflowError`; generation that reaches the context end stops with
+``finish_reason="length"``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+
+from inferos_cli.errors import ContextOverflowError, UsageError
+from inferos_cli.runtime.events import Event
+from inferos_cli.runtime.sampling import GenerationConfig, sample
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.kv.base import KVCache
+    from inferos_cli.runtime.modelinfo import ModelInfo
+    from inferos_cli.settings import Policy, Resolved
+
+Phase = Literal["prefill", "decode"]
+
+__all__ = ["Engine", "GenerationConfig", "StopMatcher"]
+
+
+class _RSSReader:
+    """This process's resident set size, cheap enough to read at every event: on Linux one ``pread`` of
+    an open ``/proc/self/statm`` (psutil opens and parses the file on each call), elsewhere psutil's
+    ``memory_info`` (one system call on Windows/macOS). None when it cannot be read."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+        self._page = 4096
+        self._proc: Any = None
+        if sys.platform.startswith("linux") and hasattr(os, "pread"):
+            try:
+                self._fd = os.open("/proc/self/statm", os.O_RDONLY)
+                self._page = os.sysconf("SC_PAGE_SIZE")
+            except OSError:
+                self._fd = None
+
+    def __call__(self) -> int | None:
+        if self._fd is not None:
+            try:
+                return int(os.pread(self._fd, 128, 0).split()[1]) * self._page
+            except (OSError, IndexError, ValueError):
+                self._fd = None
+        try:
+            if self._proc is None:
+                import psutil
+
+                self._proc = psutil.Process()
+            return int(self._proc.memory_info().rss)
+        except Exception:  # pragma: no cover - psutil missing or process info denied
+            return None
+
+
+_rss = _RSSReader()
+
+
+class StopMatcher:
+    """Streams text while watching for stop strings: text that could start a stop string is held back
+    until it is known not to be one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self._held = ""
+        self.hit: str | None = None
+
+    def push(self, text: str) -> str:
+        """Add generated text; return what may be shown now (sets ``hit`` when a stop string appears)."""
+        if not self.stops:
+            return text
+        buf = self._held + text
+        first = None
+        for stop in self.stops:
+            pos = buf.find(stop)
+            if pos >= 0 and (first is None or pos < first[0]):
+                first = (pos, stop)
+        if first is not None:
+            self.hit = first[1]
+            self._held = ""
+            return buf[: first[0]]
+        keep = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(buf)), 0, -1):
+                if buf.endswith(stop[:n]):
+                    keep = max(keep, n)
+                    break
+        self._held = buf[len(buf) - keep:] if keep else ""
+        return buf[: len(buf) - keep]
+
+    def flush(self) -> str:
+        """Held-back text at the end (no stop string came)."""
+        out, self._held = self._held, ""
+        return out
+
+
+class _SeqState:
+    """Book-keeping of one generated sequence."""
+
+    def __init__(self, row: int, prompt: list[int], config: GenerationConfig, stream: Any) -> None:
+        self.row = row
+        self.prompt = prompt
+        self.generated: list[int] = []
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.ttft: float | None = None
+        self.rng = np.random.default_rng(None if config.seed is None else config.seed + row)
+        self.stream = stream
+        self.stops = StopMatcher(config.stop)
+        self.finish: str | None = None
+        self.text_parts: list[str] = []
+
+    def decode_tps(self) -> float | None:
+        n = len(self.generated)
+        if n < 2 or self.t_first is None or self.t_last is None or self.t_last <= self.t_first:
+            return None
+        return (n - 1) / (self.t_last - self.t_first)
+
+
+class Engine:
+    """A model loaded for generation: tokenizer, KV backend, prefill/decode sessions."""
+
+    def __init__(
+        self,
+        info: "ModelInfo",
+        resolved: "Resolved",
+        *,
+        threads: int | None = None,
+        strict_devices: bool = False,
+        telemetry: Callable[[], dict[str, float | None]] | None = None,
+        pressure: Any = None,
+    ) -> None:
+        from inferos_cli.kv.backend import kv_backend
+        from inferos_cli.runtime.tokenizer import Tokenizer
+
+        self.info = info
+        self.resolved = resolved
+        self.policy: "Policy" = resolved.policy
+        self.tokenizer = Tokenizer.from_model(info)
+        # pressure: a runtime.pressure source (level() -> 0..1) the KV cache reads to tighten its tiers;
+        # read late, so run/serve may attach it after construction (engine.pressure = monitoring.pressure)
+        self.pressure = pressure
+        self.backend = kv_backend(info, self.policy, pressure=self.pressure_level)
+        self.plan = _build_plan(Path(self.backend.onnx_path), self.policy, threads=threads, strict=strict_devices)
+        self.telemetry = telemetry
+        sess = self.plan.decode.session
+        self.input_names = [i.name for i in sess.get_inputs()]
+        self.output_names = [o.name for o in sess.get_outputs()]
+        self.has_position_ids = "position_ids" in self.input_names
+        self.uses_gqa = bool(info.uses_gqa_op)
+        self.providers = self.plan.providers()
+        self._bindings: dict[int, tuple[Any, Any]] = {}
+        self._cpu_device = _raw_cpu_device()
+        self._util_cache: tuple[float, dict[str, float | None]] | None = None
+
+    def pressure_level(self) -> float:
+        """Memory pressure 0..1 from the attached ``runtime.pressure`` source (0 when none)."""
+        return float(self.pressure.level()) if self.pressure is not None else 0.0
+
+    # ----- construction -------------------------------------------------------------------------------
+    @classmethod
+    def load(
+        cls,
+        model: str | None = None,
+        profile: str | None = None,
+        config: Path | None = None,
+        flags: dict[str, Any] | None = None,
+        threads: int | None = None,
+        strict_devices: bool = False,
+        progress: bool = False,
+    ) -> "Engine":
+        """Resolve ``model`` (alias, folder, file; default model when None), resolve the settings once,
+        open the sessions."""
+        from inferos_cli.profiles import resolve_settings
+
+        info = resolve_model_info(model, progress=progress)
+        resolved = resolve_settings(profile, param_count=info.param_count, config_path=config, flags=flags)
+        return cls(info, resolved, threads=threads, strict_devices=strict_devices)
+
+    def describe(self) -> dict[str, Any]:
+        """Model, profile, providers and KV backend for headers and bench records."""
+        return {
+            "model": self.info.name,
+            "profiles": list(self.resolved.profiles),
+            "providers": dict(self.providers),
+            "kv": self.backend.describe(),
+            "plan": self.plan.describe() if hasattr(self.plan, "describe") else None,
+        }
+
+    # ----- the primitive --------------------------------------------------------------------------------
+    def new_cache(self, batch: int = 1, capacity: int | None = None) -> "KVCache":
+        """An empty cache of ``batch`` rows; ``capacity`` (columns) lets GQA graphs decode in place."""
+        try:
+            return self.backend.new_cache(batch, capacity=capacity)  # type: ignore[call-arg]
+        except TypeError:
+            return self.backend.new_cache(batch)
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        cache: "KVCache",
+        *,
+        phase: Phase = "prefill",
+        new_mask: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Run ``input_ids`` (int64 ``[B, T]``) through ``phase``'s session against ``cache``; return logits
+        ``[B, T, V]`` and append the step's presents to the cache.
+
+        ``new_mask`` (``[B, T]``, 1 = real token) marks padding among the new tokens; default all ones.
+        ``position_ids`` continue each row's true length (``cache.seen_tokens`` when the cache keeps it,
+        else the row sum of its past mask)."""
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[0] != cache.batch:
+            raise ValueError(f"input_ids must be [batch={cache.batch}, T], got {ids.shape}")
+        b, t = ids.shape
+        new = np.ones((b, t), dtype=np.int64) if new_mask is None else np.ascontiguousarray(new_mask, dtype=np.int64)
+        past_mask = cache.past_mask()
+        mask = np.concatenate([past_mask, new], axis=1) if past_mask.shape[1] else new
+        small: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if self.has_position_ids:
+            base = getattr(cache, "seen_tokens", None)
+            if base is None:
+                base = past_mask.sum(axis=1)
+            pos = np.asarray(base, dtype=np.int64)[:, None] + np.cumsum(new, axis=1) - 1
+            small["position_ids"] = np.where(new > 0, pos, 0).astype(np.int64)
+        ps = self.plan.prefill if phase == "prefill" else self.plan.decode
+        out_bufs = cache.output_buffers(t) if hasattr(cache, "output_buffers") else None
+        if out_bufs:
+            logits = self._run_bound(ps.session, small, out_bufs, cache, (b, t))
+            presents = out_bufs
+        else:
+            feeds = dict(cache.feeds())
+            feeds.update(small)
+            # session.run wraps the numpy inputs without a copy; OrtValue outputs measured no faster
+            # (benchmarks: same CPU ms/token at 512 tokens of context), so the plain call stays
+            presents = dict(zip(self.output_names, ps.session.run(None, feeds)))
+            logits = presents.pop("logits")
+        cache.append(presents, t, new)
+        return logits
+
+    def _run_bound(
+        self, session: Any, small: dict[str, np.ndarray], out_bufs: dict[str, np.ndarray], cache: Any,
+        bt: tuple[int, int],
+    ) -> np.ndarray:
+        """Run with an IOBinding whose past inputs and present outputs are the cache's shared buffers.
+        The binding of the buffers is kept while they do not move (``cache.generation`` unchanged), so a
+        step binds only ``input_ids``, ``attention_mask`` (and ``position_ids``) and the logits."""
+        key = getattr(cache, "generation", None)
+        entry = self._bindings.get(id(session))
+        if entry is None or key is None or entry[0] != key:
+            io = session.io_binding()
+            for name, arr in cache.feeds().items():
+                io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            for name, arr in out_bufs.items():
+                io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            self._bindings[id(session)] = entry = (key, io)
+        io = entry[1]
+        logits = np.empty((bt[0], bt[1], self.info.vocab_size), dtype=np.float32)
+        raw = getattr(io, "_iobinding", None)
+        sess = getattr(session, "_sess", None)
+        dev = self._cpu_device
+        if raw is not None and sess is not None and dev is not None:
+            # the pybind objects directly: the public wrapper builds an OrtDevice per bind call
+            for name, arr in small.items():
+                raw.bind_input(name, dev, arr.dtype, list(arr.shape), arr.ctypes.data)
+            raw.bind_output("logits", dev, logits.dtype, list(logits.shape), logits.ctypes.data)
+            sess.run_with_iobinding(raw, None)
+        else:  # pragma: no cover - other onnxruntime builds
+            for name, arr in small.items():
+                io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+            io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
+            session.run_with_iobinding(io)
+        return logits
+
+    # ----- prompts ----------------------------------------------------------------------------------------
+    def encode_prompt(
+        self,
+        prompt: str,
+        chat: bool | None = None,
+        system: str | None = None,
+        history: list[dict[str, str]] | None = None,
+    ) -> list[int]:
+        """Token ids of ``prompt``; with ``chat`` (default: when the model has a chat template) the
+        prompt becomes a user message after ``system`` and ``history`` in the model's template."""
+        use_chat = self.tokenizer.has_chat_template if chat is None else chat
+        if use_chat:
+            if not self.tokenizer.has_chat_template:
+                raise UsageError(f"model {self.info.name} has no chat template", "run with --no-chat")
+            messages: list[dict[str, str]] = []
+            if system:
+                messages.append({"role": "system", "content": system})
+            messages.extend(history or [])
+            messages.append({"role": "user", "content": prompt})
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+            return self.tokenizer.encode(text, add_bos=False)
+        return self.tokenizer.encode(prompt)
+
+    def check_context(self, n_prompt: int, past: int = 0) -> None:
+        """Raise ContextOverflowError when ``past + n_prompt`` leaves no room for one new token."""
+        ctx = self.info.context_length
+        if past + n_prompt >= ctx:
+            raise ContextOverflowError(
+                f"prompt of {n_prompt} tokens" + (f" after {past} cached tokens" if past else "")
+                + f" does not fit the context of {self.info.name} ({ctx} tokens)",
+                "shorten the prompt (or start a new conversation)",
+            )
+
+    # ----- generation ---------------------------------------------------------------------------------------
+    def _util(self) -> dict[str, float | None]:
+        """The telemetry's ``{cpu, gpu, npu}``, re-read at most every 100 ms (the sampler's own fastest
+        cadence), so per-token events do not each merge every monitor's reading."""
+        if self.telemetry is None:
+            return {}
+        now = time.perf_counter()
+        if self._util_cache is None or now - self._util_cache[0] >= 0.1:
+            self._util_cache = (now, dict(self.telemetry()))
+        return self._util_cache[1]
+
+    def _event_common(self, cache: "KVCache", with_rss: bool = True) -> dict[str, Any]:
+        return {
+            "kv": cache.stats(),
+            "rss_bytes": _rss() if with_rss else None,
+            "util": self._util(),
+            "provider": self.providers,
+        }
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        config: GenerationConfig | None = None,
+        *,
+        cache: "KVCache | None" = None,
+    ) -> Iterator[Event]:
+        """Generate one sequence after ``prompt_ids``. Events: ``prefill`` (prompt consumed, TTFT known),
+        one ``token`` per generated token, ``done``. Pass ``cache`` to continue a conversation (the
+        prompt is then only the new turn); its final state includes the generated tokens."""
+        config = config or GenerationConfig()
+        prompt = [int(i) for i in prompt_ids]
+        if not prompt:
+            raise UsageError("empty prompt", "give at least one token (models with a BOS id get it automatically)")
+        t0 = time.perf_counter()
+        past = int(cache.seen_tokens[0]) if cache is not None and hasattr(cache, "seen_tokens") else (
+            cache.past_len if cache is not None else 0)
+        self.check_context(len(prompt), past)
+        room = self.info.context_length - past - len(prompt)
+        max_new = max(0, min(config.max_tokens, room))
+        if cache is None:
+            cache = self.new_cache(1, capacity=len(prompt) + max_new + 1)
+        elif hasattr(cache, "reserve"):
+            cache.reserve(cache.past_len + len(prompt) + max_new + 1)
+        state = _SeqState(0, prompt, config, self.tokenizer.stream(prompt))
+        logits = self._prefill(np.asarray([prompt], dtype=np.int64), cache, config.prefill_chunk)
+        if max_new == 0:
+            yield self._prefill_event(state, cache, t0, time.perf_counter())
+            yield self._done(state, cache, "length")
+            return
+        tok = sample(logits[0], config, state.rng, prompt)
+        now = time.perf_counter()
+        yield self._prefill_event(state, cache, t0, now)
+        step = np.empty((1, 1), dtype=np.int64)
+        while True:
+            ev = self._accept(state, tok, now, cache, config, max_new)
+            if ev is not None:
+                yield ev
+            if state.finish is not None:
+                break
+            step[0, 0] = tok
+            logits = self.forward(step, cache, phase="decode")
+            previous = (prompt + state.generated) if config.repetition_penalty != 1.0 else ()
+            tok = sample(logits[0, -1], config, state.rng, previous)
+            now = time.perf_counter()
+        yield self._done(state, cache, state.finish)
+
+    def _prefill(self, ids: np.ndarray, cache: "KVCache", chunk: int | None, new_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run the prompt (whole or in chunks); return the logits of each row's last real token ``[B, V]``."""
+        b, t = ids.shape
+        mask = np.ones((b, t), dtype=np.int64) if new_mask is None else new_mask
+        step = t if not chunk or chunk <= 0 else int(chunk)
+        last = np.zeros((b, self.info.vocab_size), dtype=np.float32)
+        for start in range(0, t, step):
+            part = slice(start, min(t, start + step))
+            logits = self.forward(ids[:, part], cache, phase="prefill", new_mask=mask[:, part])
+            m = mask[:, part]
+            has = m.sum(axis=1) > 0
+            if has.any():
+                # index of the last real token of each row within this chunk
+                idx = m.shape[1] - 1 - np.argmax(m[:, ::-1], axis=1)
+                rows = np.nonzero(has)[0]
+                last[rows] = logits[rows, idx[rows]]
+        return last
+
+    def _prefill_event(self, state: _SeqState, cache: "KVCache", t0: float, now: float) -> Event:
+        state.ttft = now - t0
+        n = len(state.prompt)
+        return Event(
+            kind="prefill", t=now, seq=state.row, prompt_tokens=n, ttft_s=state.ttft,
+            prefill_tps=(n / state.ttft) if state.ttft > 0 else None, **self._event_common(cache),
+        )
+
+    def _accept(
+        self, state: _SeqState, tok: int, now: float, cache: "KVCache", config: GenerationConfig, max_new: int
+    ) -> Event | None:
+        """Record a sampled token; return its ``token`` event (None for an EOS that ends the sequence)."""
+        if not config.ignore_eos and tok in self.tokenizer.eos_token_ids:
+            state.finish = "stop"
+            return None
+        state.generated.append(tok)
+        if state.t_first is None:
+            state.t_first = now
+        state.t_last = now
+        text = state.stops.push(state.stream.push(tok))
+        if state.stops.hit is not None:
+            state.finish = "stop"
+        elif len(state.generated) >= max_new:
+            state.finish = "length"
+            text += state.stops.push(state.stream.flush()) + state.stops.flush()
+        state.text_parts.append(text)
+        return Event(
+            kind="token", t=now, seq=state.row, token_id=tok, text=text, prompt_tokens=len(state.prompt),
+            generated=len(state.generated), ttft_s=state.ttft,
+            prefill_tps=(len(state.prompt) / state.ttft) if state.ttft else None,
+            decode_tps=state.decode_tps(), **self._event_common(cache),
+        )
+
+    def _done(self, state: _SeqState, cache: "KVCache", reason: str | None, extra: dict[str, Any] | None = None) -> Event:
+        tail = ""
+        if reason != "length" and state.stops.hit is None:
+            tail = state.stops.push(state.stream.flush()) + state.stops.flush()
+        if tail:
+            state.text_parts.append(tail)
+        return Event(
+            kind="done", t=time.perf_counter(), seq=state.row, text=tail, prompt_tokens=len(state.prompt),
+            generated=len(state.generated), ttft_s=state.ttft,
+            prefill_tps=(len(state.prompt) / state.ttft) if state.ttft else None,
+            decode_tps=state.decode_tps(), finish_reason=reason or "stop",
+            extra={"output_text": "".join(state.text_parts), "stop": state.stops.hit, **(extra or {})},
+            **self._event_common(cache),
+        )
+
+    # ----- static batching ------------------------------------------------------------------------------------
+    def generate_batch(
+        self, prompts: Sequence[Sequence[int]], config: GenerationConfig | None = None
+    ) -> Iterator[Event]:
+        """Decode several prompts together in the batch dimension. Each row keeps its true positions
+        (left padding + attention mask + position ids; GQA graphs: per-row prefill merged into one
+        right-padded cache); a finished row retires (``cache.select``) while the others continue.
+        ``Event.seq`` is the row index; every ``done`` event carries the batch totals so far in
+        ``extra["batch"]`` (the last one: aggregate tokens/s of the whole batch)."""
+        config = config or GenerationConfig()
+        rows = [[int(i) for i in p] for p in prompts]
+        if not rows:
+            return
+        if any(not r for r in rows):
+            raise UsageError("empty prompt in batch", "remove empty lines from the prompts file")
+        t0 = time.perf_counter()
+        for r in rows:
+            self.check_context(len(r))
+        longest = max(len(r) for r in rows)
+        max_new = max(0, min(config.max_tokens, self.info.context_length - longest))
+        states = [_SeqState(i, r, config, self.tokenizer.stream(r)) for i, r in enumerate(rows)]
+        if self.uses_gqa:
+            # GQA takes no position ids and right-pads rows: prefill each row alone, merge the caches.
+            cache = None
+            last_list = []
+            for r in rows:
+                part = self.new_cache(1, capacity=longest + max_new + 1)
+                last_list.append(self._prefill(np.asarray([r], dtype=np.int64), part, config.prefill_chunk)[0])
+                if cache is None:
+                    cache = part
+                else:
+                    cache.merge(part)
+            last = np.stack(last_list)
+        else:
+            cache = self.new_cache(len(rows))
+            ids = np.zeros((len(rows), longest), dtype=np.int64)
+            mask = np.zeros((len(rows), longest), dtype=np.int64)
+            pad = self.info.pad_token_id if self.info.pad_token_id is not None else (self.tokenizer.eos_token_ids or [0])[0]
+            for i, r in enumerate(rows):
+                ids[i, :] = pad
+                ids[i, longest - len(r):] = r
+                mask[i, longest - len(r):] = 1
+            last = self._prefill(ids, cache, config.prefill_chunk, mask)
+        assert cache is not None
+        now = time.perf_counter()
+        toks = [sample(last[i], config, s.rng, s.prompt) for i, s in enumerate(states)]
+        now = time.perf_counter()
+        for s in states:
+            yield self._prefill_event(s, cache, t0, now)
+        active = list(range(len(rows)))  # original row index of each cache row
+        total_generated = 0
+        while True:
+            still: list[int] = []
+            for pos, row in enumerate(active):
+                s = states[row]
+                if max_new == 0:
+                    s.finish = "length"
+                    ev = None
+                else:
+                    ev = self._accept(s, toks[pos], now, cache, config, max_new)
+                if ev is not None:
+                    total_generated += 1
+                    yield ev
+                if s.finish is None:
+                    still.append(pos)
+                else:
+                    elapsed = time.perf_counter() - t0
+                    yield self._done(s, cache, s.finish, {"batch": {
+                        "rows": len(rows), "generated_total": total_generated, "elapsed_s": elapsed,
+                        "tokens_per_s": total_generated / elapsed if elapsed > 0 else None,
+                    }})
+            if not still:
+                break
+            if len(still) != len(active):
+                cache.select(still)
+                toks = [toks[p] for p in still]
+                active = [active[p] for p in still]
+            step = np.asarray(toks, dtype=np.int64).reshape(-1, 1)
+            logits = self.forward(step, cache, phase="decode")
+            toks = []
+            for pos, row in enumerate(active):
+                s = states[row]
+                previous = (s.prompt + s.generated) if config.repetition_penalty != 1.0 else ()
+                toks.append(sample(logits[pos, -1], config, s.rng, previous))
+            now = time.perf_counter()
+
+
+def _raw_cpu_device() -> Any:
+    """onnxruntime's pybind ``OrtDevice`` for host memory, None when this build does not expose it."""
+    try:
+        from onnxruntime.capi import _pybind_state as C
+
+        return C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
+    except Exception:  # pragma: no cover - private API moved
+        return None
+
+
+def resolve_model_info(model: str | None, *, progress: bool = False) -> "ModelInfo":
+    """``runtime.models.resolve_model`` when present (aliases, GGUF, conversion), else an ONNX folder."""
+    try:
+        from inferos_cli.runtime.models import resolve_model
+    except ImportError:
+        resolve_model = None  # type: ignore[assignment]
+    if resolve_model is not None:
+        return resolve_model(model, progress=progress)
+    from inferos_cli.errors import ModelNotFoundError
+    from inferos_cli.runtime.modelinfo import inspect_folder
+
+    if model is None:
+        raise ModelNotFoundError("no --model given and the model registry is not available", "pass --model FOLDER")
+    path = Path(model)
+    if path.suffix == ".onnx":
+        path = path.parent
+    if not path.is_dir():
+        raise ModelNotFoundError(f"model {model!r} not found", "pass an ONNX model folder")
+    return inspect_folder(path)
+
+
+def _build_plan(onnx_path: Path, policy: "Policy", *, threads: int | None, strict: bool) -> Any:
+    """Sessions from ``runtime.scheduler.build_sessions``."""
+    from inferos_cli.runtime.scheduler import build_sessions
+
+    return build_sessions(onnx_path, policy, threads=threads, strict=strict)

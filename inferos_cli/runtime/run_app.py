@@ -1,0 +1,193 @@
+"""The core of ``inferos run`` behind the thin Typer command: load the engine once, start telemetry,
+generate (one prompt, a batch from a file, or an interactive chat) and show the events with
+:mod:`inferos_cli.ui.run_view`. Returns the exit code (0, or 130 after Ctrl-C)."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from inferos_cli.errors import InferosError, UsageError
+from inferos_cli.runtime.sampling import GenerationConfig
+
+
+@dataclass
+class RunRequest:
+    """Everything `inferos run` was asked for."""
+
+    prompt: str | None = None
+    model: str | None = None
+    profile: str | None = None
+    config: Path | None = None
+    max_tokens: int = 256
+    interactive: bool = False
+    json_lines: bool = False
+    chat: bool | None = None
+    system: str | None = None
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    prefill_chunk: int | None = None
+    ignore_eos: bool = False
+    prompts_file: Path | None = None
+    threads: int | None = None
+    strict_devices: bool = False
+
+    def generation(self) -> GenerationConfig:
+        """The sampling/stop settings."""
+        return GenerationConfig(
+            max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            repetition_penalty=self.repetition_penalty, seed=self.seed, stop=list(self.stop),
+            prefill_chunk=self.prefill_chunk, ignore_eos=self.ignore_eos,
+        )
+
+
+def _stdout_is_terminal() -> bool:
+    return bool(getattr(sys.stdout, "isatty", lambda: False)())
+
+
+def _err(line: str) -> None:
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
+def read_prompts(path: Path) -> list[str]:
+    """Non-empty lines of a prompts file."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise UsageError(f"cannot read prompts file {path}: {exc.strerror or exc}", "check the path") from None
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise UsageError(f"prompts file {path} has no non-empty lines", "put one prompt per line")
+    return prompts
+
+
+def run_request(req: RunRequest) -> int:
+    """Do what ``req`` asks; the exit code."""
+    from rich.console import Console
+
+    from inferos_cli.runtime.engine import Engine
+    from inferos_cli.ui.run_table import RunSnapshot, summary_line
+
+    tty = _stdout_is_terminal()
+    mode = "json" if req.json_lines else ("live" if tty else "plain")
+    engine = Engine.load(req.model, req.profile, req.config, threads=req.threads,
+                         strict_devices=req.strict_devices, progress=tty and not req.json_lines)
+    for line in getattr(engine.plan, "warnings", lambda: [])():
+        _err(f"warning: {line}")
+    telemetry = _start_telemetry(engine)
+    console = Console()
+
+    def new_snapshot(rows: int = 1) -> RunSnapshot:
+        return RunSnapshot(
+            model=engine.info.name, profile=",".join(engine.resolved.profiles) or "default",
+            kv_backend=engine.backend.describe(), providers=dict(engine.providers), rows=rows,
+        )
+
+    snap_fn: Callable[[], dict[str, Any]] | None = telemetry.snapshot if telemetry is not None else None
+    try:
+        if req.interactive:
+            return _interactive(engine, req, mode, console, new_snapshot, snap_fn)
+        if req.prompts_file is not None:
+            return _batch(engine, req, mode, console, new_snapshot, snap_fn)
+        assert req.prompt is not None
+        ids = engine.encode_prompt(req.prompt, chat=req.chat, system=req.system)
+        snap = new_snapshot()
+        events = engine.generate(ids, req.generation())
+        _show(events, snap, mode, console, snap_fn)
+        if snap_fn is not None:
+            snap.update_telemetry(snap_fn())
+        if mode != "json":
+            _err(summary_line(snap))
+        return 130 if snap.finish_reason == "interrupted" else 0
+    finally:
+        if telemetry is not None:
+            telemetry.stop()
+
+
+def _show(events: Any, snap: Any, mode: str, console: Any, snap_fn: Any, stream_text: bool = True) -> dict[int, str]:
+    from inferos_cli.ui.run_view import consume
+
+    return consume(events, snap, mode, console=console, telemetry=snap_fn, stream_text=stream_text)  # type: ignore[arg-type]
+
+
+def _start_telemetry(engine: Any) -> Any:
+    """A running sampler (CPU/RSS/GPU/NPU counters) feeding memory pressure to the KV cache on the mid
+    loop (``runtime.telemetry.start_monitoring``), or None when it cannot start."""
+    try:
+        from inferos_cli.runtime.telemetry import start_monitoring
+    except ImportError:
+        return None
+    try:
+        monitoring = start_monitoring(engine.policy)
+    except Exception:  # a monitor that cannot start must not stop generation; values show n/a
+        return None
+    engine.telemetry = monitoring.util
+    engine.pressure = monitoring.pressure
+    return monitoring
+
+
+def _batch(engine: Any, req: RunRequest, mode: str, console: Any, new_snapshot: Any, snap_fn: Any) -> int:
+    from inferos_cli.ui.run_table import summary_line
+
+    assert req.prompts_file is not None
+    prompts = read_prompts(req.prompts_file)
+    ids = [engine.encode_prompt(p, chat=req.chat, system=req.system) for p in prompts]
+    snap = new_snapshot(rows=len(ids))
+    texts = _show(engine.generate_batch(ids, req.generation()), snap, mode, console, snap_fn, stream_text=False)
+    if mode != "json":
+        for i, prompt in enumerate(prompts):
+            sys.stdout.write(f"[{i}] {prompt}\n{texts.get(i, '')}\n\n")
+        sys.stdout.flush()
+        if snap_fn is not None:
+            snap.update_telemetry(snap_fn())
+        _err(summary_line(snap))
+    return 130 if snap.finish_reason == "interrupted" else 0
+
+
+def _interactive(engine: Any, req: RunRequest, mode: str, console: Any, new_snapshot: Any, snap_fn: Any) -> int:
+    from inferos_cli.runtime.chat import Conversation
+    from inferos_cli.ui.run_table import summary_line
+
+    conv = Conversation(engine, chat=req.chat, system=req.system)
+    if mode != "json":
+        _err("interactive chat: the KV cache is kept across turns; /reset starts over, /exit or an empty line ends")
+    while True:
+        try:
+            if mode == "live":
+                user = console.input("[bold]> [/bold]")
+            else:
+                if mode != "json":
+                    sys.stderr.write("> ")
+                    sys.stderr.flush()
+                line = sys.stdin.readline()
+                if not line:
+                    return 0
+                user = line.rstrip("\n")
+        except (EOFError, KeyboardInterrupt):
+            return 0
+        user = user.strip()
+        if not user or user in ("/exit", "/quit"):
+            return 0
+        if user == "/reset":
+            conv.reset()
+            _err("conversation reset")
+            continue
+        snap = new_snapshot()
+        try:
+            _show(conv.turn(user, req.generation()), snap, mode, console, snap_fn)
+        except InferosError as exc:
+            _err(f"error: {exc.one_line()}; /reset starts a new conversation")
+            continue
+        if mode != "json":
+            if snap_fn is not None:
+                snap.update_telemetry(snap_fn())
+            _err(summary_line(snap) + f", cached {conv.cached_tokens} tokens")
+        if snap.finish_reason == "interrupted":
+            return 130

@@ -1,0 +1,438 @@
+"""Execution providers: device names, SessionOptions from the Policy, and a strict provider probe.
+
+``onnxruntime.get_available_providers()`` lists what was compiled in, not what works, and a session whose
+provider fails silently falls back to CPU. :func:`probe_provider` therefore builds a one-node model, opens
+it with ``session.disable_cpu_ep_fallback=1`` and compares ``get_providers()`` with what was asked.
+
+Device aliases (the ``scheduler.*_device`` values):
+
+- ``dml``  -> ``DmlExecutionProvider`` (Windows, package onnxruntime-directml)
+- ``npu``  -> ``VitisAIExecutionProvider`` (AMD Ryzen AI); on Intel ``OpenVINOExecutionProvider`` with
+  ``device_type=NPU`` is used when VitisAI is absent and OpenVINO is present
+- ``cuda`` -> ``CUDAExecutionProvider`` (onnxruntime-gpu)
+- ``cpu``  -> ``CPUExecutionProvider``
+
+``Policy.io`` mapping (what each provider really supports):
+
+- ``io.enable_iobinding``: :meth:`PhaseSession.run` binds inputs/outputs with an ``IOBinding``.
+- ``io.dml_pool_bytes``: CUDA's ``gpu_mem_limit``. DirectML has no memory-limit option (its provider
+  options are ``device_id``, ``performance_preference``, ``device_filter``), so the value is not applied
+  there and :func:`provider_spec` says so in its notes.
+- ``io.host_pool_bytes``: ``max_mem`` of a CPU arena (``OrtArenaCfg``) registered once per process as a
+  shared environment allocator; sessions use it through ``session.use_env_allocators=1``.
+- DirectML's required session options: ``enable_mem_pattern=False`` and ``ORT_SEQUENTIAL`` execution.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from inferos_cli.errors import ProviderError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import numpy as np
+    import onnxruntime as ort
+
+    from inferos_cli.settings import Policy
+
+Phase = Literal["prefill", "decode"]
+
+DEVICE_PROVIDERS: dict[str, str] = {
+    "dml": "DmlExecutionProvider",
+    "npu": "VitisAIExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+}
+NPU_ALTERNATIVES: tuple[str, ...] = ("VitisAIExecutionProvider", "OpenVINOExecutionProvider")
+PROVIDER_DEVICES: dict[str, str] = {v: k for k, v in DEVICE_PROVIDERS.items()} | {"OpenVINOExecutionProvider": "npu"}
+INSTALL_HINTS: dict[str, str] = {
+    "DmlExecutionProvider": "install onnxruntime-directml (Windows) instead of onnxruntime",
+    "VitisAIExecutionProvider": "install the AMD Ryzen AI software (it ships the VitisAI provider)",
+    "OpenVINOExecutionProvider": "install onnxruntime-openvino",
+    "CUDAExecutionProvider": "install onnxruntime-gpu with a matching CUDA runtime",
+    "CPUExecutionProvider": "reinstall onnxruntime",
+}
+
+
+def provider_name(device: str) -> str:
+    """``dml`` -> ``DmlExecutionProvider`` etc.; a full provider name is returned unchanged."""
+    if device in DEVICE_PROVIDERS:
+        return DEVICE_PROVIDERS[device]
+    if device.endswith("ExecutionProvider"):
+        return device
+    raise ProviderError(
+        f"unknown device {device!r}", f"use one of: {', '.join(DEVICE_PROVIDERS)}"
+    )
+
+
+def device_of(provider: str) -> str:
+    """``DmlExecutionProvider`` -> ``dml``; unknown providers map to their own name."""
+    return PROVIDER_DEVICES.get(provider, provider)
+
+
+def available_providers() -> list[str]:
+    """Providers compiled into the installed onnxruntime (not a promise that they work)."""
+    import onnxruntime as ort
+
+    return list(ort.get_available_providers())
+
+
+def npu_provider() -> str:
+    """The NPU provider to use here: VitisAI when present, else OpenVINO (Intel NPU), else VitisAI (absent)."""
+    have = available_providers()
+    for name in NPU_ALTERNATIVES:
+        if name in have:
+            return name
+    return NPU_ALTERNATIVES[0]
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """Outcome of a strict one-node probe: compiled in (``available``), and really ran (``works``)."""
+
+    name: str
+    available: bool
+    works: bool
+    reason: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for doctor's JSON."""
+        return {"name": self.name, "available": self.available, "works": self.works, "reason": self.reason}
+
+
+def _probe_model_bytes() -> bytes:
+    """A one-node float32 ``Add`` model, ONNX IR version 10 (onnxruntime 1.31 loads IR <= 13)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])
+    node = helper.make_node("Add", ["x", "x"], ["y"])
+    graph = helper.make_graph([node], "inferos_probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 10
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+@lru_cache(maxsize=None)
+def probe_provider(name: str) -> ProbeResult:
+    """Strictly probe a provider (alias or full name): open a one-node model on it alone with CPU
+    fallback disabled, run it, check the output and that ``get_providers()`` lists it. Cached per process."""
+    import numpy as np
+    import onnxruntime as ort
+
+    provider = npu_provider() if name == "npu" else provider_name(name)
+    if provider not in available_providers():
+        return ProbeResult(provider, False, False, f"{provider} not available ({INSTALL_HINTS.get(provider, 'not compiled into this onnxruntime')})")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if provider != "CPUExecutionProvider":
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if provider == "DmlExecutionProvider":
+        opts.enable_mem_pattern = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    prov_opts: dict[str, str] = {"device_type": "NPU"} if provider == "OpenVINOExecutionProvider" else {}
+    try:
+        sess = ort.InferenceSession(_probe_model_bytes(), sess_options=opts, providers=[(provider, prov_opts)])
+        got = sess.get_providers()
+        x = np.arange(4, dtype=np.float32).reshape(1, 4)
+        (y,) = sess.run(["y"], {"x": x})
+    except Exception as exc:  # any EP failure: driver missing, device absent, unsupported op
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return ProbeResult(provider, True, False, f"{provider} failed to run a one-node model: {msg[:200]}")
+    if not got or got[0] != provider:
+        return ProbeResult(provider, True, False, f"{provider} was asked for but the session runs on {got}")
+    if not np.allclose(y, x + x):
+        return ProbeResult(provider, True, False, f"{provider} returned a wrong result on a one-node Add model")
+    return ProbeResult(provider, True, True, "")
+
+
+def probe_all() -> list[ProbeResult]:
+    """Probe every known device's provider (for ``inferos doctor``)."""
+    return [probe_provider(dev) for dev in DEVICE_PROVIDERS]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# host arena (io.host_pool_bytes)
+
+_ARENA_LOCK = threading.Lock()
+_ARENA_BYTES: int | None = None
+_ARENA_REASON: str | None = None
+
+
+def ensure_host_arena(max_bytes: int) -> tuple[int | None, str]:
+    """Register a process-wide CPU arena capped at ``max_bytes`` (first call wins: ORT allows one shared
+    CPU allocator per environment). Returns (the cap in force or None, a note for tables)."""
+    global _ARENA_BYTES, _ARENA_REASON
+    import onnxruntime as ort
+
+    with _ARENA_LOCK:
+        if _ARENA_BYTES is not None:
+            note = f"host arena limit {_ARENA_BYTES} B (shared, registered once per process)"
+            if _ARENA_BYTES != max_bytes:
+                note += f"; io.host_pool_bytes={max_bytes} B not applied (a process holds one CPU arena)"
+            return _ARENA_BYTES, note
+        if _ARENA_REASON is not None:
+            return None, _ARENA_REASON
+        try:
+            mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            # max_mem, arena_extend_strategy (0 = next power of two), initial_chunk_size_bytes (-1 =
+            # default), max_dead_bytes_per_chunk (-1 = default)
+            cfg = ort.OrtArenaCfg(int(max_bytes), 0, -1, -1)
+            ort.create_and_register_allocator(mem, cfg)
+        except Exception as exc:
+            _ARENA_REASON = f"host arena limit not applied: {str(exc).strip()[:160]}"
+            return None, _ARENA_REASON
+        _ARENA_BYTES = int(max_bytes)
+        return _ARENA_BYTES, f"host arena limit {_ARENA_BYTES} B (shared, registered once per process)"
+
+
+def host_arena_bytes() -> int | None:
+    """The CPU arena cap registered in this process, or None."""
+    return _ARENA_BYTES
+
+
+# ---------------------------------------------------------------------------------------------------------
+# session / provider options from the Policy
+
+
+def default_threads() -> int:
+    """Physical cores (psutil), else logical cores, at least 1."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:  # pragma: no cover - psutil is a dependency; stay safe anyway
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def session_options(
+    policy: "Policy",
+    phase: Phase,
+    threads: int | None,
+    *,
+    provider: str = "CPUExecutionProvider",
+    allow_spinning: bool = True,
+    use_host_arena: bool = True,
+) -> "ort.SessionOptions":
+    """SessionOptions for one phase on one provider: threads, DirectML's required options, the host
+    arena, spinning. ``threads`` None means :func:`default_threads`."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.intra_op_num_threads = int(threads or default_threads())
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.logid = f"inferos-{phase}"
+    if provider == "DmlExecutionProvider":
+        # Required by DirectML (its documentation): no memory pattern, sequential execution.
+        opts.enable_mem_pattern = False
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    if not allow_spinning:
+        # A second CPU session's pool would otherwise spin while the other phase runs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if use_host_arena and policy.io.host_pool_bytes:
+        cap, _ = ensure_host_arena(policy.io.host_pool_bytes)
+        if cap is not None:
+            opts.add_session_config_entry("session.use_env_allocators", "1")
+    return opts
+
+
+def vitisai_config_file() -> Path | None:
+    """The Ryzen AI ``vaip_config.json``: ``INFEROS_VITISAI_CONFIG``, else under
+    ``RYZEN_AI_INSTALLATION_PATH`` (Ryzen AI >= 1.3 does not need one)."""
+    explicit = os.environ.get("INFEROS_VITISAI_CONFIG")
+    if explicit:
+        return Path(explicit)
+    root = os.environ.get("RYZEN_AI_INSTALLATION_PATH")
+    if root:
+        found = sorted(Path(root).glob("voe-*/vaip_config.json"))
+        if found:
+            return found[-1]
+    return None
+
+
+@dataclass
+class ProviderSpec:
+    """A provider with its options, and notes on policy values it could or could not apply."""
+
+    provider: str
+    options: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+
+def provider_spec(provider: str, policy: "Policy", *, model_key: str = "model") -> ProviderSpec:
+    """Provider options for ``provider`` from ``policy.io`` (documented option names only)."""
+    spec = ProviderSpec(provider)
+    pool = policy.io.dml_pool_bytes
+    if provider == "CUDAExecutionProvider":
+        spec.options = {"device_id": "0", "gpu_mem_limit": str(pool), "arena_extend_strategy": "kSameAsRequested"}
+        spec.notes.append(f"gpu_mem_limit {pool} B from io.dml_pool_bytes")
+    elif provider == "DmlExecutionProvider":
+        spec.options = {"device_id": "0"}
+        spec.notes.append("io.dml_pool_bytes not applied: DirectML has no memory-limit option")
+    elif provider == "VitisAIExecutionProvider":
+        from inferos_cli import paths
+
+        cache = paths.cache_dir() / "vitisai"
+        spec.options = {"cache_dir": str(cache), "cache_key": model_key}
+        cfg = vitisai_config_file()
+        if cfg is not None:
+            spec.options["config_file"] = str(cfg)
+    elif provider == "OpenVINOExecutionProvider":
+        spec.options = {"device_type": "NPU"}
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------------------
+# a phase's session
+
+
+@dataclass
+class PhaseSession:
+    """The session that runs one phase, where it really runs, and why it is not where it was asked to."""
+
+    phase: Phase
+    session: "ort.InferenceSession"
+    device: str
+    provider: str
+    fallback_reason: str | None = None
+    requested: str | None = None
+    threads: int | None = None
+    iobinding: bool = False
+    notes: list[str] = field(default_factory=list)
+
+    def label(self) -> str:
+        """``cpu``, or ``npu -> cpu (VitisAIExecutionProvider not available)`` after a fallback."""
+        if self.fallback_reason and self.requested and self.requested != self.device:
+            return f"{self.requested} -> {self.device} ({self.fallback_reason})"
+        return self.device
+
+    def run(
+        self,
+        output_names: list[str] | None,
+        feeds: dict[str, "np.ndarray"],
+        out_buffers: dict[str, "np.ndarray"] | None = None,
+    ) -> list["np.ndarray"]:
+        """Run the session; outputs as numpy arrays in ``output_names`` order.
+
+        With ``io.enable_iobinding`` (or when ``out_buffers`` is given) inputs and outputs are bound with
+        an ``IOBinding``; an output named in ``out_buffers`` is written straight into that preallocated,
+        C-contiguous host array (e.g. a shared past/present KV buffer) and returned as that array."""
+        names = output_names or [o.name for o in self.session.get_outputs()]
+        if not self.iobinding and not out_buffers:
+            return self.session.run(names, feeds)
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        out_buffers = out_buffers or {}
+        for name in names:
+            buf = out_buffers.get(name)
+            if buf is None:
+                binding.bind_output(name, "cpu")
+            else:
+                binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        produced = binding.copy_outputs_to_cpu()
+        return [out_buffers[n] if n in out_buffers else arr for n, arr in zip(names, produced)]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain data for tables and bench records."""
+        return {
+            "phase": self.phase, "device": self.device, "provider": self.provider, "requested": self.requested,
+            "fallback_reason": self.fallback_reason, "threads": self.threads, "iobinding": self.iobinding,
+            "label": self.label(), "notes": list(self.notes),
+        }
+
+
+def _model_key(onnx_path: Path) -> str:
+    st = onnx_path.stat()
+    return f"{onnx_path.stem}-{st.st_size}-{int(st.st_mtime)}"
+
+
+def open_session(
+    onnx_path: Path,
+    policy: "Policy",
+    phase: Phase,
+    device: str,
+    *,
+    threads: int | None = None,
+    strict: bool = False,
+    allow_spinning: bool = True,
+) -> PhaseSession:
+    """Open ``onnx_path`` for ``phase`` on ``device``; fall back to CPU (visible reason) when the device's
+    provider does not work, or raise :class:`ProviderError` when ``strict``."""
+    import onnxruntime as ort
+
+    onnx_path = Path(onnx_path)
+    probe = probe_provider(device)
+    provider = probe.name if probe.works else "CPUExecutionProvider"
+    fallback = None if probe.works else (probe.reason.split(" (")[0] if not probe.available else probe.reason)
+    if fallback and strict:
+        raise ProviderError(
+            f"{phase} on {device}: {probe.reason}",
+            "drop --strict-devices to fall back to CPU, or pick another device with --profile/--config",
+        )
+    spec = provider_spec(provider, policy, model_key=_model_key(onnx_path) if onnx_path.exists() else "model")
+    opts = session_options(policy, phase, threads, provider=provider, allow_spinning=allow_spinning)
+    if provider != "CPUExecutionProvider":
+        opts.add_session_config_entry("session.disable_cpu_ep_fallback", "1" if strict else "0")
+    providers: list[Any] = [(provider, spec.options)]
+    if provider != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    try:
+        sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+    except Exception as exc:
+        if provider == "CPUExecutionProvider":
+            from inferos_cli.errors import ModelError
+
+            raise ModelError(f"onnxruntime cannot load {onnx_path}: {str(exc).strip().splitlines()[0][:200]}") from None
+        if strict:
+            raise ProviderError(f"{phase} on {device}: {provider} cannot load the model: {str(exc)[:160]}") from None
+        fallback = f"{provider} cannot load the model"
+        provider = "CPUExecutionProvider"
+        opts = session_options(policy, phase, threads, allow_spinning=allow_spinning)
+        sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=[provider])
+        spec = ProviderSpec(provider)
+    real = sess.get_providers()[0]
+    if real != provider and fallback is None:
+        fallback = f"{provider} was asked for but the session runs on {real}"
+        if strict:
+            raise ProviderError(f"{phase} on {device}: {fallback}")
+    notes = list(spec.notes)
+    cap = host_arena_bytes()
+    if cap is not None:
+        notes.append(f"host arena limit {cap} B")
+    return PhaseSession(
+        phase=phase,
+        session=sess,
+        device=device_of(real),
+        provider=real,
+        fallback_reason=fallback,
+        requested=device,
+        threads=opts.intra_op_num_threads,
+        iobinding=bool(policy.io.enable_iobinding),
+        notes=notes,
+    )
+
+
+def is_windows() -> bool:
+    """True on Windows (DirectML and PDH live there)."""
+    return sys.platform == "win32"
+
+
+__all__ = [
+    "DEVICE_PROVIDERS", "PhaseSession", "ProbeResult", "ProviderSpec", "available_providers", "default_threads",
+    "device_of", "ensure_host_arena", "open_session", "probe_all", "probe_provider", "provider_name",
+    "provider_spec", "session_options",
+]

@@ -1,0 +1,133 @@
+"""FastAPI app factory of `inferos serve`: the control API at ``/v1/...`` and the Lemonade/OpenAI API at
+``/api/v1/...`` and ``/v1/...``; error handlers that answer 4xx with a message and never leak a traceback;
+body size limit; agent token when configured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from inferos_cli.server.security import DEFAULT_MAX_BODY, error_body
+
+if TYPE_CHECKING:  # pragma: no cover
+    from fastapi import FastAPI
+
+    from inferos_cli.runtime.service import InferenceService
+
+
+@dataclass
+class ServerState:
+    """What the app needs: the service, the agent token (None: no auth) and the body limit."""
+
+    service: "InferenceService"
+    token: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def create_app(state: ServerState) -> "FastAPI":
+    """Build the app for one service."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from inferos_cli import __version__
+    from inferos_cli.errors import ContextOverflowError, InferosError, ModelNotFoundError
+    from inferos_cli.runtime.service import ServiceBusy
+    from inferos_cli.server import control, lemonade_api
+    from inferos_cli.server.prom import PromMetrics
+    from inferos_cli.server.security import BodyLimitMiddleware, TokenMiddleware
+
+    app = FastAPI(title="inferos serve", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    service = state.service
+    prom = PromMetrics(service)
+    app.state.inferos = state
+    app.state.prom = prom
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(status_code=400, content=error_body("request body is not valid JSON", "invalid_json"))
+        fields = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": e.get("type", "")}
+                  for e in errors]
+        first = fields[0] if fields else {"loc": [], "msg": "invalid request"}
+        message = f"invalid request: {'.'.join(first['loc'])}: {first['msg']}"
+        return JSONResponse(status_code=422, content=error_body(message, "invalid_request_error", fields=fields))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail), "http_error"))
+
+    @app.exception_handler(InferosError)
+    async def _inferos(request: Request, exc: InferosError) -> JSONResponse:
+        status = 400
+        if isinstance(exc, ModelNotFoundError):
+            status = 404
+        elif isinstance(exc, ServiceBusy):
+            status = 503
+        elif isinstance(exc, ContextOverflowError):
+            status = 400
+        return JSONResponse(status_code=status, content=error_body(exc.one_line(), type(exc).__name__))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return JSONResponse(status_code=500, content=error_body(f"internal error: {message}", "server_error"))
+
+    app.include_router(control.router(service, prom))
+    lemonade = lemonade_api.router(service)
+    app.include_router(lemonade, prefix="/api/v1")
+    app.include_router(lemonade, prefix="/v1")
+
+    @app.get("/live")
+    def live() -> dict[str, str]:
+        return {"status": "ok"}
+
+    app.add_middleware(BodyLimitMiddleware, max_bytes=state.max_body_bytes)
+    if state.token:
+        app.add_middleware(TokenMiddleware, token=state.token)
+    return app
+
+
+class ServerThread:
+    """A real uvicorn server on 127.0.0.1 in a background thread (tests, benchmarks, `run --backend`)."""
+
+    def __init__(self, app: "FastAPI", host: str = "127.0.0.1", port: int = 0) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self.host = host
+        self.port = self._sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        self.server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """``http://host:port``."""
+        return f"http://{self.host}:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "ServerThread":
+        """Start and wait until uvicorn accepts connections."""
+        import time
+
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        """Ask uvicorn to exit and wait for the thread."""
+        self.server.should_exit = True
+        self._thread.join(timeout=10)
+        self._sock.close()

@@ -1,0 +1,232 @@
+"""Lemonade/OpenAI-compatible routes (mounted under ``/api/v1`` and ``/v1``): health, models, load,
+chat/completions, completions (SSE streaming or not), stats, system-stats."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import TYPE_CHECKING, Any, Iterator
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from inferos_cli.server.schemas import ChatRequest, CompletionRequest, LoadRequest, _Sampling
+from inferos_cli.server.security import error_body
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.runtime.service import InferenceService
+
+RECIPE = "inferos-ort"
+DEFAULT_NEW_TOKENS = 256
+
+
+def finish_reason(reason: str | None) -> str:
+    """Engine finish reasons -> OpenAI's ``stop`` / ``length``."""
+    if reason and any(word in reason for word in ("length", "max", "context")):
+        return "length"
+    return "stop"
+
+
+def generation_config(req: _Sampling, default_tokens: int = DEFAULT_NEW_TOKENS) -> Any:
+    """An engine ``GenerationConfig`` from an OpenAI request (greedy unless a temperature is given)."""
+    from inferos_cli.runtime.engine import GenerationConfig
+
+    penalty = req.repeat_penalty or req.repetition_penalty or 1.0
+    return GenerationConfig(
+        max_tokens=req.new_tokens(default_tokens),
+        temperature=req.temperature if req.temperature is not None else 0.0,
+        top_k=req.top_k or 0,
+        top_p=req.top_p if req.top_p is not None else 1.0,
+        repetition_penalty=penalty,
+        seed=req.seed,
+        stop=req.stops(),
+    )
+
+
+def model_entry(service: "InferenceService") -> dict[str, Any]:
+    """The served model as a ``/models`` entry."""
+    info = service.info
+    return {
+        "id": info.name, "object": "model", "created": int(service.started), "owned_by": "inferos",
+        "checkpoint": str(info.path), "recipe": RECIPE, "downloaded": True, "suggested": True,
+        "labels": ["inferos", "llm"], "max_context_window": service.ctx_size,
+    }
+
+
+def check_model(service: "InferenceService", name: str | None) -> JSONResponse | None:
+    """404 for a model that is not the served one (None or empty means the served model)."""
+    if not name or name in (service.info.name, str(service.info.path)):
+        return None
+    return JSONResponse(
+        status_code=404,
+        content=error_body(f"model {name!r} is not loaded; this server serves {service.info.name!r}",
+                           "model_not_found", param="model"),
+    )
+
+
+def lemonade_health(service: "InferenceService") -> dict[str, Any]:
+    """Lemonade's ``/health`` document for the served model."""
+    from inferos_cli import __version__
+
+    info = service.info
+    entry = {
+        "model_name": info.name, "checkpoint": str(info.path), "recipe": RECIPE, "type": "llm",
+        "device": service.decode_device(), "recipe_options": {"ctx_size": service.ctx_size},
+    }
+    return {
+        "status": "ok", "version": __version__, "model_loaded": info.name, "checkpoint_loaded": str(info.path),
+        "context_size": service.ctx_size, "all_models_loaded": [entry], "max_models": {"llm": 1},
+    }
+
+
+def _sse(data: dict[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def router(service: "InferenceService") -> APIRouter:
+    """The routes, bound to one service."""
+    api = APIRouter()
+
+    @api.get("/health")
+    def health() -> dict[str, Any]:
+        return lemonade_health(service)
+
+    @api.get("/models")
+    def models(show_all: bool = Query(False)) -> dict[str, Any]:
+        data = [model_entry(service)]
+        if show_all:
+            data.extend(_catalog(service))
+        return {"object": "list", "data": data}
+
+    @api.get("/models/{model_id:path}")
+    def model(model_id: str) -> Any:
+        bad = check_model(service, model_id)
+        return bad or model_entry(service)
+
+    @api.post("/load")
+    def load(req: LoadRequest) -> Any:
+        return service.load(req.model_name, req.ctx_size)
+
+    @api.post("/unload")
+    def unload() -> dict[str, Any]:
+        return {"status": "success", "message": "inferos serve keeps its one model loaded"}
+
+    @api.get("/stats")
+    def stats() -> dict[str, Any]:
+        return service.lemonade_stats()
+
+    @api.get("/system-stats")
+    def system_stats() -> dict[str, Any]:
+        return service.system_stats()
+
+    @api.post("/chat/completions")
+    def chat(req: ChatRequest, request: Request) -> Any:
+        bad = check_model(service, req.model)
+        if bad is not None:
+            return bad
+        ids = service.encode_messages([{"role": m.role, "content": m.text()} for m in req.messages])
+        return _respond(service, req, ids, chat=True)
+
+    @api.post("/completions")
+    def completions(req: CompletionRequest) -> Any:
+        bad = check_model(service, req.model)
+        if bad is not None:
+            return bad
+        try:
+            text = req.prompt_text()
+        except ValueError as exc:
+            return JSONResponse(status_code=400, content=error_body(str(exc), "invalid_request_error", param="prompt"))
+        ids = service.encode_text(text)
+        return _respond(service, req, ids, chat=False, echo=text if req.echo else "")
+
+    return api
+
+
+def _catalog(service: "InferenceService") -> list[dict[str, Any]]:
+    """Other models inferos knows (cached conversions), for ``?show_all=true``; empty when unavailable."""
+    try:
+        from inferos_cli.runtime import models as models_mod
+    except ImportError:
+        return []
+    lister = getattr(models_mod, "list_cached", None) or getattr(models_mod, "cached_models", None)
+    if lister is None:
+        return []
+    out = []
+    try:
+        for item in lister():
+            name = getattr(item, "name", None) or (item.get("name") if isinstance(item, dict) else str(item))
+            if name and name != service.info.name:
+                out.append({"id": name, "object": "model", "owned_by": "inferos", "recipe": RECIPE,
+                            "downloaded": True, "suggested": False, "labels": ["inferos", "llm"]})
+    except Exception:  # noqa: BLE001 - a broken cache listing must not break /models
+        return out
+    return out
+
+
+def _respond(service: "InferenceService", req: _Sampling, ids: list[int], *, chat: bool, echo: str = "") -> Any:
+    config = generation_config(req)
+    stream = service.submit(ids, config)
+    rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+    created = int(time.time())
+    name = service.info.name
+    obj = "chat.completion" if chat else "text_completion"
+    if not req.stream:
+        parts: list[str] = []
+        reason = None
+        generated = 0
+        for ev in stream:
+            if ev.kind == "token":
+                parts.append(ev.text)
+                generated += 1
+            elif ev.kind == "done":
+                reason = ev.finish_reason
+                generated = ev.generated or generated
+        text = "".join(parts)
+        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
+        if chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "finish_reason": finish_reason(reason), "logprobs": None}
+        else:
+            choice = {"index": 0, "text": echo + text, "finish_reason": finish_reason(reason), "logprobs": None}
+        return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], "usage": usage}
+
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    chunk_obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(delta_or_text: Any, reason: str | None = None) -> dict[str, Any]:
+        if chat:
+            choice = {"index": 0, "delta": delta_or_text, "finish_reason": reason, "logprobs": None}
+        else:
+            choice = {"index": 0, "text": delta_or_text, "finish_reason": reason, "logprobs": None}
+        return {"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": [choice]}
+
+    def events() -> Iterator[str]:
+        reason = None
+        generated = 0
+        try:
+            if chat:
+                yield _sse(chunk({"role": "assistant", "content": ""}))
+            for ev in stream:
+                if ev.kind == "token":
+                    generated += 1
+                    if ev.text:
+                        yield _sse(chunk({"content": ev.text} if chat else ev.text))
+                elif ev.kind == "done":
+                    reason = ev.finish_reason
+                    generated = ev.generated or generated
+        except Exception as exc:  # noqa: BLE001 - the status line is gone; report in-band, one line
+            yield _sse(error_body(f"generation failed: {exc}", "server_error"))
+            yield _sse("[DONE]")
+            return
+        finally:
+            stream.cancel()  # no-op when finished; stops the engine when the client went away
+        yield _sse(chunk({} if chat else "", finish_reason(reason)))
+        if include_usage:
+            yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": [],
+                        "usage": {"prompt_tokens": len(ids), "completion_tokens": generated,
+                                  "total_tokens": len(ids) + generated}})
+        yield _sse("[DONE]")
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,69 @@
+"""Renderers of `inferos eval`: a report snapshot (``EvalReport.to_json()``) in, a rich Table / lines out."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.table import Table
+
+from inferos_cli.settings import format_bytes
+
+
+def _num(value: Any, fmt: str, suffix: str = "") -> str:
+    return "n/a" if value is None else f"{value:{fmt}}{suffix}"
+
+
+def _signed(value: Any, fmt: str) -> str:
+    return "n/a" if value is None else f"{value:+{fmt}}"
+
+
+def eval_rows(snapshot: dict[str, Any]) -> list[list[str]]:
+    """Cells of each configuration row (shared by the table and the plain lines)."""
+    rows = []
+    for r in snapshot["results"]:
+        rows.append([
+            r["config"],
+            _num(r["ppl"], ".3f"),
+            _signed(r["delta_ppl"], ".4f"),
+            _num(r["kl_mean"], ".5f", " nats"),
+            _num(None if r["top1_agreement"] is None else 100 * r["top1_agreement"], ".2f", " %"),
+            format_bytes(r["kv_bytes"]),
+            format_bytes(r["kv_bytes_peak"]),
+            _num(r["kv_ratio_vs_fp16"], ".3f", "x"),
+            _num(r["peak_rss_mb"], ".1f", " MiB"),
+            str(r["tokens_scored"]),
+        ])
+    return rows
+
+
+HEADERS = ["config", "PPL", "ΔPPL", "KL mean", "top-1 agree", "KV mean", "KV peak", "KV vs fp16",
+           "peak RSS", "tokens"]
+
+
+def eval_table(snapshot: dict[str, Any]) -> Table:
+    """The comparison table of one eval run."""
+    table = Table(title=f"inferos eval: {snapshot['model']} on {snapshot['text']} "
+                        f"(ctx {snapshot['ctx']} tokens, prefix {snapshot['prefix']}, "
+                        f"{snapshot['tokens_scored']} tokens scored in {snapshot['windows']} windows)")
+    for i, head in enumerate(HEADERS):
+        table.add_column(head, justify="left" if i == 0 else "right")
+    for row in eval_rows(snapshot):
+        table.add_row(*row)
+    notes = [f"{r['config']}: {r['kv']}" for r in snapshot["results"]]
+    notes += [f"{r['config']}: {n}" for r in snapshot["results"] for n in r.get("notes", [])]
+    notes.append(f"peak RSS: {snapshot.get('rss_note', '')}")
+    table.caption = "\n".join(notes)
+    return table
+
+
+def eval_lines(snapshot: dict[str, Any]) -> list[str]:
+    """Plain lines for pipes: one ``key=value`` line per configuration."""
+    lines = [f"model={snapshot['model']} text={snapshot['text']} ctx={snapshot['ctx']} "
+             f"prefix={snapshot['prefix']} tokens_scored={snapshot['tokens_scored']} windows={snapshot['windows']}"]
+    keys = ["config", "ppl", "delta_ppl", "kl_mean", "top1_agreement", "kv_mean", "kv_peak", "kv_vs_fp16",
+            "peak_rss", "tokens"]
+    for row in eval_rows(snapshot):
+        lines.append(" ".join(f"{k}={v.replace(' ', '')}" for k, v in zip(keys, row)))
+    for r in snapshot["results"]:
+        lines.append(f"kv[{r['config']}]={r['kv']}")
+    return lines

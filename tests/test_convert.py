@@ -1,0 +1,189 @@
+"""The converter on the real stories260K checkpoint: exact logits, greedy sample, quantized variants, manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from _llama_ref import forward as ref_forward
+from conftest import STORIES_SAMPLE
+
+PROMPT = [1, 403, 407, 261, 378, 275, 307, 268, 261, 440, 297]  # BOS + a TinyStories-like prefix
+
+
+def session(folder: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    return ort.InferenceSession(str(folder / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
+def run(sess, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict) -> tuple[np.ndarray, dict]:
+    outs = sess.run(None, {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past})
+    names = [o.name for o in sess.get_outputs()]
+    res = dict(zip(names, outs))
+    new_past = {n.replace("present.", "past_key_values."): v for n, v in res.items() if n.startswith("present.")}
+    return res["logits"], new_past
+
+
+def empty_past(cfg: dict, batch: int = 1) -> dict:
+    kvh, d = cfg["num_key_value_heads"], cfg["head_dim"]
+    return {f"past_key_values.{i}.{k}": np.zeros((batch, kvh, 0, d), np.float32)
+            for i in range(cfg["num_hidden_layers"]) for k in ("key", "value")}
+
+
+def full_logits(sess, cfg: dict, ids: list[int]) -> np.ndarray:
+    t = len(ids)
+    logits, _ = run(sess, np.array([ids], np.int64), np.ones((1, t), np.int64), np.arange(t)[None], empty_past(cfg))
+    return logits[0]
+
+
+def load_src(stories_src: Path) -> tuple[dict, dict]:
+    from inferos_cli.runtime.convert import read_safetensors
+
+    return read_safetensors(stories_src), json.loads((stories_src / "config.json").read_text())
+
+
+def test_folder_layout_and_modelinfo(stories_onnx: Path) -> None:
+    from inferos_cli.runtime.convert import check_manifest
+    from inferos_cli.runtime.modelinfo import inspect_folder
+
+    for name in ("model.onnx", "model.onnx.data", "config.json", "inferos.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (stories_onnx / name).is_file(), name
+    info = inspect_folder(stories_onnx)
+    assert (info.num_layers, info.num_heads, info.num_kv_heads, info.head_dim, info.vocab_size) == (5, 8, 4, 8, 512)
+    assert info.source_format == "inferos" and info.has_position_ids and not info.uses_gqa_op
+    assert info.bos_token_id == 1 and info.eos_token_ids == [2] and info.add_bos
+    meta = json.loads((stories_onnx / "inferos.json").read_text())
+    assert meta["dtype"] == "fp32" and meta["param_count"] == info.param_count
+    assert 250_000 < meta["param_count"] < 270_000  # 260K, tied embeddings counted once
+    assert check_manifest(stories_onnx, deep=True) == []
+
+
+def test_fp32_logits_match_numpy_reference(stories_src: Path, stories_onnx: Path) -> None:
+    tensors, cfg = load_src(stories_src)
+    got = full_logits(session(stories_onnx), cfg, PROMPT)
+    want = ref_forward(tensors, cfg, PROMPT)
+    assert np.abs(got - want).max() < 1e-4
+
+
+def test_greedy_decode_reproduces_published_sample(stories_onnx: Path) -> None:
+    from tokenizers import Tokenizer
+
+    sess = session(stories_onnx)
+    cfg = json.loads((stories_onnx / "config.json").read_text())
+    ids, past, total, cur = [1], empty_past(cfg), 0, [1]
+    for _ in range(40):
+        n = len(cur)
+        logits, past = run(sess, np.array([cur], np.int64), np.ones((1, total + n), np.int64),
+                           np.arange(total, total + n)[None], past)
+        total += n
+        cur = [int(logits[0, -1].argmax())]
+        ids.append(cur[0])
+    text = Tokenizer.from_file(str(stories_onnx / "tokenizer.json")).decode(ids)
+    assert text.startswith(STORIES_SAMPLE), text
+
+
+def test_cache_chunks_and_left_padding_match_full_forward(stories_onnx: Path) -> None:
+    """Prefill in chunks + decode with the KV cache, and a left-padded batch row, equal the one-shot forward."""
+    sess = session(stories_onnx)
+    cfg = json.loads((stories_onnx / "config.json").read_text())
+    want = full_logits(sess, cfg, PROMPT)
+    past, got = empty_past(cfg), []
+    for start, end in ((0, 4), (4, 9), (9, 10), (10, 11)):
+        logits, past = run(sess, np.array([PROMPT[start:end]], np.int64), np.ones((1, end), np.int64),
+                           np.arange(start, end)[None], past)
+        got.append(logits[0])
+    assert np.abs(np.concatenate(got) - want).max() < 1e-4
+    # batch of two: row 0 is the prompt, row 1 the prompt's last 6 tokens left-padded with 5 masked slots
+    short = PROMPT[5:]
+    ids = np.array([PROMPT, [0] * 5 + short], np.int64)
+    mask = np.array([[1] * 11, [0] * 5 + [1] * 6], np.int64)
+    pos = np.array([list(range(11)), [0] * 5 + list(range(6))], np.int64)
+    logits, _ = run(sess, ids, mask, pos, empty_past(cfg, 2))
+    assert np.abs(logits[0] - want).max() < 1e-4
+    assert np.abs(logits[1, 5:] - full_logits(sess, cfg, short)).max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_quantized_logits_match_dequantized_reference(stories_src: Path, tmp_path: Path, dtype: str) -> None:
+    """MatMulNBits logits equal the numpy forward over the very same dequantized weights."""
+    from inferos_cli.runtime.convert import convert_hf_folder, store, store_embedding
+    from inferos_cli.runtime.convert_graph import QuantWeight
+
+    tensors, cfg = load_src(stories_src)
+    fast = convert_hf_folder(stories_src, tmp_path / f"{dtype}-fast", dtype=dtype)  # int8 activations
+    out = convert_hf_folder(stories_src, tmp_path / dtype, dtype=dtype, accuracy_level=0)
+    deq = {}
+    for name, arr in tensors.items():
+        w = store_embedding(arr, dtype) if "embed_tokens" in name else store(arr, dtype) if arr.ndim == 2 else arr
+        deq[name] = w.dequantize() if isinstance(w, QuantWeight) else np.asarray(w, np.float32)
+    got = full_logits(session(out), cfg, PROMPT)
+    want = ref_forward(deq, cfg, PROMPT)
+    assert np.abs(got - want).max() < 1e-3
+    fast_logits = full_logits(session(fast), cfg, PROMPT)  # int8 activations: close, not exact
+    assert np.abs(fast_logits - want).max() < 0.5
+    assert (fast_logits.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    # and the quantization is real but close to the fp32 model
+    exact = ref_forward(tensors, cfg, PROMPT)
+    assert 0 < np.abs(got - exact).max() < 5.0
+    assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.7
+    meta = json.loads((out / "inferos.json").read_text())
+    assert meta["dtype"] == dtype and any("bit" in k for k in meta["storage"])
+    data = (out / "model.onnx.data").stat().st_size
+    assert data < 0.6 * 260_000 * 4
+
+
+def test_fp16_storage_halves_the_file(stories_src: Path, stories_onnx: Path, tmp_path: Path) -> None:
+    from inferos_cli.runtime.convert import convert_hf_folder
+
+    tensors, cfg = load_src(stories_src)
+    out = convert_hf_folder(stories_src, tmp_path / "fp16", dtype="fp16")
+    assert (out / "model.onnx.data").stat().st_size < 0.6 * (stories_onnx / "model.onnx.data").stat().st_size
+    got = full_logits(session(out), cfg, PROMPT)
+    assert np.abs(got - ref_forward(tensors, cfg, PROMPT)).max() < 0.05
+
+
+def test_manifest_detects_truncation(stories_onnx: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from inferos_cli.runtime.convert import check_manifest
+
+    copy = tmp_path / "copy"
+    shutil.copytree(stories_onnx, copy)
+    data = copy / "model.onnx.data"
+    data.write_bytes(data.read_bytes()[:-100])
+    problems = check_manifest(copy)
+    assert problems and "model.onnx.data" in problems[0]
+
+
+def test_bad_sources_give_one_line_errors(tmp_path: Path, stories_src: Path) -> None:
+    import shutil
+
+    from inferos_cli.errors import ConversionError, ModelError
+    from inferos_cli.runtime.convert import convert_hf_folder
+
+    with pytest.raises(ModelError, match="config.json"):
+        convert_hf_folder(tmp_path, tmp_path / "out")
+    bad = tmp_path / "bad"
+    shutil.copytree(stories_src, bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (bad / "config.json").chmod(0o644)
+    (bad / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match="unsupported architecture 'gpt_neox'"):
+        convert_hf_folder(bad, tmp_path / "out")
+    cfg["model_type"] = "llama"
+    (bad / "config.json").write_text(json.dumps(cfg))
+    st = bad / "model.safetensors"
+    st.chmod(0o644)
+    st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
+    with pytest.raises(ConversionError, match="truncated"):
+        convert_hf_folder(bad, tmp_path / "out")
+    with pytest.raises(ConversionError, match="unknown dtype"):
+        convert_hf_folder(stories_src, tmp_path / "out", dtype="int3")
+    assert not (tmp_path / "out").exists()
