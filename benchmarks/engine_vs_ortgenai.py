@@ -169,11 +169,21 @@ def bench_model(folder: Path, args: argparse.Namespace, tmp: Path) -> dict[str, 
                          "ttft_cpu_ms": 1000 * statistics.median(r["ttft_cpu_s"] for r in rs),
                          "decode_cpu_ms_per_token": statistics.median(r["decode_cpu_ms_per_token"] for r in rs)}
                    for who, rs in runs.items()}
+            # paired ratios: each rep's inferos run against the peer run next to it (robust to load drift)
+            pairs = list(zip(runs["inferos"], runs["ortgenai"]))
+            paired = {
+                "decode_tps": statistics.median(a["decode_tps"] / b["decode_tps"] for a, b in pairs),
+                "ttft": statistics.median(a["ttft_s"] / b["ttft_s"] for a, b in pairs),
+                "decode_cpu": statistics.median(a["decode_cpu_ms_per_token"] / b["decode_cpu_ms_per_token"]
+                                                for a, b in pairs),
+                "ttft_cpu": statistics.median(a["ttft_cpu_s"] / b["ttft_cpu_s"] for a, b in pairs),
+            }
             same = sum(a == b for a, b in zip(runs["inferos"][0]["tokens"], runs["ortgenai"][0]["tokens"]))
             result["prompts"][plen] = {
                 "median": med,
                 "ratio_decode_tps": med["inferos"]["decode_tps"] / med["ortgenai"]["decode_tps"],
                 "ratio_ttft": med["inferos"]["ttft_ms"] / med["ortgenai"]["ttft_ms"],
+                "paired_ratio_median": paired,
                 "all": {who: [{k: v for k, v in r.items() if k != "tokens"} for r in rs] for who, rs in runs.items()},
                 "same_greedy_tokens": f"{same}/{args.new_tokens}",
             }
@@ -184,6 +194,8 @@ def bench_model(folder: Path, args: argparse.Namespace, tmp: Path) -> dict[str, 
                   f"(ratio {p['ratio_ttft']:.3f}); TTFT CPU ms inferos {med['inferos']['ttft_cpu_ms']:.0f} vs ort-genai "
                   f"{med['ortgenai']['ttft_cpu_ms']:.0f}; decode CPU ms/token inferos {med['inferos']['decode_cpu_ms_per_token']:.2f} vs "
                   f"ort-genai {med['ortgenai']['decode_cpu_ms_per_token']:.2f}; "
+                  f"paired ratios: decode {paired['decode_tps']:.3f}, TTFT {paired['ttft']:.3f}, decode CPU "
+                  f"{paired['decode_cpu']:.3f}, TTFT CPU {paired['ttft_cpu']:.3f}; "
                   f"same greedy tokens {p['same_greedy_tokens']}", flush=True)
     finally:
         peer.close()

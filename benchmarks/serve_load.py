@@ -116,10 +116,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         peak = [rss_before]
         stop = threading.Event()
 
+        half: list[int] = []
+        half_at = time.monotonic() + args.duration / 2
+
         def sample() -> None:
             while not stop.wait(0.5):
                 try:
                     peak.append(ps.memory_info().rss)
+                    if not half and time.monotonic() >= half_at:
+                        half.append(peak[-1])
                 except psutil.Error:
                     return
 
@@ -156,7 +161,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "requests_completed": len(ok), "errors": len(errors), "error_samples": sorted(set(errors))[:5],
         "ttft_ms_p50": statistics.median(ttfts) if ttfts else None, "ttft_ms_p95": percentile(ttfts, 95),
         "completion_tokens": tokens, "aggregate_tok_s": tokens / wall if wall > 0 else None,
-        "rss_mb_before": rss_before / 2**20, "rss_mb_peak": max(peak) / 2**20, "rss_mb_after": rss_after / 2**20,
+        "rss_mb_before": rss_before / 2**20, "rss_mb_peak": max(peak) / 2**20,
+        "rss_mb_at_half": half[0] / 2**20 if half else None, "rss_mb_after": rss_after / 2**20,
         "server_kv_mb_last": metrics["mem"]["kv_mb"], "server_kv_backend": metrics.get("provider"),
         "server_requests": metrics["requests"],
     }

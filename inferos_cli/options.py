@@ -64,3 +64,10 @@ PolicyFormatOpt = Annotated[
     typer.Option("--format", "-f", help="table for people, toml (a loadable config) or json for scripts.",
                  case_sensitive=False),
 ]
+
+KVBudgetOpt = Annotated[
+    Optional[str],
+    typer.Option("--kv-budget", help="Cap on resident KV bytes (e.g. 64MiB): int8 tokens are demoted to int4, "
+                 "then low-importance tokens evicted (models with position_ids). Sets kv.budget_bytes.",
+                 show_default=False),
+]

@@ -135,3 +135,19 @@ def test_target_tps_decision_is_logged(stories_onnx: Path) -> None:
         assert any("target 1000000000.0" in r for r in reasons)
     finally:
         svc.close()
+
+
+def test_tune_for_run_returns_a_measured_policy(stories_onnx: Path) -> None:
+    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.runtime.autotune import tune_for_run
+    from inferos_cli.runtime.modelinfo import inspect_folder
+
+    info = inspect_folder(stories_onnx)
+    resolved = resolve_settings("int4", param_count=info.param_count, use_env=False,
+                                flags={"quality": {"max_delta_ppl": 0.0}, "kv": {"recent_window": 16, "sink_tokens": 0}})
+    policy, decisions = tune_for_run(info, resolved, max_steps=2)
+    assert isinstance(policy, Policy)
+    for d in decisions:
+        assert d["reason"] and "details" in d
+    if decisions:  # a loss was measured, so the window widened
+        assert policy.kv.recent_window > 16

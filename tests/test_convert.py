@@ -187,3 +187,139 @@ def test_bad_sources_give_one_line_errors(tmp_path: Path, stories_src: Path) -> 
     with pytest.raises(ConversionError, match="unknown dtype"):
         convert_hf_folder(stories_src, tmp_path / "out", dtype="int3")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------ GGUF
+def gguf_logits(folder: Path, ids: list[int], layers: int = 2, kvh: int = 2, d: int = 16) -> np.ndarray:
+    cfg = {"num_key_value_heads": kvh, "head_dim": d, "num_hidden_layers": layers}
+    return full_logits(session(folder), cfg, ids)
+
+
+TINY_IDS = [0, 5, 70, 100, 200, 30, 31, 260, 3]
+
+
+@pytest.mark.parametrize("linear,embed,arch,tied,kept", [
+    ("Q4_1", "Q8_0", "llama", True, {"Q4_1->4bit": 14, "Q8_0->8bit": 1}),
+    ("Q4_0", "Q4_0", "llama", False, {"Q4_0->4bit": 16}),
+    ("Q8_0", "Q4_1", "qwen2", True, {"Q8_0->8bit": 14, "Q4_1->4bit": 1}),
+    ("Q5_0", "F16", "llama", True, {"fp32": 15}),
+])
+def test_gguf_blocks_kept_losslessly(tmp_path: Path, linear: str, embed: str, arch: str, tied: bool, kept: dict) -> None:
+    """GGUF blocks go into MatMulNBits without re-quantization: logits equal the numpy forward over the
+    file's own dequantized weights (llama.cpp Q/K permutation undone, Q4_1 minimum exact, qwen2 biases)."""
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.runtime.convert import convert_gguf
+
+    src = tmp_path / "tiny.gguf"
+    hf, cfg = write_tiny_gguf(src, linear=linear, embed=embed, arch=arch, tied=tied)
+    out = convert_gguf(src, tmp_path / "out", accuracy_level=0)
+    meta = json.loads((out / "inferos.json").read_text())
+    assert meta["storage"] == kept and meta["dtype"] == "native"
+    want = ref_forward(hf, cfg, TINY_IDS)
+    assert np.abs(gguf_logits(out, TINY_IDS) - want).max() < 1e-4
+    # the default fast kernel (int8 activations) stays close
+    fast = convert_gguf(src, tmp_path / "fast")
+    got = gguf_logits(fast, TINY_IDS)
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.75
+    assert np.abs(got - want).max() < 0.15 * np.abs(want).max()
+
+
+def test_gguf_fp32_dequantizes_everything(tmp_path: Path) -> None:
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.runtime.convert import convert_gguf
+
+    src = tmp_path / "tiny.gguf"
+    hf, cfg = write_tiny_gguf(src)
+    out = convert_gguf(src, tmp_path / "fp32", dtype="fp32")
+    assert json.loads((out / "inferos.json").read_text())["storage"] == {"fp32": 15}
+    assert np.abs(gguf_logits(out, TINY_IDS) - ref_forward(hf, cfg, TINY_IDS)).max() < 1e-4
+
+
+def test_gguf_plain_attention_matches_the_attention_op(tmp_path: Path) -> None:
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.runtime.convert import convert_gguf
+
+    src = tmp_path / "tiny.gguf"
+    hf, cfg = write_tiny_gguf(src, linear="Q4_0")
+    plain = convert_gguf(src, tmp_path / "plain", accuracy_level=0, attention="plain")
+    assert json.loads((plain / "inferos.json").read_text())["attention"] == "plain"
+    assert np.abs(gguf_logits(plain, TINY_IDS) - ref_forward(hf, cfg, TINY_IDS)).max() < 1e-4
+
+
+def test_gguf_tokenizer_and_chat_template(tmp_path: Path) -> None:
+    from _tiny_gguf import write_tiny_gguf
+    from tokenizers import Tokenizer
+
+    from inferos_cli.runtime.convert import convert_gguf
+    from inferos_cli.runtime.modelinfo import inspect_folder
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    out = convert_gguf(src, tmp_path / "out")
+    tok = Tokenizer.from_file(str(out / "tokenizer.json"))
+    enc = tok.encode("<|im_start|>the cat<|im_end|>")
+    assert enc.tokens[0] == "<|im_start|>" and enc.tokens[-1] == "<|im_end|>"
+    assert "Ġthe" not in enc.tokens and "the" not in enc.tokens[:2]  # no leading space: t+he merge, then Ġ-less
+    assert tok.decode(tok.encode("naïve 123 ok").ids) == "naïve 123 ok"
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert cfg["add_bos_token"] is False and "<|im_start|>" in cfg["chat_template"]
+    info = inspect_folder(out)
+    assert info.chat_template and info.bos_token_id == 0 and info.eos_token_ids == [2] and not info.add_bos
+
+
+def test_gguf_sentencepiece_vocabulary_matches_hf_tokenizer(tmp_path: Path, stories_src: Path, tinystories_text: Path) -> None:
+    """A llama (SentencePiece) GGUF vocabulary becomes the same tokenizer HF built for stories260K."""
+    import gguf
+    from tokenizers import Tokenizer
+
+    from inferos_cli.runtime.gguf_tokenizer import build_tokenizer
+
+    hf_tok = Tokenizer.from_file(str(stories_src / "tokenizer.json"))
+    vocab = json.loads((stories_src / "tokenizer.json").read_text())["model"]["vocab"]
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    types = [2 if t == "<unk>" else 3 if t in ("<s>", "</s>") else 6 if t.startswith("<0x") else 1 for t in tokens]
+    path = tmp_path / "spm.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([-float(i) for i in range(len(tokens))])
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tok = build_tokenizer(gguf.GGUFReader(str(path)))
+    text = tinystories_text.read_text(encoding="utf-8")[:20000] + " zebra 42 ✓"
+    assert tok.encode(text).ids == hf_tok.encode(text).ids
+    assert tok.encode("Once").ids[0] == 1  # BOS added like the HF tokenizer
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert tok.decode(ids) == hf_tok.decode(ids)
+
+
+def test_bad_gguf_files_give_one_line_errors(tmp_path: Path) -> None:
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.errors import ConversionError, ModelError
+    from inferos_cli.runtime.convert import convert_gguf
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size - 5000])
+    with pytest.raises(ConversionError, match="truncated"):
+        convert_gguf(cut, tmp_path / "o1")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all")
+    with pytest.raises(ConversionError, match="not a GGUF file"):
+        convert_gguf(junk, tmp_path / "o2")
+    with pytest.raises(ModelError, match="does not exist"):
+        convert_gguf(tmp_path / "missing.gguf", tmp_path / "o3")
+    for err in (ConversionError, ModelError):
+        assert "\n" not in str(err("x"))
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -47,8 +47,10 @@ def test_eval_numbers_are_real(report: dict) -> None:
     assert abs(base["kv_ratio_vs_fp16"] - 2.0) < 1e-9  # fp32 plain cache
     assert abs(res["int8"]["delta_ppl"]) < 0.05 and res["int8"]["kl_mean"] < 1e-3
     assert res["int4"]["kl_mean"] > res["int8"]["kl_mean"]
-    assert res["int4"]["kv_ratio_vs_fp16"] < res["int8"]["kv_ratio_vs_fp16"] < base["kv_ratio_vs_fp16"]
-    assert res["int4"]["kv_bytes"] < base["kv_bytes"]
+    # at ctx 96 the fp32 window (int8: 32 + 4 sinks, int4: 64 + 4) is most of the cache, but both save
+    for name in ("int8", "int4", "int4-k8v4"):
+        assert res[name]["kv_ratio_vs_fp16"] < base["kv_ratio_vs_fp16"]
+        assert res[name]["kv_bytes"] < base["kv_bytes"]
     for r in res.values():
         assert r["peak_rss_mb"] is not None and r["peak_rss_mb"] > 10
 
@@ -64,7 +66,7 @@ def test_eval_renderers(report: dict) -> None:
 
 def test_windows_and_compare() -> None:
     wins = make_windows(list(range(1000)), 100, 10, 250, bos=1)
-    assert [len(w) for w in wins] == [100, 100, 70] and all(w[0] == 1 for w in wins)
+    assert [len(w) for w in wins] == [100, 100, 80] and all(w[0] == 1 for w in wins)
     assert sum(len(w) - 10 for w in wins) == 250
     assert parse_compare("int4,baseline,chat+int8") == ["baseline", "int4", "chat+int8"]
 

@@ -23,17 +23,16 @@ def _session(path: Path):
 
 
 def _segment_feeds(info: ModelInfo, fp: dict[str, np.ndarray], group: int) -> dict[str, np.ndarray]:
-    """All past in the fp segment (token-major), empty quantized segments."""
-    h, d, g = info.num_kv_heads, info.head_dim, info.head_dim // group
+    """All past in the fp segment, empty quantized segments (2-D codes, 1-D scales)."""
+    d = info.head_dim
     feeds = {}
     for i in range(info.num_layers):
         for kind in ("key", "value"):
-            feeds[segment_name(info, i, kind, "q8")] = np.zeros((0, 1, h, d), np.uint8)
-            feeds[segment_name(info, i, kind, "q8s")] = np.zeros((0, 1, h, g), np.float16)
-            feeds[segment_name(info, i, kind, "q8z")] = np.zeros((0, 1, h, g), np.uint8)
-            feeds[segment_name(info, i, kind, "q4")] = np.zeros((0, 1, h, d // 2), np.uint8)
-            feeds[segment_name(info, i, kind, "q4s")] = np.zeros((0, 1, h, g), np.float16)
-            feeds[segment_name(info, i, kind, "q4z")] = np.zeros((0, 1, h, g), np.uint8)
+            feeds[segment_name(info, i, kind, "q8")] = np.zeros((0, group), np.uint8)
+            feeds[segment_name(info, i, kind, "q4")] = np.zeros((0, d // 2), np.uint8)
+            for tier in ("q8", "q4"):
+                feeds[segment_name(info, i, kind, tier + "s")] = np.zeros((0,), np.float16)
+                feeds[segment_name(info, i, kind, tier + "z")] = np.zeros((0,), np.uint8)
             feeds[segment_name(info, i, kind, "fp")] = fp[f"{i}.{kind}"]
     return feeds
 
@@ -51,15 +50,15 @@ def compare_logits(info: ModelInfo, original: Path, rewritten: Path, group: int,
         for kind in ("key", "value"):
             name = (info.past_key_fmt if kind == "key" else info.past_value_fmt) % i
             past[name] = np.zeros((1, h, 0, d), np.float32)
-            fp[f"{i}.{kind}"] = np.zeros((0, 1, h, d), np.float32)
+            fp[f"{i}.{kind}"] = np.zeros((1, h, 0, d), np.float32)
     n, worst, ids = 0, 0.0, list(prompt)
     for _ in range(steps):
         n += len(ids)
         feeds = {"input_ids": np.asarray([ids], np.int64), "attention_mask": np.ones((1, n), np.int64)}
-        if info.has_position_ids:
-            feeds["position_ids"] = np.arange(n - len(ids), n, dtype=np.int64)[None]
-        a = dict(zip(ref_out, ref.run(None, {**feeds, **past})))
-        b = dict(zip(new_out, new.run(None, {**feeds, **_segment_feeds(info, fp, group)})))
+        pos = {"position_ids": np.arange(n - len(ids), n, dtype=np.int64)[None]}
+        ref_pos = pos if "position_ids" in {i.name for i in ref.get_inputs()} else {}
+        a = dict(zip(ref_out, ref.run(None, {**feeds, **ref_pos, **past})))
+        b = dict(zip(new_out, new.run(None, {**feeds, **pos, **_segment_feeds(info, fp, group)})))
         worst = max(worst, float(np.abs(a["logits"] - b["logits"]).max()))
         for i in range(info.num_layers):
             for kind in ("key", "value"):
@@ -67,7 +66,7 @@ def compare_logits(info: ModelInfo, original: Path, rewritten: Path, group: int,
                 past[pname] = a[(info.present_key_fmt if kind == "key" else info.present_value_fmt) % i]
                 step_new = b[new_output_name(i, kind)]
                 assert step_new.shape == (1, h, len(ids), d)  # only this step's columns come back
-                fp[f"{i}.{kind}"] = np.concatenate([fp[f"{i}.{kind}"], step_new.transpose(2, 0, 1, 3)])
+                fp[f"{i}.{kind}"] = np.concatenate([fp[f"{i}.{kind}"], step_new], axis=2)
         ids = [int(a["logits"][0, -1].argmax())]
     return worst
 
@@ -118,6 +117,8 @@ def test_oga_rewrite_matches_with_every_token_in_fp(oga_dir: Path, inferos_home:
     # the shared folder is read-only: the graph goes to the inferos cache, beside a link to the weights
     assert inferos_home in res.path.parents
     assert not list(oga_dir.parent.glob("*.inferos-kv-*"))
+    # GQA now takes explicit positions and an attention bias from the mask (masked columns anywhere)
+    assert res.positions
     assert compare_logits(info, info.onnx_path, res.path, group=32, steps=3) <= 1e-5
 
 

@@ -3,6 +3,7 @@ the interactive chat with a reused cache, Ctrl-C in a real subprocess."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -113,6 +114,11 @@ def test_ctrl_c_in_consume_closes_the_stream() -> None:
     snap = RunSnapshot()
     texts = consume(events(), snap, "plain", out=open(os.devnull, "w"))
     assert snap.finish_reason == "interrupted" and closed and texts == {0: "hi"}
+    out = io.StringIO()
+    consume(events(), RunSnapshot(), "json", out=out)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [d["kind"] for d in lines] == ["prefill", "token", "done"]
+    assert lines[-1]["finish_reason"] == "interrupted" and lines[-1]["generated"] == 1
 
 
 def test_conversation_reuses_the_cache(oga_dir: Path) -> None:

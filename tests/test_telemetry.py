@@ -242,3 +242,30 @@ def test_no_posix_only_import_at_module_level() -> None:
     header = src.split("def ", 1)[0]
     assert "import fcntl" not in header and "import win32pdh" not in header
     assert os.name in ("posix", "nt")
+
+
+def test_monitoring_feeds_engine_pressure_and_run_table(stories_onnx: Path) -> None:
+    from rich.console import Console
+
+    from inferos_cli.runtime.engine import Engine
+    from inferos_cli.runtime.modelinfo import inspect_folder
+    from inferos_cli.settings import Resolved
+    from inferos_cli.ui.run_table import RunSnapshot, run_table, summary_line
+
+    pol = Policy.model_validate({"kv": {"mode": "disabled"}, "io": {"host_pool_bytes": "4GiB"}})
+    eng = Engine(inspect_folder(stories_onnx), Resolved(policy=pol), threads=1)
+    assert eng.pressure_level() == 0.0
+    mon = tm.start_monitoring(pol, monitors={"fast": [tm.ProcessMonitor()]}, start=False)
+    mon.pressure.available = lambda: 1 * 1024**3  # 1 GiB free of a 4 GiB pool
+    mon.sampler.sample_once()
+    eng.pressure = mon.pressure
+    assert eng.pressure_level() == pytest.approx(0.75)
+    snap = RunSnapshot(model="stories")
+    snap.update_telemetry(mon.snapshot())
+    assert snap.pressure == pytest.approx(0.75) and "1024 MiB available" in snap.pressure_reason
+    console = Console(record=True, width=120)
+    console.print(run_table(snap))
+    text = console.export_text()
+    assert "memory pressure" in text and "0.75 (0-1)" in text
+    assert "memory pressure 0.75 (0-1)" in summary_line(snap)
+    mon.stop()

@@ -115,9 +115,18 @@ def bench(
     configs = bm.build_configs(names, info, profile=profile, config_path=config, url=url, server_model=server_model)
     for line in skip_lines({"skipped": [{"config": c.name, "reason": c.skip_reason} for c in configs if c.skip_reason]}):
         typer.echo(line, err=True)
+    from inferos_cli import paths
+
+    out_fmt = SUFFIX_FORMATS.get(output.suffix.lower(), fmt.value) if output is not None else fmt.value
+
+    def save_partial(partial: Any) -> None:
+        """Keep what was measured so far (``"complete": false``) in --output after every cell."""
+        if output is not None:
+            paths.atomic_write_text(output, render_text(partial.to_json(), out_fmt))
+
     with _progress() as on_progress:
         result = bm.run_bench(info, grid, configs, text_path=text_path, config_path=config,
-                              strict_devices=strict_devices, on_progress=on_progress)
+                              strict_devices=strict_devices, on_progress=on_progress, on_cell=save_partial)
     if quality:
         typer.echo(f"bench: scoring quality on {quality_tokens} tokens of {text_path.name}", err=True)
         result.quality = bm.quality_for(info, configs, text_path=text_path, config_path=config,
@@ -136,9 +145,6 @@ def bench(
     else:
         typer.echo(render_text(snapshot, fmt.value), nl=False)
     if output is not None:
-        out_fmt = SUFFIX_FORMATS.get(output.suffix.lower(), fmt.value)
-        from inferos_cli import paths
-
         paths.atomic_write_text(output, render_text(snapshot, out_fmt))
         typer.echo(f"wrote {output} ({out_fmt})", err=True)
     if plot is not None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from inferos_cli.options import FormatOpt, ModelOpt, TableFormat, ThreadsOpt
+from inferos_cli.options import FormatOpt, KVBudgetOpt, ModelOpt, TableFormat, ThreadsOpt
 
 
 def evaluate(
@@ -25,6 +25,7 @@ def evaluate(
     = "baseline,int8,int4",
     rss: Annotated[bool, typer.Option("--rss/--no-rss", help="Measure peak RSS per configuration in a fresh "
                                       "subprocess (one window).")] = True,
+    kv_budget: KVBudgetOpt = None,
     fmt: FormatOpt = TableFormat.table,
     threads: ThreadsOpt = None,
 ) -> None:
@@ -34,6 +35,15 @@ def evaluate(
     Example: inferos eval --model smollm2-135m --text wikitext2-raw-test.txt --ctx 512 --compare baseline,int8,int4
     """
     from inferos_cli.runtime.evaluate import run_eval
+    from inferos_cli.settings import parse_bytes
+    from inferos_cli.errors import UsageError
+
+    flags = None
+    if kv_budget is not None:
+        try:
+            flags = {"kv": {"budget_bytes": parse_bytes(kv_budget)}}
+        except ValueError as exc:
+            raise UsageError(f"--kv-budget: {exc}", "e.g. --kv-budget 64MiB") from None
     from inferos_cli.ui.eval_table import eval_lines, eval_table
     from inferos_cli.ui.output import is_terminal, print_json, print_table
 
@@ -48,10 +58,10 @@ def evaluate(
                 bar.update(task, completed=done, total=total)
 
             report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare,
-                              threads=threads, measure_rss=rss, progress=tick)
+                              threads=threads, measure_rss=rss, progress=tick, flags=flags)
     else:
         report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare,
-                          threads=threads, measure_rss=rss)
+                          threads=threads, measure_rss=rss, flags=flags)
     snapshot = report.to_json()
     if fmt == TableFormat.json:
         print_json(snapshot)

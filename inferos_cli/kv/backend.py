@@ -63,7 +63,9 @@ class SegmentedBackend:
         rotate = bool(kv.rotate_keys and four_bit_keys and can_rotate(info.head_dim))
         # tiny heads (stories260K: head_dim 8) get one group per head
         group = int(kv.group_size) if info.head_dim >= int(kv.group_size) else info.head_dim
-        self.spec = RewriteSpec(group_size=group, rotate_keys=rotate)
+        self.spec = RewriteSpec(group_size=group, rotate_keys=rotate,
+                                key_bits=tuple(sorted(set(self.plan.key_bits.values()), reverse=True)),
+                                value_bits=tuple(sorted(set(self.plan.value_bits.values()), reverse=True)))
         self.rewrite = rewritten_graph(info, self.spec)
         level = None
         if pressure is not None:
@@ -79,6 +81,7 @@ class SegmentedBackend:
             budget_bytes=kv.budget_bytes,
             max_tokens=kv.max_tokens,
             pressure=level,
+            positions=self.rewrite.positions,
         )
 
     @property
@@ -105,8 +108,8 @@ class SegmentedBackend:
             text += f", budget {c.budget_bytes} B"
         if c.max_tokens is not None:
             text += f", max {c.max_tokens} tokens"
-        if not self.info.has_position_ids:
-            text += ", no eviction (graph has no position_ids)"
+        if not self.rewrite.positions:
+            text += ", no eviction (graph takes no position_ids)"
         return f"{text}; {self.rewrite.note}" if self.rewrite.note else text
 
 

@@ -8,16 +8,18 @@ cached keys, as long as keys and values share it and the mask is given in that o
 - **quantized tiers**: tokens leaving the window are quantized *once* (all layers at once) into the tier
   chosen by :mod:`inferos_cli.kv.policy` and appended; int4 tokens are packed two per byte.
 
-Storage is token-major and preallocated with amortised growth (``[layers, capacity, batch, heads, dim]``
-per kind), so each layer's feed is the contiguous view ``[layer, :n]`` (no host copy) and an append is
-O(new tokens). Demotion int8 -> int4 (under pressure/budget) re-quantizes the dequantized int8 values
+Storage is head-major and preallocated with amortised growth (``[layers, batch, heads, capacity, dim]``
+per kind): an append writes O(new tokens); each step feeds the first ``n`` columns of each layer (a
+contiguous copy of the 1-byte codes, 1/4 or 1/8 of the float bytes; ORT's alternative, a float
+Transpose in the graph, measured slower). Demotion int8 -> int4 (under pressure/budget) re-quantizes the dequantized int8 values
 once: error <= s8/2 + s4/2 (the int8 step is ~1/17 of the int4 step, so ~1.06x the direct int4 bound).
 Eviction removes quantized columns (never sinks or the window); positions stay true because the engine
 takes them from :attr:`seen_tokens`, not from the mask.
 
-Limits: on ``GroupQueryAttention`` graphs (no ``position_ids``) nothing is evicted (a warning, once),
-and rows can only be merged when they hold the same number of tokens (GQA reads each row's past as
-one contiguous run).
+The rewrite gives ``GroupQueryAttention`` graphs ``position_ids`` and an attention bias (see
+:func:`inferos_cli.kv.rewrite._gqa_positions_and_mask`), so eviction and merging rows of different
+lengths work for them too. Only if a graph cannot take positions is nothing evicted (a warning, once)
+and rows merge only at equal lengths.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ class CacheConfig:
     max_tokens: int | None = None
     pressure: Callable[[], float] | None = None
     track: bool = False  # keep the positions quantized (tests: each token quantized exactly once)
+    positions: bool = True  # the graph takes position_ids: masked columns anywhere, eviction allowed
 
 
 @dataclass
@@ -77,8 +80,8 @@ class _Tier:
     def used_bytes(self) -> int:
         total = 0
         for kind in self.codes:
-            total += self.codes[kind][:, : self.n].nbytes + self.scale[kind][:, : self.n].nbytes
-            total += self.zero[kind][:, : self.n].nbytes
+            total += self.codes[kind][:, :, :, : self.n].nbytes + self.scale[kind][:, :, :, : self.n].nbytes
+            total += self.zero[kind][:, :, :, : self.n].nbytes
         return int(total)
 
     def bytes_per_column(self) -> int:
@@ -86,7 +89,8 @@ class _Tier:
             return 0
         total = 0
         for kind in self.codes:
-            total += self.codes[kind][:, :1].nbytes + self.scale[kind][:, :1].nbytes + self.zero[kind][:, :1].nbytes
+            total += (self.codes[kind][:, :, :, :1].nbytes + self.scale[kind][:, :, :, :1].nbytes
+                      + self.zero[kind][:, :, :, :1].nbytes)
         return int(total)
 
 
@@ -99,12 +103,12 @@ class SegmentedCache:
         self.L, self.H, self.D = info.num_layers, info.num_kv_heads, info.head_dim
         self.G = self.D // config.group
         self.dtype = _NP.get(info.kv_dtype, np.float32)
-        self.packed = bool(info.uses_gqa_op)
-        self.can_evict = info.has_position_ids
+        self.packed = not config.positions  # rows must be contiguous runs (plain GQA semantics)
+        self.can_evict = config.positions
         self._batch = int(batch)
         self.cap_fp = config.sinks + config.window
         b = self._batch
-        self.fp = {k: np.zeros((self.L, self.cap_fp, b, self.H, self.D), dtype=self.dtype) for k in KINDS}
+        self.fp = {k: np.zeros((self.L, b, self.H, self.cap_fp, self.D), dtype=self.dtype) for k in KINDS}
         self.fp_n = 0
         self.fp_mask = np.zeros((self.cap_fp, b), dtype=np.int64)
         self.fp_norm = np.full((self.cap_fp, b), np.nan, dtype=np.float32)
@@ -134,13 +138,13 @@ class SegmentedCache:
         b = self._batch
         for kind in KINDS:
             bits = tier.bits[kind]
-            new_codes = np.empty((self.L, cap, b, self.H, self._dim(bits)), dtype=np.uint8)
-            new_scale = np.empty((self.L, cap, b, self.H, self.G), dtype=np.float16)
-            new_zero = np.empty((self.L, cap, b, self.H, self.G), dtype=np.uint8)
+            new_codes = np.empty((self.L, b, self.H, cap, self._dim(bits)), dtype=np.uint8)
+            new_scale = np.empty((self.L, b, self.H, cap, self.G), dtype=np.float16)
+            new_zero = np.empty((self.L, b, self.H, cap, self.G), dtype=np.uint8)
             if tier.n:
-                new_codes[:, : tier.n] = tier.codes[kind][:, : tier.n]
-                new_scale[:, : tier.n] = tier.scale[kind][:, : tier.n]
-                new_zero[:, : tier.n] = tier.zero[kind][:, : tier.n]
+                new_codes[:, :, :, : tier.n] = tier.codes[kind][:, :, :, : tier.n]
+                new_scale[:, :, :, : tier.n] = tier.scale[kind][:, :, :, : tier.n]
+                new_zero[:, :, :, : tier.n] = tier.zero[kind][:, :, :, : tier.n]
             tier.codes[kind], tier.scale[kind], tier.zero[kind] = new_codes, new_scale, new_zero
         for attr, fill, dt in (("mask", 0, np.int64), ("norm", np.nan, np.float32), ("pos", -1, np.int64)):
             arr = np.full((cap, b), fill, dtype=dt)
@@ -174,29 +178,23 @@ class SegmentedCache:
         return sorted(self.tiers, key=lambda t: 0 if t.bits[kind] == 8 else 1)
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """Segment inputs of every layer (contiguous views of the storage)."""
+        """Segment inputs of every layer, head-major: the first ``n`` columns of each capacity buffer
+        (a contiguous copy of 1-byte codes; the fp window is a view once full), as the 2-D codes / 1-D
+        scales the rewritten graph takes."""
         out: dict[str, np.ndarray] = {}
-        b = self._batch
-        empty = {
-            8: (np.zeros((0, b, self.H, self.D), np.uint8), np.zeros((0, b, self.H, self.G), np.float16),
-                np.zeros((0, b, self.H, self.G), np.uint8)),
-            4: (np.zeros((0, b, self.H, self.D // 2), np.uint8), np.zeros((0, b, self.H, self.G), np.float16),
-                np.zeros((0, b, self.H, self.G), np.uint8)),
-        }
+        g = self.cfg.group
         for kind in KINDS:
             by_bits = {t.bits[kind]: t for t in self.tiers}
             for layer in range(self.L):
                 names = self._names[(layer, kind)]
-                for bits, seg in ((8, "q8"), (4, "q4")):
-                    tier = by_bits.get(bits)
-                    if tier is None:
-                        c, s, z = empty[bits]
-                    else:
-                        c = tier.codes[kind][layer, : tier.n]
-                        s = tier.scale[kind][layer, : tier.n]
-                        z = tier.zero[kind][layer, : tier.n]
-                    out[names[seg]], out[names[seg + "s"]], out[names[seg + "z"]] = c, s, z
-                out[names["fp"]] = self.fp[kind][layer, : self.fp_n]
+                for bits, tier in by_bits.items():
+                    seg = "q8" if bits == 8 else "q4"
+                    n = tier.n
+                    codes = np.ascontiguousarray(tier.codes[kind][layer, :, :, :n])
+                    out[names[seg]] = codes.reshape(-1, g) if bits == 8 else codes.reshape(-1, self.D // 2)
+                    out[names[seg + "s"]] = np.ascontiguousarray(tier.scale[kind][layer, :, :, :n]).reshape(-1)
+                    out[names[seg + "z"]] = np.ascontiguousarray(tier.zero[kind][layer, :, :, :n]).reshape(-1)
+                out[names["fp"]] = self.fp[kind][layer, :, :, : self.fp_n]
         return out
 
     def past_mask(self) -> np.ndarray:
@@ -208,9 +206,9 @@ class SegmentedCache:
         """Take this step's new columns (``kvnew.*`` outputs ``[B, H, T, D]``)."""
         t = int(n_new)
         new_mask = np.asarray(new_mask, dtype=np.int64).reshape(self._batch, t)
-        new = {kind: np.ascontiguousarray(np.stack([outputs[self._out[(l, kind)]] for l in range(self.L)])
-                                          .transpose(0, 3, 1, 2, 4)) for kind in KINDS}  # [L, T, B, H, D]
-        norms = np.sqrt(np.square(new["key"], dtype=np.float32).sum(-1)).mean(axis=(0, 3))  # [T, B]
+        new = {kind: np.stack([outputs[self._out[(l, kind)]] for l in range(self.L)]) for kind in KINDS}
+        # new[kind]: [L, B, H, T, D]; mean key norm over layers and heads -> [T, B]
+        norms = np.sqrt(np.square(new["key"], dtype=np.float32).sum(-1)).mean(axis=(0, 2)).T
         mask_tb = new_mask.T
         norms = np.where(mask_tb > 0, norms, np.nan).astype(np.float32)
         pos = (self.seen_tokens[:, None] + np.cumsum(new_mask, axis=1) - 1).T
@@ -235,7 +233,8 @@ class SegmentedCache:
         win_slots = np.arange(sinks, self.fp_n)
         old = win_slots[np.argsort(self.fp_age[sinks: self.fp_n], kind="stable")[:from_window]]
         if overflow:
-            xq = {kind: np.concatenate([self.fp[kind][:, old], new[kind][:, j: j + from_new]], axis=1) for kind in KINDS}
+            xq = {kind: np.concatenate([self.fp[kind][:, :, :, old], new[kind][:, :, :, j: j + from_new]], axis=3)
+                  for kind in KINDS}
             self._quantize_into_tiers(
                 xq,
                 np.concatenate([self.fp_mask[old], mask_tb[j: j + from_new]]),
@@ -256,7 +255,7 @@ class SegmentedCache:
             return
         idx = np.asarray(slots, dtype=np.int64)
         for kind in KINDS:
-            self.fp[kind][:, idx] = new[kind][:, cols]
+            self.fp[kind][:, :, :, idx] = new[kind][:, :, :, cols]
         self.fp_mask[idx] = mask
         self.fp_norm[idx] = norms
         self.fp_pos[idx] = pos
@@ -277,7 +276,7 @@ class SegmentedCache:
 
     def _quantize_into_tiers(self, x: dict[str, np.ndarray], mask: np.ndarray, norms: np.ndarray,
                              pos: np.ndarray) -> None:
-        """Quantize columns ``x[kind]`` ``[L, m, B, H, D]`` once and append them to their tiers."""
+        """Quantize columns ``x[kind]`` ``[L, B, H, m, D]`` once and append them to their tiers."""
         m = mask.shape[0]
         if m == 0:
             return
@@ -291,7 +290,7 @@ class SegmentedCache:
                 continue
             qs = {}
             for kind in KINDS:
-                part = x[kind][:, sel] if sel.size != m else x[kind]
+                part = x[kind][:, :, :, sel] if sel.size != m else x[kind]
                 if kind == "key" and self._h is not None:
                     part = part @ self._h
                 qs[kind] = quantize(part, tier.bits[kind], self.cfg.group)
@@ -303,9 +302,9 @@ class SegmentedCache:
         self._ensure(tier, tier.n + k)
         sl = slice(tier.n, tier.n + k)
         for kind in KINDS:
-            tier.codes[kind][:, sl] = qs[kind].codes
-            tier.scale[kind][:, sl] = qs[kind].scale
-            tier.zero[kind][:, sl] = qs[kind].zero
+            tier.codes[kind][:, :, :, sl] = qs[kind].codes
+            tier.scale[kind][:, :, :, sl] = qs[kind].scale
+            tier.zero[kind][:, :, :, sl] = qs[kind].zero
         tier.mask[sl], tier.norm[sl], tier.pos[sl] = mask, norms, pos
         tier.n += k
 
@@ -315,7 +314,7 @@ class SegmentedCache:
         n = keep.size
         for kind in KINDS:
             for store in (tier.codes, tier.scale, tier.zero):
-                store[kind][:, :n] = store[kind][:, keep]
+                store[kind][:, :, :, :n] = store[kind][:, :, :, keep]
         for attr in ("mask", "norm", "pos"):
             arr = getattr(tier, attr)
             arr[:n] = arr[keep]
@@ -332,7 +331,7 @@ class SegmentedCache:
 
     def total_bytes(self) -> int:
         """Resident bytes of every segment (used columns)."""
-        fp = sum(self.fp[k][:, : self.fp_n].nbytes for k in KINDS)
+        fp = sum(self.fp[k][:, :, :, : self.fp_n].nbytes for k in KINDS)
         return int(fp + sum(t.used_bytes() for t in self.tiers))
 
     def _note(self, text: str) -> None:
@@ -353,7 +352,8 @@ class SegmentedCache:
         sel = np.sort(pick)
         qs = {}
         for kind in KINDS:
-            q8 = QTensor(hi.codes[kind][:, sel], hi.scale[kind][:, sel], hi.zero[kind][:, sel], 8, self.cfg.group)
+            q8 = QTensor(hi.codes[kind][:, :, :, sel], hi.scale[kind][:, :, :, sel], hi.zero[kind][:, :, :, sel], 8,
+                         self.cfg.group)
             qs[kind] = quantize(dequantize(q8), lo.bits[kind], self.cfg.group)
         self._append_tier(lo, qs, hi.mask[sel].copy(), hi.norm[sel].copy(), hi.pos[sel].copy())
         drop = np.zeros(hi.n, dtype=bool)
@@ -366,7 +366,7 @@ class SegmentedCache:
         """Evict up to ``count`` (default all) candidates below ``L3_evict``, lowest score first; only
         quantized tokens (never sinks or the window) and only on graphs with ``position_ids``."""
         if not self.can_evict:
-            self._note("eviction skipped: this graph has no position_ids (GroupQueryAttention); "
+            self._note("eviction skipped: this graph takes no position_ids; "
                        "KV memory is reduced by quantization only")
             return 0
         cands = []
@@ -427,10 +427,10 @@ class SegmentedCache:
         """Keep only ``rows`` (in the given order)."""
         idx = np.asarray(list(rows), dtype=np.int64)
         for kind in KINDS:
-            self.fp[kind] = np.ascontiguousarray(self.fp[kind][:, :, idx])
+            self.fp[kind] = np.ascontiguousarray(self.fp[kind][:, idx])
             for t in self.tiers:
                 for store in (t.codes, t.scale, t.zero):
-                    store[kind] = np.ascontiguousarray(store[kind][:, :, idx])
+                    store[kind] = np.ascontiguousarray(store[kind][:, idx])
         for t in self.tiers:
             t.mask, t.norm, t.pos = t.mask[:, idx], t.norm[:, idx], t.pos[:, idx]
         self.fp_mask, self.fp_norm, self.fp_pos = self.fp_mask[:, idx], self.fp_norm[:, idx], self.fp_pos[:, idx]
@@ -453,20 +453,17 @@ class SegmentedCache:
                 )
         b0, b1 = self._batch, other.batch
 
-        def cat(a: np.ndarray, b: np.ndarray, n: int, axis_b: int, fill: float | int) -> np.ndarray:
-            def pad(x: np.ndarray) -> np.ndarray:
-                cols = x.shape[1] if x.ndim > 1 and axis_b >= 2 else x.shape[0]
-                extra = n - cols
-                if extra <= 0:
-                    return x
-                shape = list(x.shape)
-                shape[1 if axis_b >= 2 else 0] = extra
-                return np.concatenate([x, np.full(shape, fill, dtype=x.dtype)], axis=1 if axis_b >= 2 else 0)
-            return np.concatenate([pad(a), pad(b)], axis=axis_b)
+        def pad_cols(x: np.ndarray, n: int, axis: int, fill: float | int) -> np.ndarray:
+            extra = n - x.shape[axis]
+            if extra <= 0:
+                return x
+            shape = list(x.shape)
+            shape[axis] = extra
+            return np.concatenate([x, np.full(shape, fill, dtype=x.dtype)], axis=axis)
 
         n_fp = max(self.fp_n, other.fp_n)
         for kind in KINDS:
-            self.fp[kind] = np.concatenate([self.fp[kind], other.fp[kind]], axis=2)
+            self.fp[kind] = np.concatenate([self.fp[kind], other.fp[kind]], axis=1)
         self.fp_mask = np.concatenate([self.fp_mask, other.fp_mask], axis=1)
         self.fp_norm = np.concatenate([self.fp_norm, other.fp_norm], axis=1)
         self.fp_pos = np.concatenate([self.fp_pos, other.fp_pos], axis=1)
@@ -475,10 +472,11 @@ class SegmentedCache:
             n = max(t.n, u.n)
             for kind in KINDS:
                 for store_t, store_u in ((t.codes, u.codes), (t.scale, u.scale), (t.zero, u.zero)):
-                    store_t[kind] = cat(store_t[kind][:, : t.n], store_u[kind][:, : u.n], n, 2, 0)
-            t.mask = cat(t.mask[: t.n], u.mask[: u.n], n, 1, 0)
-            t.norm = cat(t.norm[: t.n], u.norm[: u.n], n, 1, np.nan)
-            t.pos = cat(t.pos[: t.n], u.pos[: u.n], n, 1, -1)
+                    store_t[kind] = np.concatenate([pad_cols(store_t[kind][:, :, :, : t.n], n, 3, 0),
+                                                    pad_cols(store_u[kind][:, :, :, : u.n], n, 3, 0)], axis=1)
+            for attr, fill in (("mask", 0), ("norm", np.nan), ("pos", -1)):
+                mine, theirs = getattr(t, attr)[: t.n], getattr(u, attr)[: u.n]
+                setattr(t, attr, np.concatenate([pad_cols(mine, n, 0, fill), pad_cols(theirs, n, 0, fill)], axis=1))
             t.n = t.cap = n
         self.seen_tokens = np.concatenate([self.seen_tokens, other.seen_tokens])
         self._batch = b0 + b1
@@ -495,7 +493,7 @@ class SegmentedCache:
     def stats(self) -> KVStats:
         """Tokens and resident bytes per tier (``fp``, ``int8``, ``int4`` or ``k8v4``), the fp16 reference."""
         tokens = {"fp": int(self.fp_mask[: self.fp_n].sum())}
-        nbytes = {"fp": int(sum(self.fp[k][:, : self.fp_n].nbytes for k in KINDS))}
+        nbytes = {"fp": int(sum(self.fp[k][:, :, :, : self.fp_n].nbytes for k in KINDS))}
         for t in self.tiers:
             tokens[t.name] = int(t.mask[: t.n].sum())
             nbytes[t.name] = t.used_bytes()

@@ -1,25 +1,25 @@
 """The KV-boundary rewrite: a decoder ONNX whose past inputs are quantized segments.
 
 For each layer ``i`` and ``kind`` in (key, value), the graph input ``past_key_values.{i}.{kind}`` is
-replaced by seven segment inputs, all **token-major** (``[tokens, batch, kv_heads, ...]``, so the host can
-feed a contiguous prefix of a preallocated buffer without a copy):
+replaced by segment inputs (only the quantized tiers the KV plan uses exist), head-major like the
+original past, with codes as 2-D rows and scales as 1-D (free reshapes on the host):
 
-====================  ========  ===============================  =====================================
-input                 dtype     shape                            holds
-====================  ========  ===============================  =====================================
-``<past>.q8``         uint8     ``[n8, B, H, D]``                int8-tier codes
-``<past>.q8s/.q8z``   fp16/u8   ``[n8, B, H, D/group]``          their scales / zero points
-``<past>.q4``         uint8     ``[n4, B, H, D/2]``              int4-tier codes (split-half nibbles)
-``<past>.q4s/.q4z``   fp16/u8   ``[n4, B, H, D/group]``          their scales / zero points
-``<past>.fp``         model fp  ``[nf, B, H, D]``                sinks + recent window, full precision
-====================  ========  ===============================  =====================================
+====================  ========  =========================  ==========================================
+input                 dtype     shape                      holds
+====================  ========  =========================  ==========================================
+``<past>.q8``         uint8     ``[B*H*n*D/g, g]``         int8-tier codes, one row per group
+``<past>.q4``         uint8     ``[B*H*n, D/2]``           int4-tier codes (split-half nibbles)
+``<past>.q{8,4}s``    fp16      ``[B*H*n*D/g]``            scale of each group (rounded up to fp16)
+``<past>.q{8,4}z``    uint8     ``[B*H*n*D/g]``            zero point of each group
+``<past>.fp``         model fp  ``[B, H, nf, D]``          sinks + recent window, full precision
+====================  ========  =========================  ==========================================
 
-A small subgraph transposes the (1-byte) codes to ``[B, H, n, D]``, unpacks nibbles with ``BitShift``,
-dequantizes with one per-row ``DequantizeLinear`` (rows = groups; ORT's blocked ``DequantizeLinear`` is
-7x slower on CPU, measured) and concatenates ``[int8 | int4 | fp]`` into a tensor with the original past
-name, so every consumer (the converter's ``Concat`` or onnxruntime-genai's ``GroupQueryAttention``) is
-untouched. ORT frees each layer's dequantized past after the layer, so at most one layer of
-dequantized past is alive at a time (plus the next layer's when the executor runs ahead).
+A few nodes per tier unpack nibbles (``BitwiseAnd``/``BitShift`` + ``Concat``), dequantize with one
+per-row ``DequantizeLinear`` (rows = groups; ORT's blocked ``DequantizeLinear`` is 7x slower on CPU,
+measured) and reshape to ``[B, H, n, D]``; ``Concat([int8 | int4 | fp], axis=2)`` produces the tensor
+with the original past name, so every consumer (the converter's ``Attention`` or onnxruntime-genai's
+``GroupQueryAttention``) is untouched. ORT releases each layer's dequantized past once its layer ran,
+so only about one layer of dequantized past is alive at a time.
 
 Each ``present.{i}.{kind}`` output is replaced by ``kvnew.{i}.{kind}``: a ``Slice`` holding only this
 step's new columns (``[B, H, T, D]``), so the host appends O(new tokens) per step.
@@ -59,32 +59,43 @@ from inferos_cli.errors import ModelError
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.runtime.modelinfo import ModelInfo
 
-REWRITE_VERSION = "3"
+REWRITE_VERSION = "6"
 NEW_FMT = "kvnew.%d.%s"
 SEGMENTS = ("q8", "q8s", "q8z", "q4", "q4s", "q4z", "fp")
 _INT64_MAX = 2**63 - 1
-_PERM_TOKEN_TO_HEAD = [1, 2, 0, 3]
 
 
 @dataclass(frozen=True)
 class RewriteSpec:
-    """What the rewritten graph needs to know: the group size and whether keys are rotated."""
+    """What the rewritten graph needs to know: the group size, whether keys are rotated, and which
+    quantized segments exist for keys and for values (bits, in feed order; unused ones are left out so
+    the graph carries no dead nodes)."""
 
     group_size: int = 32
     rotate_keys: bool = True
+    key_bits: tuple[int, ...] = (8, 4)
+    value_bits: tuple[int, ...] = (8, 4)
+
+    def bits(self, kind: str) -> tuple[int, ...]:
+        """Quantized segments of ``kind`` in feed order (8-bit first)."""
+        return tuple(sorted(self.key_bits if kind == "key" else self.value_bits, reverse=True))
 
     def digest(self) -> str:
         """Stable text for the cache hash."""
-        return f"g{self.group_size}-r{int(self.rotate_keys)}"
+        k = "".join(map(str, self.bits("key")))
+        v = "".join(map(str, self.bits("value")))
+        return f"g{self.group_size}-r{int(self.rotate_keys)}-k{k}-v{v}"
 
 
 @dataclass
 class RewriteInfo:
-    """A rewritten graph on disk and how it rotates keys."""
+    """A rewritten graph on disk, how it rotates keys, and whether it takes ``position_ids`` (then masked
+    columns may sit anywhere: eviction and ragged batches work)."""
 
     path: Path
     rotation: str  # "qk" | "host" | "none"
     note: str = ""
+    positions: bool = True
 
 
 def segment_name(info: "ModelInfo", layer: int, kind: str, segment: str) -> str:
@@ -155,7 +166,9 @@ def _set_attr(node: Any, name: str, value: Any) -> None:
 def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     """Build the rewritten ``onnx.ModelProto`` (external data references untouched).
 
-    Returns ``(model, rotation, note)``; see the module docstring for ``rotation``.
+    Returns ``(model, rotation, note)``; see the module docstring for ``rotation``. Whether the graph
+    takes ``position_ids`` (and so honours masked columns anywhere) is in its metadata
+    (``inferos.kv.positions``) and in :func:`graph_takes_positions`.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -189,13 +202,18 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     if spec.rotate_keys and h_mat is None:
         note = f"head_dim {d} is not a power of two: keys are not rotated"
 
+    # --- GQA: masks anywhere + explicit positions (eviction, ragged batches) ------------------------------
+    positions = info.has_position_ids
+    if info.uses_gqa_op:
+        positions = _gqa_positions_and_mask(model, b, pre, info, elem)
+
     # --- rotation: try the q/k path first -------------------------------------------------------------
     rotation = "none"
     if h_mat is not None:
         rotation = "host"
         h_name = b.const(h_mat.astype(np.float16 if elem == TensorProto.FLOAT16 else np.float32), "hadamard")
         if info.uses_gqa_op:
-            if _rotate_gqa(model, b, pre, before, h_name, info):
+            if _rotate_gqa(model, b, pre, before, h_name, info, "position_ids" if positions else None):
                 rotation = "qk"
         elif _rotate_attention(model, b, before, h_name, past_names, d) or _rotate_concat(
                 model, b, before, h_name, past_names):
@@ -204,10 +222,16 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
             note = "q/k after RoPE not found: keys are un-rotated per step (slower)"
 
     # --- segment inputs + dequant subgraph -------------------------------------------------------------
+    # Segments come head-major ([B, H, n, ...], what the attention op reads) with codes as 2-D rows and
+    # scales/zero points as 1-D, so a tier costs 3-7 nodes per layer and kind and no Transpose: ORT's
+    # per-node overhead and a float Transpose of the whole past cost more than the host's contiguous
+    # copy of the (1-byte) codes of a capacity buffer's prefix.
     scale_cast = elem != TensorProto.FLOAT16
     shift4 = b.const(np.array(4, dtype=np.uint8), "four")
+    low4 = b.const(np.array(15, dtype=np.uint8), "fifteen")
     rows_shape = b.const(np.array([-1, group], dtype=np.int64), "rows")
-    flat = b.const(np.array([-1], dtype=np.int64), "flat")
+    bitwise_and = _opset(model) >= 18
+    head_shape: str | None = None
     new_inputs = []
     for vi in graph.input:
         if vi.name not in past_names:
@@ -218,40 +242,41 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
         heads = dims[1].dim_value or info.num_kv_heads
         batch = dims[0].dim_param or "batch_size"
         seg = {s: segment_name(info, layer, kind, s) for s in SEGMENTS}
-        groups = d // group
-        n8, n4 = f"n_int8_{kind}", f"n_int4_{kind}"  # k8v4 stores keys and values in different tiers
-        new_inputs += [
-            helper.make_tensor_value_info(seg["q8"], TensorProto.UINT8, [n8, batch, heads, d]),
-            helper.make_tensor_value_info(seg["q8s"], TensorProto.FLOAT16, [n8, batch, heads, groups]),
-            helper.make_tensor_value_info(seg["q8z"], TensorProto.UINT8, [n8, batch, heads, groups]),
-            helper.make_tensor_value_info(seg["q4"], TensorProto.UINT8, [n4, batch, heads, d // 2]),
-            helper.make_tensor_value_info(seg["q4s"], TensorProto.FLOAT16, [n4, batch, heads, groups]),
-            helper.make_tensor_value_info(seg["q4z"], TensorProto.UINT8, [n4, batch, heads, groups]),
-            helper.make_tensor_value_info(seg["fp"], elem, ["n_fp", batch, heads, d]),
-        ]
+        if head_shape is None:  # [B, H, -1, D] for every layer, B from the attention mask
+            bsz = b.node(pre, "Shape", ["attention_mask"], start=0, end=1)
+            head_shape = b.node(pre, "Concat", [bsz, b.const(np.array([heads, -1, d], dtype=np.int64), "hd")], axis=0)
         parts = []
-        for tier in ("q8", "q4"):
-            codes = b.node(pre, "Transpose", [seg[tier]], perm=_PERM_TOKEN_TO_HEAD)
-            if tier == "q4":  # split-half nibbles: low = element j, high = element j + D/2
-                hi = b.node(pre, "BitShift", [codes, shift4], direction="RIGHT")
-                lo = b.node(pre, "BitShift", [b.node(pre, "BitShift", [codes, shift4], direction="LEFT"), shift4],
-                            direction="RIGHT")
-                codes = b.node(pre, "Concat", [lo, hi], axis=-1)
-            scale = b.node(pre, "Transpose", [seg[tier + "s"]], perm=_PERM_TOKEN_TO_HEAD)
-            if scale_cast:
-                scale = b.node(pre, "Cast", [scale], to=elem)
-            zero = b.node(pre, "Transpose", [seg[tier + "z"]], perm=_PERM_TOKEN_TO_HEAD)
-            deq = b.node(pre, "DequantizeLinear", [
-                b.node(pre, "Reshape", [codes, rows_shape]),
-                b.node(pre, "Reshape", [scale, flat]),
-                b.node(pre, "Reshape", [zero, flat]),
-            ], axis=0)
-            deq = b.node(pre, "Reshape", [deq, b.node(pre, "Shape", [codes])], allowzero=1)  # 0 tokens stay 0
+        for bits in spec.bits(kind):
+            tier = f"q{bits}"
+            rows = f"rows{bits}_{kind}"  # k8v4 stores keys and values in different tiers
+            if bits == 8:
+                new_inputs.append(helper.make_tensor_value_info(seg[tier], TensorProto.UINT8, [rows, group]))
+                codes = seg[tier]
+            else:  # split-half nibbles: low = element j, high = element j + D/2
+                new_inputs.append(helper.make_tensor_value_info(seg[tier], TensorProto.UINT8, [f"heads4_{kind}", d // 2]))
+                hi = b.node(pre, "BitShift", [seg[tier], shift4], direction="RIGHT")
+                if bitwise_and:
+                    lo = b.node(pre, "BitwiseAnd", [seg[tier], low4])
+                else:
+                    lo = b.node(pre, "BitShift", [b.node(pre, "BitShift", [seg[tier], shift4], direction="LEFT"),
+                                                  shift4], direction="RIGHT")
+                codes = b.node(pre, "Reshape", [b.node(pre, "Concat", [lo, hi], axis=-1), rows_shape])
+            new_inputs += [
+                helper.make_tensor_value_info(seg[tier + "s"], TensorProto.FLOAT16, [rows]),
+                helper.make_tensor_value_info(seg[tier + "z"], TensorProto.UINT8, [rows]),
+            ]
+            scale = b.node(pre, "Cast", [seg[tier + "s"]], to=elem) if scale_cast else seg[tier + "s"]
+            deq = b.node(pre, "DequantizeLinear", [codes, scale, seg[tier + "z"]], axis=0)
+            deq = b.node(pre, "Reshape", [deq, head_shape])
             if kind == "key" and rotation == "host":
                 deq = b.node(pre, "MatMul", [deq, b.const(h_mat.T.astype(np.float32 if scale_cast else np.float16))])
             parts.append(deq)
-        parts.append(b.node(pre, "Transpose", [seg["fp"]], perm=_PERM_TOKEN_TO_HEAD))
-        b.node(pre, "Concat", parts, outputs=[vi.name], axis=2)
+        new_inputs.append(helper.make_tensor_value_info(seg["fp"], elem, [batch, heads, "n_fp", d]))
+        parts.append(seg["fp"])
+        if len(parts) > 1:
+            b.node(pre, "Concat", parts, outputs=[vi.name], axis=2)
+        else:
+            b.node(pre, "Identity", parts, outputs=[vi.name])
 
     # --- present outputs -> this step's new columns ---------------------------------------------------
     present = {info.present_key_fmt % i: (i, "key") for i in range(info.num_layers)}
@@ -260,13 +285,13 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     post: list[Any] = []
     axis2 = b.const(np.array([2], dtype=np.int64), "axis2")
     end = b.const(np.array([_INT64_MAX], dtype=np.int64), "end")
+    start = b.node(post, "Sub", [b.node(post, "Shape", ["attention_mask"], start=1, end=2),
+                                 b.node(post, "Shape", ["input_ids"], start=1, end=2)])
     for vo in graph.output:
         if vo.name not in present:
             new_outputs.append(vo)
             continue
         layer, kind = present[vo.name]
-        past = (info.past_key_fmt if kind == "key" else info.past_value_fmt) % layer
-        start = b.node(post, "Shape", [past], start=2, end=3)
         out = new_output_name(layer, kind)
         b.node(post, "Slice", [vo.name, start, end, axis2], outputs=[out])
         dims = vo.type.tensor_type.shape.dim
@@ -289,7 +314,8 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
         model.ir_version = 10
     if not any(i.domain == "com.microsoft" for i in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    meta = {"inferos.kv.rewrite": REWRITE_VERSION, "inferos.kv.rotation": rotation, "inferos.kv.spec": spec.digest()}
+    meta = {"inferos.kv.rewrite": REWRITE_VERSION, "inferos.kv.rotation": rotation, "inferos.kv.spec": spec.digest(),
+            "inferos.kv.positions": "1" if positions else "0"}
     for key, value in meta.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
@@ -390,10 +416,57 @@ def _rotate_attention(model: Any, b: _Builder, before: dict[int, list[Any]], h_n
     return True
 
 
+def _gqa_positions_and_mask(model: Any, b: _Builder, pre: list[Any], info: "ModelInfo", elem: int) -> bool:
+    """Make ``GroupQueryAttention`` graphs honour masked columns anywhere and explicit positions.
+
+    GQA normally derives each row's length from the attention-mask row sum (so every row must be
+    right-padded, and evicting a token would shift the positions of later ones). Here every GQA node gets
+    ``seqlens_k = total - 1`` for all rows (new keys land in the last columns, like a concat), an
+    ``attention_bias`` of 0 / -inf built from ``attention_mask`` (padding and evicted columns anywhere),
+    and the graph gains a ``position_ids`` input that GQA's rotary embedding uses (the engine feeds each
+    row's true positions). Checked on onnxruntime 1.31 CPU: a masked column in the middle of the past
+    with explicit positions gives the same output as the past without it (max error 1.2e-7)."""
+    graph = model.graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    names = {i.name for i in graph.input}
+    if not gqa or "attention_mask" not in names or "input_ids" not in names:
+        return False
+    for node in gqa:
+        extra = list(node.input[9:])
+        if any(extra):
+            return False  # the graph already feeds position ids / a bias: leave it alone
+    from onnx import TensorProto, helper
+
+    if "position_ids" not in names:
+        graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                         ["batch_size", "sequence_length"]))
+    total = b.node(pre, "Shape", ["attention_mask"], start=1, end=2)
+    bsz = b.node(pre, "Shape", ["attention_mask"], start=0, end=1)
+    seqlen = b.node(pre, "Shape", ["input_ids"], start=1, end=2)
+    one = b.const(np.array([1], dtype=np.int64), "one1")
+    seqlens = b.node(pre, "Cast", [b.node(pre, "Expand", [b.node(pre, "Sub", [total, one]), bsz])], to=TensorProto.INT32)
+    np_float = np.float16 if elem == TensorProto.FLOAT16 else np.float32
+    allowed = b.node(pre, "Cast", ["attention_mask"], to=TensorProto.BOOL)
+    bias = b.node(pre, "Where", [allowed, b.const(np.array(0, dtype=np_float), "zero_f"),
+                                 b.const(np.array(np.finfo(np_float).min, dtype=np_float), "neg_f")])
+    bias = b.node(pre, "Unsqueeze", [bias, b.const(np.array([1, 2], dtype=np.int64), "axes12")])
+    shape = b.node(pre, "Concat", [bsz, one, seqlen, total], axis=0)
+    bias = b.node(pre, "Expand", [bias, shape])  # [B, 1, T, total]
+    for node in gqa:
+        ins = list(node.input) + [""] * max(0, 11 - len(node.input))
+        ins[5] = seqlens
+        ins[9] = "position_ids" if _attr(node, "do_rotary", 0) == 1 else ""
+        ins[10] = bias
+        del node.input[:]
+        node.input.extend(ins)
+    return True
+
+
 def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], h_name: str,
-                info: "ModelInfo") -> bool:
+                info: "ModelInfo", pos_name: str | None = None) -> bool:
     """``GroupQueryAttention`` graphs: apply RoPE outside the op, rotate q and k by ``H``, run GQA with
-    ``do_rotary=0``. Positions are GQA's own: ``CumSum(attention_mask) - 1`` at the new tokens."""
+    ``do_rotary=0``. Positions: ``pos_name`` (the graph's ``position_ids``) when given, else GQA's own
+    derivation, ``CumSum(attention_mask) - 1`` at the new tokens."""
     graph = model.graph
     gqa = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "GroupQueryAttention"]
     if not gqa or "attention_mask" not in info.input_names or "input_ids" not in info.input_names:
@@ -401,18 +474,18 @@ def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[
     for _, node in gqa:
         if _attr(node, "do_rotary", 0) != 1 or len(node.input) < 9 or not node.input[7] or not node.input[8]:
             return False
-        if len(node.input) > 9 and node.input[9]:
+        if pos_name is None and len(node.input) > 9 and node.input[9]:
             return False  # explicit position_ids: leave it alone
     d = info.head_dim
-    # positions of the new tokens: CumSum(mask)-1, last T columns, clamped at 0
-    mask_i64 = "attention_mask"
-    cum = b.node(pre, "CumSum", [mask_i64, b.const(np.array(1, dtype=np.int64), "axis1")])
-    pos_all = b.node(pre, "Sub", [cum, b.const(np.array(1, dtype=np.int64), "one")])
-    t = b.node(pre, "Shape", ["input_ids"], start=1, end=2)
-    neg_t = b.node(pre, "Neg", [t])
-    pos = b.node(pre, "Slice", [pos_all, neg_t, b.const(np.array([_INT64_MAX], dtype=np.int64), "end"),
-                                b.const(np.array([1], dtype=np.int64), "axis1v")])
-    pos = b.node(pre, "Max", [pos, b.const(np.array(0, dtype=np.int64), "zero")])
+    if pos_name is not None:
+        pos = pos_name
+    else:  # positions of the new tokens: CumSum(mask)-1, last T columns, clamped at 0
+        cum = b.node(pre, "CumSum", ["attention_mask", b.const(np.array(1, dtype=np.int64), "axis1")])
+        pos_all = b.node(pre, "Sub", [cum, b.const(np.array(1, dtype=np.int64), "one")])
+        neg_t = b.node(pre, "Neg", [b.node(pre, "Shape", ["input_ids"], start=1, end=2)])
+        pos = b.node(pre, "Slice", [pos_all, neg_t, b.const(np.array([_INT64_MAX], dtype=np.int64), "end"),
+                                    b.const(np.array([1], dtype=np.int64), "axis1v")])
+        pos = b.node(pre, "Max", [pos, b.const(np.array(0, dtype=np.int64), "zero")])
     heads_shape = b.const(np.array([0, 0, -1, d], dtype=np.int64), "heads")
     merge_shape = b.const(np.array([0, 0, -1], dtype=np.int64), "merge")
     for idx, node in gqa:
@@ -434,6 +507,8 @@ def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[
         new_inputs = list(node.input)
         new_inputs[0], new_inputs[1], new_inputs[2] = rope_rot(q), rope_rot(k), v
         new_inputs[7] = new_inputs[8] = ""
+        if len(new_inputs) > 9:
+            new_inputs[9] = ""  # RoPE already applied
         while new_inputs and not new_inputs[-1]:
             new_inputs.pop()
         del node.input[:]
@@ -480,12 +555,14 @@ def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     for candidate in (beside, elsewhere):
         if candidate.is_file():
             meta = {p.key: p.value for p in onnx.load(str(candidate), load_external_data=False).metadata_props}
-            return RewriteInfo(candidate, meta.get("inferos.kv.rotation", "none"), "")
+            return RewriteInfo(candidate, meta.get("inferos.kv.rotation", "none"), "",
+                               meta.get("inferos.kv.positions", "1") == "1")
     model, rotation, note = rewrite_model(info, spec)
+    positions = {p.key: p.value for p in model.metadata_props}.get("inferos.kv.positions") == "1"
     data = model.SerializeToString()
     if _writable(src.parent):
         paths.atomic_write_bytes(beside, data)
-        return RewriteInfo(beside, rotation, note)
+        return RewriteInfo(beside, rotation, note, positions)
     target = elsewhere.parent
     target.mkdir(parents=True, exist_ok=True)
     copied = []
@@ -506,4 +583,4 @@ def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     if copied:
         extra = f"model folder is read-only: weights copied to {target}"
         note = f"{note}; {extra}" if note else extra
-    return RewriteInfo(elsewhere, rotation, note)
+    return RewriteInfo(elsewhere, rotation, note, positions)

@@ -204,7 +204,9 @@ class AutoTuner:
                 cc = self.calibrate(cand)
                 return self._adopt(cand, f"delta_ppl_est {cal.delta_ppl:.4f} > max_delta_ppl {budget}: loosened "
                                    f"(candidate measured {cc.delta_ppl:.4f})", cal, cc)
-            self.pressure.update()
+            update = getattr(self.pressure, "update", None)
+            if update is not None:
+                update()
             level = self.pressure.level()
             if level >= PRESSURE_HIGH and cal.delta_ppl < budget / 2:
                 cand = tighten(policy)
@@ -281,3 +283,21 @@ def _default_text() -> str:
     if path and Path(path).is_file():
         return Path(path).read_text(encoding="utf-8")[:20000]
     return DEFAULT_CALIBRATION
+
+
+def tune_for_run(info: Any, resolved: Any, *, target_tps: float | None = None, max_steps: int = 4,
+                 pressure: Any = None) -> tuple[Policy, list[dict[str, Any]]]:
+    """`run --auto-tune`: before a one-shot run, step the tuner until it takes no decision (at most
+    ``max_steps``); returns the tuned policy and every decision with its reason and measurements."""
+    from inferos_cli.runtime.service import InferenceService
+
+    service = InferenceService(info, resolved, use_batcher=False, snapshot_interval_s=3600.0)
+    try:
+        tuner = AutoTuner(service, target_tps=target_tps, pressure=pressure)
+        for _ in range(max_steps):
+            if tuner.step()["action"] != "adopt":
+                break
+        decisions = [h for h in service.history if h.get("type") == "decision"]
+        return service.configured_policy, decisions
+    finally:
+        service.close()

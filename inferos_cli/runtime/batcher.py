@@ -294,6 +294,9 @@ class ContinuousBatcher:
             else:
                 assert cache is not None
                 cache.select(keep)
+                compact = getattr(cache, "compact", None)
+                if callable(compact):  # drop padding columns no remaining row needs (left-padded caches)
+                    compact()
 
     def _decode_step(self) -> None:
         eng = self.engine

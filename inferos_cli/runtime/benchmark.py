@@ -527,6 +527,7 @@ class BenchResult:
     finished: str = ""
     wall_s: float | None = None
     rss_method: str = ""
+    complete: bool = False
 
     def cell(self, batch: int, seq: int, config: str) -> CellResult | None:
         """The row of one config in one cell."""
@@ -563,6 +564,7 @@ class BenchResult:
         """The whole result as plain JSON data (schema in benchmarks/README.md)."""
         return {
             "schema": SCHEMA,
+            "complete": self.complete,
             "started": self.started,
             "finished": self.finished,
             "wall_s": self.wall_s,
@@ -581,6 +583,7 @@ class BenchResult:
             },
             "configs": [c.to_json() for c in self.configs],
             "reference": self.reference(),
+            "rss_method": self.rss_method or _rss_method_from(self),
             "skipped": self.skipped,
             "order": self.order,
             "rows": self.rows(),
@@ -617,9 +620,12 @@ def run_bench(
     config_path: Path | None = None,
     strict_devices: bool = False,
     on_progress: Callable[[Progress], None] | None = None,
+    on_cell: Callable[[BenchResult], None] | None = None,
     runner_factory: Callable[..., Runner] | None = None,
 ) -> BenchResult:
-    """Run the whole grid, interleaved, and return every sample."""
+    """Run the whole grid, interleaved, and return every sample. ``on_cell`` sees the partial result
+    after each cell (``complete`` False until the end), e.g. to save it so an interrupted run keeps
+    what it measured."""
     started = time.perf_counter()
     result = BenchResult(
         host=host_record(info), grid=grid, configs=configs, text=str(text_path),
@@ -683,6 +689,8 @@ def run_bench(
             for runner in runners.values():
                 runner.close()
         result.cells.extend(rows[spec.name] for spec in live)
+        if on_cell:
+            on_cell(result)
         if on_progress:
             on_progress(Progress(done, total, None, f"batch {batch} seq {seq} done", time.perf_counter() - started,
                                  cell_done=(batch, seq)))
@@ -690,6 +698,7 @@ def run_bench(
         result.rss_method = _rss_method_from(result)
     result.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
     result.wall_s = round(time.perf_counter() - started, 3)
+    result.complete = True
     try:
         import psutil
 

@@ -43,6 +43,24 @@ META_FILE = "inferos.json"
 ProgressFn = Callable[[str, int, int], None]
 
 
+ATTENTION_OP_MIN_ORT = (1, 24)  # ONNX Attention-23 on CPU: 1.23 added it, 1.23.x fixed GQA; be conservative
+
+
+def default_attention() -> str:
+    """``"op"`` (ONNX Attention, opset 23) when the installed onnxruntime runs it, else ``"plain"``."""
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return "plain"
+    for dist in ("onnxruntime", "onnxruntime-directml", "onnxruntime-gpu"):
+        try:
+            parts = version(dist).split(".")[:2]
+            return "op" if tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts) >= ATTENTION_OP_MIN_ORT else "plain"
+        except (PackageNotFoundError, ValueError):
+            continue
+    return "plain"
+
+
 # ------------------------------------------------------------------------------------------------ hashing
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file, read in chunks (large files never sit in memory)."""
@@ -279,8 +297,8 @@ def hf_weights(tensors: dict[str, np.ndarray], spec: DecoderSpec, dtype: str,
 
 
 def convert_hf_folder(src: Path | str, dst: Path | str, dtype: str = "fp32", *, name: str | None = None,
-                      attention: str = "op", accuracy_level: int | None = None,
-                      progress: ProgressFn | None = None) -> Path:
+                      attention: str | None = None, accuracy_level: int | None = None,
+                      extra_meta: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> Path:
     """Convert a Hugging Face safetensors folder to an inferos ONNX folder at ``dst``; returns ``dst``.
 
     ``accuracy_level`` is MatMulNBits' compute precision for int8/int4 (default 4: int8 activations, ORT's
@@ -302,7 +320,7 @@ def convert_hf_folder(src: Path | str, dst: Path | str, dtype: str = "fp32", *, 
     source_hash = _folder_digest(src)
     return write_model_folder(spec, weights, dst, name=name or src.name, source=str(src.resolve()),
                               source_sha256=source_hash, dtype=dtype, tokenizer_files=tokenizer_files,
-                              progress=progress, attention=attention,
+                              progress=progress, attention=attention, extra_meta=extra_meta,
                               accuracy_level=accuracy_level if accuracy_level is not None
                               else 4 if dtype in ("int4", "int8") else 0)
 
@@ -330,8 +348,8 @@ def _hf_tokenizer_files(src: Path) -> dict[str, str | bytes]:
 
 # ------------------------------------------------------------------------------------------------ GGUF files
 def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *, name: str | None = None,
-                 source_sha256: str | None = None, accuracy_level: int | None = None, attention: str = "op",
-                 progress: ProgressFn | None = None) -> Path:
+                 source_sha256: str | None = None, accuracy_level: int | None = None, attention: str | None = None,
+                 extra_meta: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> Path:
     """Convert a llama.cpp GGUF file to an inferos ONNX folder at ``dst``; returns ``dst``.
 
     ``dtype`` None keeps the file's own blocks (Q4_0/Q4_1 -> 4-bit, Q8_0 -> 8-bit ``MatMulNBits``, floats as
@@ -357,7 +375,7 @@ def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *,
     return write_model_folder(
         spec, weights, dst, name=name or path.stem, source=str(path.resolve()),
         source_sha256=source_sha256 or sha256_file(path), dtype=dtype or "native", tokenizer_files=files,
-        extra_meta={"gguf_file_type": _file_types(reader)}, progress=progress,
+        extra_meta={"gguf_file_type": _file_types(reader), **(extra_meta or {})}, progress=progress,
         accuracy_level=level, attention=attention,
     )
 
@@ -404,10 +422,11 @@ def hf_config(spec: DecoderSpec) -> dict[str, Any]:
 def write_model_folder(spec: DecoderSpec, weights: DecoderWeights, dst: Path, *, name: str, source: str,
                        source_sha256: str | None, dtype: str, tokenizer_files: dict[str, str | bytes],
                        extra_meta: dict[str, Any] | None = None, progress: ProgressFn | None = None,
-                       accuracy_level: int = 0, attention: str = "op") -> Path:
+                       accuracy_level: int = 0, attention: str | None = None) -> Path:
     """Write the whole converted folder atomically (temp dir + rename) and its manifest."""
     from inferos_cli.paths import atomic_dir
 
+    attention = attention or default_attention()
     with atomic_dir(dst) as tmp:
         if progress:
             progress("write", 0, 1)

@@ -384,16 +384,21 @@ class DecoderBuilder:
             self._block_sums[x] = self.w.op("MatMul", x, key)
         return self._block_sums[x]
 
-    def fused_linear(self, x: str, parts: list[Weight], name: str, biases: list[np.ndarray | None]) -> list[str]:
-        """One matmul over row-stacked weights, split back; separate matmuls when storages differ."""
+    def fused_linear(self, x: str, parts: list[Weight], name: str, biases: list[np.ndarray | None],
+                     reshape: str | None = None) -> list[str]:
+        """One matmul over row-stacked weights, split back (optionally reshaped first, once, before the
+        split); separate matmuls when storages differ."""
         sizes = [p.shape[0] for p in parts]
         fused = concat_rows(parts)
         if fused is None:
-            return [self.linear(x, p, f"{name}.{i}", b) for i, (p, b) in enumerate(zip(parts, biases))]
+            outs = [self.linear(x, p, f"{name}.{i}", b) for i, (p, b) in enumerate(zip(parts, biases))]
+            return [self.w.op("Reshape", o, reshape) for o in outs] if reshape else outs
         bias = None
         if any(b is not None for b in biases):
             bias = np.concatenate([b if b is not None else np.zeros(s, np.float32) for b, s in zip(biases, sizes)])
         y = self.linear(x, fused, name, bias)
+        if reshape:
+            y = self.w.op("Reshape", y, reshape)
         return self.w.node("Split", [y, self.w.const(sizes)], n_out=len(parts), axis=-1)
 
     # -- whole graph --------------------------------------------------------------------------------
@@ -450,9 +455,8 @@ class DecoderBuilder:
         """Self-attention of layer ``i`` on the normed 2-D input; returns the 2-D context before o_proj."""
         w, spec = self.w, self.spec
         heads, kvh, d, g = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.groups
-        qkv = self.fused_linear(x, [layer.q, layer.k, layer.v], f"layers.{i}.qkv",
-                                [layer.q_bias, layer.k_bias, layer.v_bias])
-        q, k, v = (w.op("Reshape", t, self.bt_shape) for t in qkv)  # [B, T, n*d]
+        q, k, v = self.fused_linear(x, [layer.q, layer.k, layer.v], f"layers.{i}.qkv",
+                                    [layer.q_bias, layer.k_bias, layer.v_bias], reshape=self.bt_shape)  # [B, T, n*d]
         q = w.op("RotaryEmbedding", q, "position_ids", *self.rope, domain="com.microsoft")
         k = w.op("RotaryEmbedding", k, "position_ids", *self.rope, domain="com.microsoft")
         past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"

@@ -154,15 +154,18 @@ class _Acc:
 
 
 def load_engines(model: str | None, configs: list[str], threads: int | None,
-                 info: "ModelInfo | None" = None) -> tuple["ModelInfo", list["Engine"]]:
-    """One engine per configuration, all on the same resolved model."""
+                 info: "ModelInfo | None" = None,
+                 flags: dict[str, Any] | None = None) -> tuple["ModelInfo", list["Engine"]]:
+    """One engine per configuration, all on the same resolved model; ``flags`` (nested policy values,
+    e.g. a KV budget) apply to every configuration except ``baseline``."""
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.runtime.engine import Engine, resolve_model_info
 
     info = info or resolve_model_info(model, progress=True)
     engines = []
     for cfg in configs:
-        resolved = resolve_settings(profile_of(cfg), param_count=info.param_count)
+        resolved = resolve_settings(profile_of(cfg), param_count=info.param_count,
+                                    flags=None if cfg == BASELINE else flags)
         engines.append(Engine(info, resolved, threads=threads))
     return info, engines
 
@@ -187,10 +190,11 @@ def run_eval(
     threads: int | None = None,
     measure_rss: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    flags: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Score every configuration of ``compare`` on the same windows of ``text`` (see module doc)."""
     configs = parse_compare(compare)
-    info, engines = load_engines(model, configs, threads)
+    info, engines = load_engines(model, configs, threads, flags=flags)
     if ctx > info.context_length:
         raise UsageError(f"--ctx {ctx} exceeds the model's context of {info.context_length} tokens",
                          f"use --ctx {info.context_length} or less")
@@ -252,7 +256,7 @@ def run_eval(
         rss_note = (f"highest RSS sampled after each step of a fresh process running the first window "
                     f"({len(windows[0])} tokens) alone; model loading peaks are excluded")
         for res in results:
-            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads)
+            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads, flags)
     return EvalReport(model=info.name, text=str(text), ctx=ctx, prefix=prefix, tokens_scored=total,
                       windows=len(windows), results=results, rss_note=rss_note)
 
@@ -273,9 +277,11 @@ def peak_rss_bytes() -> int | None:
             return None
 
 
-def rss_probe(model: str, config: str, window: list[int], prefix: int, threads: int | None) -> float | None:
+def rss_probe(model: str, config: str, window: list[int], prefix: int, threads: int | None,
+              flags: dict[str, Any] | None = None) -> float | None:
     """Peak RSS (MiB) of a fresh subprocess that runs ``window`` teacher-forced with ``config``."""
-    args = {"model": model, "config": config, "window": window, "prefix": prefix, "threads": threads}
+    args = {"model": model, "config": config, "window": window, "prefix": prefix, "threads": threads,
+            "flags": flags}
     try:
         proc = subprocess.run([sys.executable, "-m", "inferos_cli.runtime.evaluate"], input=json.dumps(args),
                               capture_output=True, text=True, timeout=1800, check=False)
@@ -296,7 +302,7 @@ def _probe_main() -> int:
     from inferos_cli.runtime.modelinfo import inspect_folder
 
     info = inspect_folder(Path(args["model"]))
-    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info)
+    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info, flags=args.get("flags"))
     eng = engines[0]
     win, prefix = args["window"], int(args["prefix"])
     import psutil

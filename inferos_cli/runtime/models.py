@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 from inferos_cli import paths
 from inferos_cli.errors import ModelError, ModelNotFoundError
-from inferos_cli.runtime.convert import DTYPES, META_FILE, ProgressFn, check_dtype, check_manifest, remove_tree
+from inferos_cli.runtime.convert import CONVERTER_VERSION, META_FILE, ProgressFn, check_dtype, check_manifest, remove_tree
 from inferos_cli.runtime.modelinfo import ModelInfo, find_onnx, inspect_folder
 
 
@@ -100,7 +100,11 @@ def cache_problems(folder: Path) -> list[str]:
     """Why a cached folder cannot be used ([] when its manifest sizes check out)."""
     if not folder.is_dir():
         return ["missing"]
-    return check_manifest(folder)
+    problems = check_manifest(folder)
+    version = _meta(folder).get("converter_version")
+    if not problems and version != CONVERTER_VERSION:
+        problems.append(f"converted by converter version {version}, this inferos writes {CONVERTER_VERSION}")
+    return problems
 
 
 def _usable(folder: Path) -> bool:
@@ -109,16 +113,19 @@ def _usable(folder: Path) -> bool:
 
 # ------------------------------------------------------------------------------------------------ conversion
 def _convert_gguf_into(src: Path, folder: Path, dtype: str | None, name: str, progress: ProgressFn | None,
-                       sha256: str | None = None) -> None:
+                       sha256: str | None = None, alias: str | None = None) -> None:
     from inferos_cli.runtime.convert import convert_gguf
 
-    convert_gguf(src, folder, dtype=dtype, name=name, source_sha256=sha256, progress=progress)
+    request = {"kind": "alias" if alias else "gguf", "alias": alias, "dtype": dtype}
+    convert_gguf(src, folder, dtype=dtype, name=name, source_sha256=sha256, progress=progress,
+                 extra_meta={"request": request})
 
 
 def _convert_hf_into(src: Path, folder: Path, dtype: str | None, name: str, progress: ProgressFn | None) -> None:
     from inferos_cli.runtime.convert import convert_hf_folder
 
-    convert_hf_folder(src, folder, dtype=dtype or "fp32", name=name, progress=progress)
+    convert_hf_folder(src, folder, dtype=dtype or "fp32", name=name, progress=progress,
+                      extra_meta={"request": {"kind": "hf", "alias": None, "dtype": dtype}})
 
 
 def _local_cache_folder(src: Path, dtype: str | None, kind: str) -> tuple[str, Path]:
@@ -159,10 +166,12 @@ def pull(name: str | None, *, dtype: str | None = None, force: bool = False, pro
         if not problems:
             return PullResult(spec, cached, "cached", inspect_folder(cached, name=spec), [])
         meta = _meta(cached)
+        request = meta.get("request") or {}
         source = Path(meta.get("source", ""))
-        if meta.get("source") and source.exists():
-            result = _pull_path(source, meta.get("dtype") if meta.get("dtype") in DTYPES else None, True, progress)
-            return result
+        if request.get("alias") and registry.get(request["alias"]):
+            return pull(request["alias"], dtype=request.get("dtype"), force=True, progress=progress)
+        if meta.get("source") and source.exists() and request:
+            return _pull_path(source, request.get("dtype"), True, progress)
         raise ModelError(f"cached model {spec} is damaged ({problems[0]}) and its source is gone",
                          f"delete {cached} and pull it again")
     if alias is None:
@@ -174,7 +183,7 @@ def pull(name: str | None, *, dtype: str | None = None, force: bool = False, pro
 
         def build() -> None:
             gguf = fetch(alias, progress=cb)
-            _convert_gguf_into(gguf, folder, dtype or alias.dtype, alias.cache_name(dtype), cb, alias.sha256)
+            _convert_gguf_into(gguf, folder, dtype or alias.dtype, alias.cache_name(dtype), cb, alias.sha256, alias.name)
 
         action = _ensure_converted(folder, build, force=force)
     return PullResult(folder.name, folder, action, inspect_folder(folder, name=folder.name), [])

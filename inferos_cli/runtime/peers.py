@@ -224,11 +224,16 @@ class LemonadePeer(Runner):
         }
 
     def _stats(self) -> dict[str, Any] | None:
-        try:
-            data = _get_json(self.url + "/stats", 5.0)
-        except (urllib.error.URLError, OSError, ValueError):
-            return None
-        return data if isinstance(data, dict) else None
+        """The server's ``GET /stats`` after a run (two tries, 15 s each), None when it has none."""
+        for _ in range(2):
+            try:
+                data = _get_json(self.url + "/stats", 15.0)
+            except urllib.error.HTTPError:
+                return None
+            except (urllib.error.URLError, OSError, ValueError):
+                continue
+            return data if isinstance(data, dict) else None
+        return None
 
     def _stream(self, text: str, gen_tokens: int) -> dict[str, Any]:
         body: dict[str, Any] = {

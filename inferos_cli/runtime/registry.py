@@ -218,18 +218,57 @@ def fetch_hf(alias: Alias, *, progress: ProgressFn | None = None) -> Path:
     except ImportError:
         raise NetworkError(f"{alias.name} is fetched from Hugging Face ({alias.repo}), which needs huggingface_hub",
                            f"pip install 'inferos[hub]', or {fix}") from None
+    cache_dir = str(downloads_dir() / "hf")
+    try:  # already downloaded: no network needed
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo_id=str(alias.repo), filename=str(alias.file), cache_dir=cache_dir)
+        if isinstance(cached, str) and Path(cached).is_file():
+            return Path(cached)
+    except ImportError:
+        pass
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() not in ("1", "true", "yes") and not _hub_reachable():
+        raise NetworkError(f"cannot download {alias.repo}/{alias.file}: the Hugging Face Hub is not reachable "
+                           "from this machine", fix)
     if progress:
         progress(f"download {alias.repo}/{alias.file}", 0, 1)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(HF_TIMEOUT_S))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(HF_TIMEOUT_S))
+    import logging
+
+    logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
-        local = hf_hub_download(repo_id=str(alias.repo), filename=str(alias.file), cache_dir=str(downloads_dir() / "hf"))
+        local = hf_hub_download(repo_id=str(alias.repo), filename=str(alias.file), cache_dir=cache_dir)
     except Exception as exc:  # offline, DNS, 401/404, timeouts: all one line
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise NetworkError(f"cannot download {alias.repo}/{alias.file} from Hugging Face: {reason[:160]}", fix) from None
+        raise NetworkError(f"cannot download {alias.repo}/{alias.file} from Hugging Face: {_hf_reason(exc)}", fix) from None
     if progress:
         progress(f"download {alias.repo}/{alias.file}", 1, 1)
     return Path(local)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check of the Hub endpoint (``HF_ENDPOINT`` or huggingface.co) before a long retry loop."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _hf_reason(exc: Exception) -> str:
+    """A short reason for a failed Hugging Face download."""
+    kind = type(exc).__name__
+    if kind in ("LocalEntryNotFoundError", "OfflineModeIsEnabled") or os.environ.get("HF_HUB_OFFLINE") in ("1", "true"):
+        return "the Hub is unreachable or offline mode is on, and the file is not in the local cache"
+    if kind in ("RepositoryNotFoundError", "GatedRepoError", "EntryNotFoundError", "RemoteEntryNotFoundError"):
+        return f"{kind} (the repository or file is missing or gated)"
+    text = " ".join(str(exc).split())
+    return f"{kind}: {text[:120]}" if text else kind
 
 
 def unknown(name: str, registry: Registry) -> ModelNotFoundError:

@@ -125,7 +125,6 @@ def build_sessions(
         ps_prefill = ps
         notes.extend(ps.notes)
     else:
-        both_cpu_pools = True  # decided after opening: spinning only matters for two CPU pools
         ps_prefill = open_session(
             onnx_path, policy, "prefill", pre_dev, threads=sch.prefill_threads or threads, strict=strict,
             allow_spinning=False,
@@ -134,9 +133,11 @@ def build_sessions(
             onnx_path, policy, "decode", dec_dev, threads=sch.decode_threads or threads, strict=strict,
             allow_spinning=False,
         )
-        both_cpu_pools = ps_prefill.device == "cpu" and ps.device == "cpu"
-        if both_cpu_pools:
-            notes.append("two CPU sessions (hybrid on this machine): KV handed across on the host")
+        if ps_prefill.device == "cpu" and ps.device == "cpu":
+            notes.append(
+                "two CPU sessions (hybrid on this machine): KV handed across on the host; "
+                "each session holds its own copy of the weights"
+            )
         notes.extend(n for n in ps_prefill.notes + ps.notes if n not in notes)
     if ps.iobinding:
         notes.append("IOBinding on")

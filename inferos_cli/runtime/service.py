@@ -324,6 +324,14 @@ class InferenceService:
             except ImportError:
                 self._batchers[key] = None
                 return None
+            if self.info.uses_gqa_op and policy.kv.enabled:
+                # kv/cache.py: the segmented cache cannot merge rows of different lengths on a
+                # GroupQueryAttention graph, so a batcher would fail at the second admission: queue instead
+                self._batchers[key] = None
+                self.record_decision("batcher", "requests are queued, not batched: the segmented KV cache cannot "
+                                     "batch rows of different lengths on a GroupQueryAttention graph "
+                                     "(use --profile baseline to batch this model)")
+                return None
             try:
                 batcher = ContinuousBatcher(self.engine(policy), self.max_batch)
             except InferosError:

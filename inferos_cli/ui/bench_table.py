@@ -103,8 +103,9 @@ def title(snapshot: dict[str, Any]) -> str:
     grid = snapshot["grid"]
     model = (snapshot["host"].get("model") or {}).get("name", "?")
     ref = snapshot.get("reference")
+    partial = "" if snapshot.get("complete", True) else " [PARTIAL: interrupted or still running]"
     return (f"inferos bench: {model}, {grid['gen_tokens']} generated tokens, {grid['repeats']} repeats "
-            f"(+{grid['warmup']} warmup), mean ± sd" + (f", (xR) = ratio vs {ref}" if ref else ""))
+            f"(+{grid['warmup']} warmup), mean ± sd" + (f", (xR) = ratio vs {ref}" if ref else "") + partial)
 
 
 def host_line(snapshot: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Any, Callable, Iterator, Literal, TextIO
 
 from rich.console import Console, Group
@@ -70,6 +71,13 @@ def consume(
         if close is not None:
             close()
         snap.finish_reason = "interrupted"
+        if mode == "json":  # the stream was cut before its done event: close it with one
+            last = Event(kind="done", t=time.perf_counter(), prompt_tokens=snap.prompt_tokens,
+                         generated=snap.generated, ttft_s=snap.ttft_s, prefill_tps=snap.prefill_tps,
+                         decode_tps=snap.decode_tps, rss_bytes=snap.rss_bytes, provider=dict(snap.providers),
+                         finish_reason="interrupted")
+            out.write(json.dumps(last.to_json(), default=str) + "\n")
+            out.flush()
         if mode == "plain" and stream_text:
             out.write("\n")
             out.flush()
