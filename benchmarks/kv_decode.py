@@ -1,7 +1,7 @@
 """Decode tokens/s of the KV presets vs the baseline at a given context, interleaved A B C A B C.
 
 For each config a cache is filled with ``--ctx`` tokens of real text (chunked prefill), then ``--steps``
-greedy-free decode steps (feeding fixed text tokens) are timed; rounds are interleaved across configs
+decode steps (teacher-forced text tokens) are timed; rounds are interleaved across configs
 so CPU contention hits all of them alike. Prints medians and ratios vs baseline (JSON with --json).
 
     python benchmarks/kv_decode.py --model ../shared/models/smollm2-135m-oga-int4 --ctx 512 2048
@@ -53,7 +53,7 @@ def main() -> None:
                     eng.forward(step, cache, phase="decode")
                 times[cfg].append(args.steps / (time.perf_counter() - t0))
         base = statistics.median(times[configs[0]])
-        for cfg in configs:
+        for cfg, eng in zip(configs, engines):
             med = statistics.median(times[cfg])
             # per-round ratio vs the baseline of the same round (interleaved), then the median
             ratios = [a / b for a, b in zip(times[cfg], times[configs[0]])]
@@ -61,7 +61,7 @@ def main() -> None:
                                    "decode_tps_median": med, "decode_tps_all": times[cfg],
                                    "ratio_vs_baseline_median": statistics.median(ratios),
                                    "ratio_of_medians": med / base,
-                                   "kv": eng.backend.describe() if False else None})
+                                   "kv": eng.backend.describe()})
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -3,7 +3,9 @@
 Each round runs every folder once (A B C, A B C, ...): greedy generation of ``--tokens`` tokens after a short
 prompt, feeding the ``present`` outputs back as the next ``past`` (what any host loop does). Definitions as
 in ARCHITECTURE.md: TTFT = prompt handed over -> first token chosen; decode tok/s = (n-1)/(t_last - t_first).
-Reports medians over rounds and each folder's ratio to the first (the baseline).
+Reports medians over rounds and each folder's ratio to the first (the baseline). On a loaded machine wall
+time mostly measures the scheduler, so the CPU time the process spent per decode step is reported too
+(``time.process_time``; with ``--threads 1`` it is the single-core cost of a step).
 
     python benchmarks/models_speed.py BASELINE_FOLDER OTHER_FOLDER ... --rounds 5 --tokens 64 --json out.json
 """
@@ -35,13 +37,13 @@ class Runner:
         self.sess = ort.InferenceSession(str(self.info.onnx_path), opts, providers=["CPUExecutionProvider"])
         self.outputs = [o.name for o in self.sess.get_outputs()]
 
-    def generate(self, ids: list[int], n: int) -> tuple[float, float, list[int]]:
+    def generate(self, ids: list[int], n: int) -> tuple[float, float, float, list[int]]:
         info = self.info
         past = {}
         for i in range(info.num_layers):
             for fmt in (info.past_key_fmt, info.past_value_fmt):
                 past[fmt % i] = np.zeros((1, info.num_kv_heads, 0, info.head_dim), np.float32)
-        cur, total, out, stamps = list(ids), 0, [], []
+        cur, total, out, stamps, cpu = list(ids), 0, [], [], []
         start = time.perf_counter()
         for _ in range(n):
             feeds = {"input_ids": np.array([cur], np.int64), "attention_mask": np.ones((1, total + len(cur)), np.int64)}
@@ -55,9 +57,11 @@ class Runner:
             cur = [int(res["logits"][0, -1].argmax())]
             out.append(cur[0])
             stamps.append(time.perf_counter())
+            cpu.append(time.process_time())
         ttft = stamps[0] - start
         decode = (n - 1) / (stamps[-1] - stamps[0])
-        return ttft, decode, out
+        cpu_ms = (cpu[-1] - cpu[0]) / (n - 1) * 1e3
+        return ttft, decode, cpu_ms, out
 
 
 def main() -> None:
@@ -75,26 +79,30 @@ def main() -> None:
     runners = [Runner(f, args.threads) for f in args.folders]
     for r in runners:  # warm-up (session arenas, prepacking)
         r.generate(ids, 4)
-    stats: dict[int, dict[str, list[float]]] = {i: {"ttft": [], "decode": []} for i in range(len(runners))}
+    stats: dict[int, dict[str, list[float]]] = {i: {"ttft": [], "decode": [], "cpu": []} for i in range(len(runners))}
     texts = {}
     for _ in range(args.rounds):
         for i, r in enumerate(runners):
-            ttft, decode, out = r.generate(ids, args.tokens)
+            ttft, decode, cpu_ms, out = r.generate(ids, args.tokens)
             stats[i]["ttft"].append(ttft)
             stats[i]["decode"].append(decode)
+            stats[i]["cpu"].append(cpu_ms)
             texts[i] = tok.decode(out)
     base_ttft = statistics.median(stats[0]["ttft"])
     base_dec = statistics.median(stats[0]["decode"])
+    base_cpu = statistics.median(stats[0]["cpu"])
     rows = []
     for i, r in enumerate(runners):
         ttft, dec = statistics.median(stats[i]["ttft"]), statistics.median(stats[i]["decode"])
+        cpu_ms = statistics.median(stats[i]["cpu"])
         rows.append({"folder": str(r.info.path), "prompt_tokens": len(ids), "generated_tokens": args.tokens,
                      "ttft_ms_median": ttft * 1e3, "decode_tok_s_median": dec,
                      "decode_ratio_vs_first": dec / base_dec, "ttft_ratio_vs_first": ttft / base_ttft,
+                     "decode_cpu_ms_per_token_median": cpu_ms, "cpu_ratio_vs_first": cpu_ms / base_cpu,
                      "decode_tok_s_all": stats[i]["decode"], "ttft_ms_all": [t * 1e3 for t in stats[i]["ttft"]],
                      "text": texts[i][:120]})
-        print(f"{r.info.path.name:32s} TTFT {ttft * 1e3:7.1f} ms  decode {dec:6.1f} tok/s  "
-              f"(x{dec / base_dec:.2f} vs first)  {texts[i][:60]!r}")
+        print(f"{r.info.path.name:32s} TTFT {ttft * 1e3:7.1f} ms  decode {dec:6.1f} tok/s (x{dec / base_dec:.2f})  "
+              f"CPU {cpu_ms:6.2f} ms/token (x{cpu_ms / base_cpu:.2f})  {texts[i][:40]!r}")
     if args.json:
         args.json.write_text(json.dumps({"rounds": args.rounds, "threads": args.threads, "models": rows}, indent=2))
 

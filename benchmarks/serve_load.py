@@ -117,14 +117,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         stop = threading.Event()
 
         half: list[int] = []
-        half_at = time.monotonic() + args.duration / 2
+        t_sample0 = time.monotonic()
+        half_at = t_sample0 + args.duration / 2
+        series: list[tuple[float, float]] = []  # (seconds into the load, RSS MiB), every duration/6
 
         def sample() -> None:
+            next_series = t_sample0
             while not stop.wait(0.5):
                 try:
                     peak.append(ps.memory_info().rss)
-                    if not half and time.monotonic() >= half_at:
+                    now = time.monotonic()
+                    if not half and now >= half_at:
                         half.append(peak[-1])
+                    if now >= next_series:
+                        series.append((round(now - t_sample0, 1), round(peak[-1] / 2**20, 1)))
+                        next_series += args.duration / 6
                 except psutil.Error:
                     return
 
@@ -163,6 +170,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "completion_tokens": tokens, "aggregate_tok_s": tokens / wall if wall > 0 else None,
         "rss_mb_before": rss_before / 2**20, "rss_mb_peak": max(peak) / 2**20,
         "rss_mb_at_half": half[0] / 2**20 if half else None, "rss_mb_after": rss_after / 2**20,
+        "rss_mb_series": series,
         "server_kv_mb_last": metrics["mem"]["kv_mb"], "server_kv_backend": metrics.get("provider"),
         "server_requests": metrics["requests"],
     }

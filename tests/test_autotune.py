@@ -151,3 +151,37 @@ def test_tune_for_run_returns_a_measured_policy(stories_onnx: Path) -> None:
         assert d["reason"] and "details" in d
     if decisions:  # a loss was measured, so the window widened
         assert policy.kv.recent_window > 16
+
+
+def test_serve_auto_tune_publishes_the_estimate_over_http(stories_onnx: Path) -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("fastapi")
+    import time
+
+    from inferos_cli.runtime.autotune import AutoTuner
+    from inferos_cli.server.app import ServerState, ServerThread, create_app
+
+    svc = _service(stories_onnx, "int4")
+    svc.tuner = AutoTuner(svc, calibration_tokens=150).start()
+    server = ServerThread(create_app(ServerState(service=svc))).start()
+    try:
+        def estimate() -> Any:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                q = httpx.get(server.url + "/v1/metrics").json()["quality"]
+                if q["delta_ppl_est"] is not None and q["source"]:
+                    return q
+                time.sleep(0.1)
+            raise AssertionError("the tuner published no estimate")
+
+        first = estimate()
+        cal = svc.tuner.calibrate(svc.policy)
+        assert first["delta_ppl_est"] == pytest.approx(cal.delta_ppl)
+        assert httpx.post(server.url + "/v1/baseline", json={"enable": True}).status_code == 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and httpx.get(server.url + "/v1/metrics").json()["quality"]["delta_ppl_est"] != 0.0:
+            time.sleep(0.1)
+        assert httpx.get(server.url + "/v1/metrics").json()["quality"]["delta_ppl_est"] == 0.0
+    finally:
+        server.stop()
+        svc.close()

@@ -186,3 +186,28 @@ def test_oga_cached_decoding_matches_recompute_argmax(oga: Engine) -> None:
     # int4 MatMulNBits (accuracy_level 4) quantizes activations per call: values differ slightly between
     # a 1-token and an n-token run, the greedy choice does not
     assert list(full[0, len(ids) - 1:-1].argmax(-1)) == gen
+
+
+def test_repetition_penalty_changes_greedy_generation(stories: Engine) -> None:
+    plain = tokens(list(stories.generate([1], GenerationConfig(max_tokens=60))))
+    penalized = tokens(list(stories.generate([1], GenerationConfig(max_tokens=60, repetition_penalty=1.5))))
+    assert plain != penalized
+    assert len(set(penalized)) > len(set(plain))  # fewer repeats
+
+
+def test_long_prompts_are_prefilled_in_chunks(stories: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
+    import inferos_cli.runtime.engine as engine_mod
+
+    prompt = stories.encode_prompt("Lily and Tom went to the park. They saw a big dog and a small cat.")
+    whole = tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=8))))
+    calls: list[int] = []
+    real = stories.forward
+
+    def spy(ids, cache, **kw):  # type: ignore[no-untyped-def]
+        calls.append(ids.shape[1])
+        return real(ids, cache, **kw)
+
+    monkeypatch.setattr(engine_mod, "AUTO_PREFILL_CHUNK", 8)
+    monkeypatch.setattr(stories, "forward", spy)
+    assert tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=8)))) == whole
+    assert calls[: (len(prompt) + 7) // 8] == [8] * (len(prompt) // 8) + ([len(prompt) % 8] if len(prompt) % 8 else [])

@@ -201,10 +201,38 @@ def test_policy_scores_and_tiers() -> None:
     assert TierPlan.from_quant("int4-k8v4").key_bits == {"k8v4": 8}
 
 
-def test_gqa_graph_evicts_and_merges_ragged_rows(oga_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def oga_exact(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The OGA folder with MatMulNBits accuracy_level 0 (float activations): its own int8 activation
+    quantization turns float rounding into visible noise, which would hide real errors."""
+    import os
+    import shutil
+
+    import onnx
+
+    src = oga_dir.parent
+    dst = tmp_path_factory.mktemp("oga-exact")
+    for f in src.iterdir():
+        if f.name == "model.onnx.data":
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copyfile(f, dst / f.name)
+        elif f.name != "model.onnx" and f.is_file():
+            shutil.copyfile(f, dst / f.name)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        for a in node.attribute:
+            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
+                a.i = 0
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst
+
+
+def test_gqa_graph_evicts_and_merges_ragged_rows(oga_exact: Path) -> None:
     """The rewrite gives GroupQueryAttention position_ids + an attention bias: tokens can be evicted and
     rows of different lengths batched, which plain GQA graphs cannot do."""
-    eng = engine(oga_dir.parent, "int4")
+    eng = engine(oga_exact, "int4")
     assert eng.has_position_ids
     cache = eng.new_cache(1)
     ids = eng.tokenizer.encode(TEXT * 3, add_bos=False)[:100]
@@ -220,6 +248,4 @@ def test_gqa_graph_evicts_and_merges_ragged_rows(oga_dir: Path) -> None:
     both = eng.forward(step, cache, phase="decode")[:, -1]
     la = eng.forward(step[:1], solo_a, phase="decode")[0, -1]
     lb = eng.forward(step[1:], solo_b, phase="decode")[0, -1]
-    # MatMulNBits quantizes activations to int8 (accuracy_level 4): rounding noise, same predictions
-    assert both[0].argmax() == la.argmax() and both[1].argmax() == lb.argmax()
-    assert np.abs(both[0] - la).max() < 0.5 and np.abs(both[1] - lb).max() < 0.5
+    assert np.abs(both[0] - la).max() < 1e-3 and np.abs(both[1] - lb).max() < 1e-3

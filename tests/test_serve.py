@@ -283,6 +283,25 @@ def test_concurrent_requests_never_share_a_cache(served: Served) -> None:
     assert results == expected
 
 
+def test_client_disconnect_stops_generation(served: Served) -> None:
+    with httpx.Client(base_url=served.url, timeout=60) as c:
+        with c.stream("POST", "/api/v1/completions",
+                      json={"prompt": "Once upon a time", "max_tokens": 480, "stream": True}) as r:
+            seen = 0
+            for line in r.iter_lines():
+                seen += line.startswith("data: ")
+                if seen >= 3:
+                    break
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        m = served.client.get("/v1/metrics").json()
+        last = m["last_request"]
+        if m["requests"]["active"] == 0 and last and last["finish_reason"] == "cancelled":
+            break
+        time.sleep(0.05)
+    assert last["finish_reason"] == "cancelled" and last["generated"] < 480
+
+
 def test_queue_worker_isolates_requests_too(stories_onnx: Path) -> None:
     s = Served(stories_onnx, use_batcher=False)
     try:
@@ -420,3 +439,15 @@ def test_real_gaia_cli_runs_on_inferos_serve(served: Served, tmp_path: Path) -> 
     assert text and text in proc.stdout
     stats = served.client.get("/api/v1/stats").json()
     assert stats["output_tokens"] == 16
+
+
+def test_kv_levels_map_cache_tiers_to_guide_levels() -> None:
+    from inferos_cli.runtime.events import KVStats
+    from inferos_cli.runtime.service import kv_levels, percentile
+
+    stats = KVStats(tokens={"fp": 132, "int8": 40, "int4": 300}, bytes={"fp": 1, "int8": 1, "int4": 1}, evicted=7)
+    assert kv_levels(stats) == {"L0": 132, "L1": 40, "L2": 300, "L3": 7}
+    assert kv_levels(KVStats(tokens={"fp": 4, "k8v4": 10}))["L2"] == 10
+    assert kv_levels(None) == {"L0": None, "L1": None, "L2": None, "L3": None}
+    assert percentile([], 95) is None
+    assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0 and percentile([1.0, 2.0], 95) == 2.0

@@ -152,10 +152,9 @@ def test_provider_specs_apply_pool_limits() -> None:
     assert vitis.options["cache_key"] == "m" and "cache_dir" in vitis.options
 
 
-def test_host_arena_is_registered_once() -> None:
-    cap, note = sessions.ensure_host_arena(Policy().io.host_pool_bytes)
-    if cap is None:
-        assert "not applied" in note
-        return
-    again, note2 = sessions.ensure_host_arena(cap + 1)
-    assert again == cap and "not applied" in note2
+def test_host_pool_is_not_claimed_as_an_ort_cap(tmp_path: Path) -> None:
+    plan = build_sessions(tiny_model(tmp_path), Policy(), threads=1)
+    assert any("memory-pressure reference, not an onnxruntime cap" in n for n in plan.notes)
+    opts = plan.decode.session.get_session_options()
+    with pytest.raises(RuntimeError):  # no env allocator: nothing pretends to cap the CPU arena
+        opts.get_session_config_entry("session.use_env_allocators")

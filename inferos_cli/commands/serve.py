@@ -58,6 +58,12 @@ def serve(
         from inferos_cli.server.app import ServerState, create_app
 
         app = create_app(ServerState(service=service, token=token, max_body_bytes=max_body))
+        if port == 0:
+            import socket
+
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+                probe.bind((host, 0))
+                port = probe.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         typer.echo(
             f"inferos serve: {service.info.name} ({service.engine().backend.describe()}) on http://{shown}:{port}\n"

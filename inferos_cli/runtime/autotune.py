@@ -224,19 +224,37 @@ class AutoTuner:
             return {"action": "none", "reason": "within budget", "pressure": level, **cal.to_json()}
 
     def _steer_tps(self, policy: Policy, cal: Calibration, live: float, budget: float) -> dict[str, Any]:
-        best: tuple[float, Policy, Calibration] | None = None
+        """Adopt the neighbour (tighter or looser) whose decode speed, timed interleaved with the current
+        policy (A B A B, medians), is more than 5% higher and whose measured delta-PPL fits the budget."""
+        best: tuple[float, float, Policy, Calibration] | None = None
         for cand in (tighten(policy), loosen(policy)):
             if cand == policy:
                 continue
             cc = self.calibrate(cand)
-            if cc.delta_ppl <= budget and cc.decode_tps and cal.decode_tps and cc.decode_tps > cal.decode_tps * 1.05:
-                if best is None or cc.decode_tps > best[0]:
-                    best = (cc.decode_tps, cand, cc)
+            if cc.delta_ppl > budget:
+                continue
+            cur_tps, cand_tps = self.time_pair(policy, cand)
+            if cur_tps and cand_tps and cand_tps > cur_tps * 1.05 and (best is None or cand_tps / cur_tps > best[0]):
+                best = (cand_tps / cur_tps, cand_tps, cand, cc)
         if best is None:
             return self._note("tps-no-better", f"measured {live:.1f} tok/s < target {self.target_tps}; no neighbouring "
-                              "policy was >5% faster on calibration within the quality budget", cal)
-        return self._adopt(best[1], f"measured {live:.1f} tok/s < target {self.target_tps}: calibration measured "
-                           f"{best[0]:.1f} vs {cal.decode_tps:.1f} tok/s for this policy", cal, best[2])
+                              "policy decoded >5% faster (interleaved timing) within the quality budget", cal)
+        return self._adopt(best[2], f"measured {live:.1f} tok/s < target {self.target_tps}: the candidate decoded "
+                           f"{best[0]:.2f}x as fast as this policy (interleaved A/B timing, medians)", cal, best[3])
+
+    def time_pair(self, current: Policy, candidate: Policy, rounds: int = 3, tokens: int = 64) -> tuple[float | None, float | None]:
+        """Median decode tokens/s of two policies timed interleaved (A B A B) on the calibration text."""
+        ids = self.ids[: self.prefill + tokens]
+        a_runs: list[float] = []
+        b_runs: list[float] = []
+        for _ in range(rounds):
+            for policy, runs in ((current, a_runs), (candidate, b_runs)):
+                _, tps, _ = perplexity_run(self.service.engine(policy), ids, self.prefill)
+                if tps:
+                    runs.append(tps)
+        import statistics
+
+        return (statistics.median(a_runs) if a_runs else None, statistics.median(b_runs) if b_runs else None)
 
     def _adopt(self, cand: Policy, reason: str, cal: Calibration, cc: Calibration) -> dict[str, Any]:
         self.service.replace_policy(cand, reason=reason, details={

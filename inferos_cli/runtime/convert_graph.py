@@ -24,7 +24,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Union
+from typing import Any, BinaryIO, Union
 
 import numpy as np
 
@@ -550,8 +550,6 @@ class DecoderBuilder:
 def build_decoder(spec: DecoderSpec, weights: DecoderWeights, folder: Path, *,
                   accuracy_level: int = 0, attention: str = "op", onnx_name: str = "model.onnx") -> Path:
     """Write ``model.onnx`` + ``model.onnx.data`` for ``weights`` into ``folder``; return the .onnx path."""
-    import onnx
-
     folder.mkdir(parents=True, exist_ok=True)
     writer = GraphWriter(folder / (onnx_name + ".data"))
     try:
@@ -565,5 +563,3 @@ def build_decoder(spec: DecoderSpec, weights: DecoderWeights, folder: Path, *,
         os.fsync(handle.fileno())
     return path
 
-
-ProgressFn = Callable[[str, int, int], None]

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.settings import Policy, Resolved
 
 Phase = Literal["prefill", "decode"]
+# prompts longer than this are prefilled in chunks of this many tokens unless --prefill-chunk says otherwise
+AUTO_PREFILL_CHUNK = 2048
 
 __all__ = ["Engine", "GenerationConfig", "StopMatcher"]
 
@@ -128,6 +130,9 @@ class _SeqState:
         self.stops = StopMatcher(config.stop)
         self.finish: str | None = None
         self.text_parts: list[str] = []
+        # ids the repetition penalty looks at (prompt + generated), kept only when the penalty is on
+        self.seen: set[int] = set(prompt) if config.repetition_penalty != 1.0 else set()
+        self._track = config.repetition_penalty != 1.0
 
     def decode_tps(self) -> float | None:
         n = len(self.generated)
@@ -358,6 +363,8 @@ class Engine:
         if not prompt:
             raise UsageError("empty prompt", "give at least one token (models with a BOS id get it automatically)")
         t0 = time.perf_counter()
+        if cache is not None and cache.batch != 1:
+            raise ValueError(f"generate() continues a 1-row cache, got {cache.batch} rows (use generate_batch)")
         past = int(cache.seen_tokens[0]) if cache is not None and hasattr(cache, "seen_tokens") else (
             cache.past_len if cache is not None else 0)
         self.check_context(len(prompt), past)
@@ -385,8 +392,7 @@ class Engine:
                 break
             step[0, 0] = tok
             logits = self.forward(step, cache, phase="decode")
-            previous = (prompt + state.generated) if config.repetition_penalty != 1.0 else ()
-            tok = sample(logits[0, -1], config, state.rng, previous)
+            tok = sample(logits[0, -1], config, state.rng, state.seen)
             now = time.perf_counter()
         yield self._done(state, cache, state.finish)
 
@@ -394,7 +400,10 @@ class Engine:
         """Run the prompt (whole or in chunks); return the logits of each row's last real token ``[B, V]``."""
         b, t = ids.shape
         mask = np.ones((b, t), dtype=np.int64) if new_mask is None else new_mask
-        step = t if not chunk or chunk <= 0 else int(chunk)
+        if not chunk or chunk <= 0:
+            # a whole long prompt would return logits of T x vocab floats (8192 tokens x 49152 = 1.6 GB)
+            chunk = AUTO_PREFILL_CHUNK if t > AUTO_PREFILL_CHUNK else t
+        step = int(chunk)
         last = np.zeros((b, self.info.vocab_size), dtype=np.float32)
         for start in range(0, t, step):
             part = slice(start, min(t, start + step))
@@ -424,6 +433,8 @@ class Engine:
             state.finish = "stop"
             return None
         state.generated.append(tok)
+        if state._track:
+            state.seen.add(tok)
         if state.t_first is None:
             state.t_first = now
         state.t_last = now
@@ -538,8 +549,7 @@ class Engine:
             toks = []
             for pos, row in enumerate(active):
                 s = states[row]
-                previous = (s.prompt + s.generated) if config.repetition_penalty != 1.0 else ()
-                toks.append(sample(logits[pos, -1], config, s.rng, previous))
+                toks.append(sample(logits[pos, -1], config, s.rng, s.seen))
             now = time.perf_counter()
 
 

@@ -36,7 +36,8 @@ def apply_repetition_penalty(logits: np.ndarray, previous: Iterable[int], penalt
     """CTRL-style penalty (as in transformers): divide positive, multiply negative logits of seen ids."""
     if penalty == 1.0:
         return logits
-    ids = np.fromiter(set(int(i) for i in previous), dtype=np.int64)
+    ids = np.fromiter(previous if isinstance(previous, (set, frozenset)) else set(int(i) for i in previous),
+                      dtype=np.int64)
     if ids.size == 0:
         return logits
     out = logits.copy()

@@ -97,7 +97,9 @@ def kv_levels(kv: KVStats | None) -> dict[str, int | None]:
     levels = {"L0": 0, "L1": 0, "L2": 0, "L3": int(kv.evicted)}
     for tier, count in kv.tokens.items():
         name = tier.lower()
-        if "int8" in name or name in ("q8", "l1"):
+        if "k8v4" in name:  # int8 keys + int4 values: counted with the 4-bit level
+            levels["L2"] += int(count)
+        elif "int8" in name or name in ("q8", "l1"):
             levels["L1"] += int(count)
         elif "int4" in name or name in ("q4", "l2"):
             levels["L2"] += int(count)
@@ -442,6 +444,7 @@ class InferenceService:
                     close = getattr(events, "close", None)
                     if close:
                         close()
+                    stream.record.finish_reason = stream.record.finish_reason or "cancelled"
                     break
         except BaseException as exc:  # noqa: BLE001 - handed to the request thread
             if batched is not None:

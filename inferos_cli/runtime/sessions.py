@@ -18,8 +18,10 @@ Device aliases (the ``scheduler.*_device`` values):
 - ``io.dml_pool_bytes``: CUDA's ``gpu_mem_limit``. DirectML has no memory-limit option (its provider
   options are ``device_id``, ``performance_preference``, ``device_filter``), so the value is not applied
   there and :func:`provider_spec` says so in its notes.
-- ``io.host_pool_bytes``: ``max_mem`` of a CPU arena (``OrtArenaCfg``) registered once per process as a
-  shared environment allocator; sessions use it through ``session.use_env_allocators=1``.
+- ``io.host_pool_bytes``: the reference of the memory-pressure feedback (``runtime.pressure``). It is not
+  an onnxruntime cap: a CPU arena registered with ``OrtArenaCfg(max_mem)`` and used through
+  ``session.use_env_allocators=1`` was checked on onnxruntime 1.31 and does not enforce its limit (a
+  1 MB cap served 250 MB of allocations), so inferos does not pretend it does.
 - DirectML's required session options: ``enable_mem_pattern=False`` and ``ORT_SEQUENTIAL`` execution.
 """
 
@@ -27,7 +29,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -159,44 +160,11 @@ def probe_all() -> list[ProbeResult]:
     return [probe_provider(dev) for dev in DEVICE_PROVIDERS]
 
 
-# ---------------------------------------------------------------------------------------------------------
-# host arena (io.host_pool_bytes)
-
-_ARENA_LOCK = threading.Lock()
-_ARENA_BYTES: int | None = None
-_ARENA_REASON: str | None = None
-
-
-def ensure_host_arena(max_bytes: int) -> tuple[int | None, str]:
-    """Register a process-wide CPU arena capped at ``max_bytes`` (first call wins: ORT allows one shared
-    CPU allocator per environment). Returns (the cap in force or None, a note for tables)."""
-    global _ARENA_BYTES, _ARENA_REASON
-    import onnxruntime as ort
-
-    with _ARENA_LOCK:
-        if _ARENA_BYTES is not None:
-            note = f"host arena limit {_ARENA_BYTES} B (shared, registered once per process)"
-            if _ARENA_BYTES != max_bytes:
-                note += f"; io.host_pool_bytes={max_bytes} B not applied (a process holds one CPU arena)"
-            return _ARENA_BYTES, note
-        if _ARENA_REASON is not None:
-            return None, _ARENA_REASON
-        try:
-            mem = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-            # max_mem, arena_extend_strategy (0 = next power of two), initial_chunk_size_bytes (-1 =
-            # default), max_dead_bytes_per_chunk (-1 = default)
-            cfg = ort.OrtArenaCfg(int(max_bytes), 0, -1, -1)
-            ort.create_and_register_allocator(mem, cfg)
-        except Exception as exc:
-            _ARENA_REASON = f"host arena limit not applied: {str(exc).strip()[:160]}"
-            return None, _ARENA_REASON
-        _ARENA_BYTES = int(max_bytes)
-        return _ARENA_BYTES, f"host arena limit {_ARENA_BYTES} B (shared, registered once per process)"
-
-
-def host_arena_bytes() -> int | None:
-    """The CPU arena cap registered in this process, or None."""
-    return _ARENA_BYTES
+HOST_POOL_NOTE = (
+    "io.host_pool_bytes is the memory-pressure reference, not an onnxruntime cap: a CPU arena registered "
+    "with max_mem (OrtArenaCfg + session.use_env_allocators) was checked not to enforce the limit in "
+    "onnxruntime 1.31"
+)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -221,10 +189,9 @@ def session_options(
     *,
     provider: str = "CPUExecutionProvider",
     allow_spinning: bool = True,
-    use_host_arena: bool = True,
 ) -> "ort.SessionOptions":
-    """SessionOptions for one phase on one provider: threads, DirectML's required options, the host
-    arena, spinning. ``threads`` None means :func:`default_threads`."""
+    """SessionOptions for one phase on one provider: threads, DirectML's required options, spinning.
+    ``threads`` None means :func:`default_threads`."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -241,10 +208,6 @@ def session_options(
     if not allow_spinning:
         # A second CPU session's pool would otherwise spin while the other phase runs.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if use_host_arena and policy.io.host_pool_bytes:
-        cap, _ = ensure_host_arena(policy.io.host_pool_bytes)
-        if cap is not None:
-            opts.add_session_config_entry("session.use_env_allocators", "1")
     return opts
 
 
@@ -291,6 +254,8 @@ def provider_spec(provider: str, policy: "Policy", *, model_key: str = "model") 
             spec.options["config_file"] = str(cfg)
     elif provider == "OpenVINOExecutionProvider":
         spec.options = {"device_type": "NPU"}
+    else:
+        spec.notes.append(HOST_POOL_NOTE)
     return spec
 
 
@@ -410,9 +375,6 @@ def open_session(
         if strict:
             raise ProviderError(f"{phase} on {device}: {fallback}")
     notes = list(spec.notes)
-    cap = host_arena_bytes()
-    if cap is not None:
-        notes.append(f"host arena limit {cap} B")
     return PhaseSession(
         phase=phase,
         session=sess,
@@ -433,6 +395,6 @@ def is_windows() -> bool:
 
 __all__ = [
     "DEVICE_PROVIDERS", "PhaseSession", "ProbeResult", "ProviderSpec", "available_providers", "default_threads",
-    "device_of", "ensure_host_arena", "open_session", "probe_all", "probe_provider", "provider_name",
+    "device_of", "open_session", "probe_all", "probe_provider", "provider_name",
     "provider_spec", "session_options",
 ]

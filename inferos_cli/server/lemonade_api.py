@@ -8,7 +8,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any, Iterator
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from inferos_cli.server.schemas import ChatRequest, CompletionRequest, LoadRequest, _Sampling
@@ -121,7 +121,7 @@ def router(service: "InferenceService") -> APIRouter:
         return service.system_stats()
 
     @api.post("/chat/completions")
-    def chat(req: ChatRequest, request: Request) -> Any:
+    def chat(req: ChatRequest) -> Any:
         bad = check_model(service, req.model)
         if bad is not None:
             return bad
