@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", type=Path, default=None, help="tokenizer.json (default: the first folder's)")
     parser.add_argument("--ctx", type=int, default=512)
     parser.add_argument("--tokens", type=int, default=40960, help="tokens to use (whole windows)")
+    parser.add_argument("--start-window", type=int, default=0, help="skip the first windows (split a long run)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -77,17 +78,19 @@ def main() -> None:
     ids = np.array(tok.encode(args.text.read_text(encoding="utf-8"), add_special_tokens=False).ids, dtype=np.int64)
     n_windows = min(len(ids) // args.ctx, max(1, args.tokens // args.ctx))
     scorers = [Scorer(f, args.threads) for f in args.folders]
-    for w in range(n_windows):
+    for w in range(args.start_window, n_windows):
         chunk = ids[w * args.ctx:(w + 1) * args.ctx]
         for s in scorers:
             s.window(chunk)
         line = "  ".join(f"{s.info.path.name}={s.ppl:.3f}" for s in scorers)
         print(f"window {w + 1}/{n_windows}: {line}", file=sys.stderr, flush=True)
     result = {
-        "text": str(args.text), "ctx": args.ctx, "windows": n_windows, "tokens": n_windows * args.ctx,
-        "scored_tokens": n_windows * (args.ctx - 1), "text_tokens": int(len(ids)),
-        "models": [{"folder": str(s.info.path), "ppl": s.ppl, "forward_s_total": s.seconds,
-                    "prefill_tok_s": n_windows * args.ctx / s.seconds} for s in scorers],
+        "text": str(args.text), "ctx": args.ctx, "windows": [args.start_window, n_windows],
+        "tokens": (n_windows - args.start_window) * args.ctx, "scored_tokens": len(scorers[0].nll),
+        "text_tokens": int(len(ids)),
+        "models": [{"folder": str(s.info.path), "ppl": s.ppl, "nll_sum": float(np.sum(s.nll)), "scored": len(s.nll),
+                    "forward_s_total": s.seconds,
+                    "prefill_tok_s": (n_windows - args.start_window) * args.ctx / s.seconds} for s in scorers],
     }
     print(json.dumps(result, indent=2))
     if args.json:

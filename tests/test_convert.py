@@ -323,3 +323,33 @@ def test_bad_gguf_files_give_one_line_errors(tmp_path: Path) -> None:
     for err in (ConversionError, ModelError):
         assert "\n" not in str(err("x"))
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_tied_embeddings_are_stored_once(stories_onnx: Path) -> None:
+    import onnx
+
+    model = onnx.load(str(stories_onnx / "model.onnx"), load_external_data=False)
+    big = [i for i in model.graph.initializer if 512 in i.dims and 64 in i.dims]
+    assert len(big) == 1  # the embedding table, also used (transposed in the kernel) as the lm_head
+    data = (stories_onnx / "model.onnx.data").stat().st_size
+    assert data < 260_032 * 4 * 1.05 + 512 * 4 * 2 * 10  # params once (+ rope tables and small constants)
+
+
+def test_llama3_rope_scaling_matches_gguf_frequency_factors() -> None:
+    """HF ``rope_scaling: llama3`` and llama.cpp's ``rope_freqs.weight`` factors give the same tables."""
+    from inferos_cli.runtime.convert_graph import DecoderSpec, rope_tables
+
+    base = dict(arch="llama", hidden_size=2048, num_layers=1, num_heads=32, num_kv_heads=8, head_dim=64,
+                intermediate_size=8192, vocab_size=10, context_length=4096, rope_theta=500000.0)
+    scaling = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+    cos_hf, sin_hf = rope_tables(DecoderSpec(**base, rope_scaling=scaling), 4096)
+    cos_plain, _ = rope_tables(DecoderSpec(**base), 4096)
+    inv = 1.0 / (500000.0 ** (np.arange(0, 64, 2) / 64))
+    wavelen = 2 * np.pi / inv
+    # llama.cpp's generate_extra_tensors (llama3): the per-frequency divisors it stores as rope_freqs.weight
+    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
+    factors = np.where(wavelen < 8192 / 4.0, 1.0, np.where(wavelen > 8192 / 1.0, 32.0, 1 / ((1 - smooth) / 32.0 + smooth)))
+    cos_ff, sin_ff = rope_tables(DecoderSpec(**base, rope_scaling={"rope_type": "freq_factors", "factors": factors.tolist()}), 4096)
+    assert np.abs(cos_hf - cos_ff).max() < 1e-5 and np.abs(sin_hf - sin_ff).max() < 1e-5
+    assert np.abs(cos_hf - cos_plain).max() > 0.1  # scaling really changes the long wavelengths

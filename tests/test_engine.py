@@ -3,6 +3,7 @@ recomputing the whole sequence, events carry real timings, sampling/stops/contex
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -211,3 +212,33 @@ def test_long_prompts_are_prefilled_in_chunks(stories: Engine, monkeypatch: pyte
     monkeypatch.setattr(stories, "forward", spy)
     assert tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=8)))) == whole
     assert calls[: (len(prompt) + 7) // 8] == [8] * (len(prompt) // 8) + ([len(prompt) % 8] if len(prompt) % 8 else [])
+
+
+@pytest.mark.parametrize("which", ["stories", "oga"])
+def test_last_logits_graph_matches_full_logits(which: str, request: pytest.FixtureRequest) -> None:
+    engine: Engine = request.getfixturevalue(which)
+    assert engine.has_logits_keep and "logits_keep" not in inspect_folder(engine.info.path).input_names
+    ids = np.asarray([engine.encode_prompt("Once upon a time there was a cat", chat=False)])
+    full = engine.forward(ids, engine.new_cache(1, capacity=32))
+    last = engine.forward(ids, engine.new_cache(1, capacity=32), logits="last")
+    assert full.shape == (1, ids.shape[1], engine.info.vocab_size) and last.shape == (1, 1, engine.info.vocab_size)
+    np.testing.assert_allclose(last[0, -1], full[0, -1], atol=1e-3, rtol=1e-3)
+    assert last[0, -1].argmax() == full[0, -1].argmax()
+
+
+def test_last_logits_graph_for_a_read_only_folder(oga: Engine) -> None:
+    # the shared OGA folder is read-only here: the rewritten graph lives in the cache with its weights
+    onnx_path = Path(oga.plan.decode.session._model_path) if hasattr(oga.plan.decode.session, "_model_path") else None
+    path = oga.plan.onnx_path if onnx_path is None else onnx_path
+    assert "inferos-logits" in Path(path).name
+    if not os.access(oga.info.path, os.W_OK):
+        assert Path(path).parent != oga.info.path and (Path(path).parent / "model.onnx.data").is_file()
+
+
+def test_engine_without_last_logits(stories_onnx: Path) -> None:
+    info = inspect_folder(stories_onnx)
+    resolved = resolve_settings("baseline", param_count=info.param_count, flags=CPU, use_env=False)
+    engine = Engine(info, resolved, threads=1, last_logits=False)
+    assert not engine.has_logits_keep
+    text = list(engine.generate([1], GenerationConfig(max_tokens=20)))[-1].extra["output_text"]
+    assert text.startswith(STORIES_SAMPLE)

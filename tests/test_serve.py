@@ -451,3 +451,31 @@ def test_kv_levels_map_cache_tiers_to_guide_levels() -> None:
     assert kv_levels(None) == {"L0": None, "L1": None, "L2": None, "L3": None}
     assert percentile([], 95) is None
     assert percentile([5.0, 1.0, 3.0, 2.0, 4.0], 50) == 3.0 and percentile([1.0, 2.0], 95) == 2.0
+
+
+def test_batchers_are_recycled_and_drained(stories_onnx: Path) -> None:
+    from inferos_cli.runtime.sampling import GenerationConfig
+
+    svc = _service(stories_onnx, max_batch=2)
+    try:
+        svc.recycle_after = 3
+        expected = "".join(e.text for e in svc.submit(svc.encode_text(PROMPT), GenerationConfig(max_tokens=12))
+                           if e.kind == "token")
+        outs: list[str] = []
+
+        def go() -> None:
+            events = svc.submit(svc.encode_text(PROMPT), GenerationConfig(max_tokens=12))
+            outs.append("".join(e.text for e in events if e.kind == "token"))
+
+        for _ in range(3):
+            threads = [threading.Thread(target=go) for _ in range(4)]
+            [t.start() for t in threads]
+            [t.join(60) for t in threads]
+        assert outs == [expected] * 12
+        assert svc.batchers_recycled >= 3
+        deadline = time.monotonic() + 10
+        while svc._draining and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not svc._draining
+    finally:
+        svc.close()

@@ -149,6 +149,16 @@ class PlainCache:
         self.seen_tokens = self.seen_tokens[idx]
         self._batch = len(idx)
         self.generation = next(_GENERATIONS)
+        if self.layout == "concat" and self._batch and self._len:
+            # drop the leading columns no remaining row attends to (left padding of retired rows), so a
+            # batch that never empties (continuous batching) stays as long as its longest live row
+            live = self._mask.any(axis=0)
+            first = int(np.argmax(live)) if live.any() else self._len
+            if first > 0:
+                for name, arr in self._past.items():
+                    self._past[name] = np.ascontiguousarray(arr[:, :, first:])
+                self._mask = self._mask[:, first:]
+                self._len -= first
         if self.layout == "packed" and self.capacity is None and self._batch:
             used = int(self._mask.sum(axis=1).max())  # drop trailing all-padding columns
             if used < self._len:

@@ -218,6 +218,14 @@ class InferenceService:
         self._lock = threading.RLock()
         self._engines: dict[str, Any] = {}
         self._batchers: dict[str, Any] = {}
+        #: a batcher's shared cache only shrinks when its batch empties, and under continuous load it never
+        #: does (padding of retired rows accumulates in caches that cannot compact it), so after this many
+        #: admissions new requests go to a fresh batcher while the old one drains
+        self.recycle_after = max(32, 4 * self.max_batch)
+        self._admissions: dict[str, int] = {}
+        self._draining: list[Any] = []
+        self._inflight: dict[Any, int] = {}  # batcher -> its requests not finished yet
+        self.batchers_recycled = 0
         self._use_batcher = use_batcher
         self._ids = itertools.count(1)
         self._records: deque[RequestRecord] = deque(maxlen=RECORDS_LEN)
@@ -299,7 +307,9 @@ class InferenceService:
                 if len(self._engines) >= 3:
                     oldest = next(iter(self._engines))
                     self._engines.pop(oldest)
-                    self._batchers.pop(oldest, None)
+                    retired = self._batchers.pop(oldest, None)
+                    if retired is not None:
+                        self._draining.append(retired)  # closed by _reap once its requests end
                 self._engines[key] = eng
             return eng
 
@@ -320,9 +330,21 @@ class InferenceService:
         key = policy_key(policy)
         with self._lock:
             if key in self._batchers:
-                return self._batchers[key]
+                current = self._batchers[key]
+                if current is None:
+                    return None
+                self._admissions[key] = self._admissions.get(key, 0) + 1
+                if self._admissions[key] <= self.recycle_after:
+                    return current
+                # recycle: the old batcher finishes its rows, new requests start a fresh shared cache
+                self._draining.append(current)
+                self._admissions[key] = 1
+                fresh = self._new_batcher(policy)
+                self._batchers[key] = fresh
+                self.batchers_recycled += 1
+                return fresh
             try:
-                from inferos_cli.runtime.batcher import ContinuousBatcher
+                from inferos_cli.runtime.batcher import ContinuousBatcher  # noqa: F401 - availability check
             except ImportError:
                 self._batchers[key] = None
                 return None
@@ -334,18 +356,38 @@ class InferenceService:
                                      "batch rows of different lengths on a GroupQueryAttention graph "
                                      "(use --profile baseline to batch this model)")
                 return None
-            try:
-                batcher = ContinuousBatcher(self.engine(policy), self.max_batch)
-            except InferosError:
-                batcher = None  # e.g. a model the batcher cannot pad: queue instead
+            batcher = self._new_batcher(policy)
             self._batchers[key] = batcher
+            self._admissions[key] = 1
             return batcher
 
-    def _drop_batcher(self, policy: Policy, reason: str) -> None:
+    def _new_batcher(self, policy: Policy) -> Any | None:
+        from inferos_cli.runtime.batcher import ContinuousBatcher
+
+        try:
+            return ContinuousBatcher(self.engine(policy), self.max_batch)
+        except InferosError:
+            return None  # e.g. a model the batcher cannot pad: queue instead
+
+    def _reap(self) -> None:
+        """Close recycled batchers once their last rows finished (in a thread: close() joins)."""
+        with self._lock:
+            done = []
+            for batcher in self._draining:
+                if not self._inflight.get(batcher):
+                    done.append(batcher)
+            for batcher in done:
+                self._draining.remove(batcher)
+                self._inflight.pop(batcher, None)
+        for batcher in done:
+            threading.Thread(target=batcher.close, daemon=True).start()
+
+    def _drop_batcher(self, policy: Policy, reason: str, batcher: Any = None) -> None:
         """A batcher that failed is not used again: later requests go through the queue worker."""
         key = policy_key(policy)
         with self._lock:
-            if self._batchers.get(key) is not None:
+            current = self._batchers.get(key)
+            if current is not None and (batcher is None or current is batcher):
                 self._batchers[key] = None
                 self.record_decision("batcher", f"continuous batcher failed, requests are queued now: {reason}")
 
@@ -402,22 +444,24 @@ class InferenceService:
         stream = RequestStream(record)
         try:
             engine = self.engine(policy)
-            batcher = self._batcher(policy)
             events = None
-            if batcher is not None:
-                try:
-                    events = batcher.submit(list(prompt_ids), config)
-                except InferosError as exc:
-                    if "closed" not in exc.message:
-                        raise
-                    self._drop_batcher(policy, exc.message)
+            with self._lock:  # choosing a batcher and queueing into it is atomic w.r.t. recycling/reaping
+                batcher = self._batcher(policy)
+                if batcher is not None:
+                    try:
+                        events = batcher.submit(list(prompt_ids), config)
+                        self._inflight[batcher] = self._inflight.get(batcher, 0) + 1
+                    except InferosError as exc:
+                        if "closed" not in exc.message:
+                            raise
+                        self._drop_batcher(policy, exc.message, batcher)
         except BaseException:
             with self._lock:
                 self._active.pop(record.id, None)
             raise
         job = _Job(list(prompt_ids), config, stream, engine)
         if events is not None:
-            thread = threading.Thread(target=self._pump, args=(events, stream, policy, job), daemon=True)
+            thread = threading.Thread(target=self._pump, args=(events, stream, policy, job, batcher), daemon=True)
             thread.start()
             return stream
         try:
@@ -429,10 +473,17 @@ class InferenceService:
         return stream
 
     def _pump(self, events: Iterator[Event], stream: RequestStream, batched: Policy | None = None,
-              retry: _Job | None = None) -> None:
+              retry: _Job | None = None, source: Any = None) -> None:
         """Move events from the engine/batcher to the request's stream. When the batcher fails before
         this request got its first token, the batcher is retired and the request reruns on the queue
         worker (its own fresh cache), so the client sees no error."""
+        try:
+            self._pump_events(events, stream, batched, retry, source)
+        finally:
+            self._release(source)
+
+    def _pump_events(self, events: Iterator[Event], stream: RequestStream, batched: Policy | None,
+                     retry: _Job | None, source: Any) -> None:
         tokens = 0
         try:
             for ev in events:
@@ -448,7 +499,7 @@ class InferenceService:
                     break
         except BaseException as exc:  # noqa: BLE001 - handed to the request thread
             if batched is not None:
-                self._drop_batcher(batched, str(exc))
+                self._drop_batcher(batched, str(exc), source)
                 if retry is not None and tokens == 0 and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
                     rec = stream.record
                     rec.t_first = rec.ttft_s = rec.t_last = None
@@ -463,6 +514,19 @@ class InferenceService:
             stream.put(exc)
         self._finish(stream.record)
         stream.finish()
+
+    def _release(self, source: Any) -> None:
+        """One request of batcher ``source`` is over (finished, failed or handed to the queue)."""
+        if source is None:
+            return
+        with self._lock:
+            if self._inflight.get(source):
+                self._inflight[source] -= 1
+            if not self._inflight.get(source) and source not in self._draining and all(
+                    b is not source for b in self._batchers.values()):
+                self._inflight.pop(source, None)  # a dropped batcher: forget it
+        if self._draining:
+            self._reap()
 
     def _work(self) -> None:
         while not self._stop.is_set():
@@ -519,6 +583,8 @@ class InferenceService:
             self.requests_failed += 1 if rec.error else 0
             self.prompt_tokens_total += rec.prompt_tokens
             self.tokens_total += rec.generated
+        if self._draining:
+            self._reap()
         for listener in list(self.listeners):
             try:
                 listener(rec)
@@ -672,7 +738,7 @@ class InferenceService:
         if self.tuner is not None:
             self.tuner.stop()
         self.telemetry.stop()
-        for batcher in list(self._batchers.values()):
+        for batcher in list(self._batchers.values()) + list(self._draining):
             close = getattr(batcher, "close", None)
             if close:
                 close()
