@@ -456,8 +456,9 @@ def test_kv_levels_map_cache_tiers_to_guide_levels() -> None:
 def test_batchers_are_recycled_and_drained(stories_onnx: Path) -> None:
     from inferos_cli.runtime.sampling import GenerationConfig
 
-    svc = _service(stories_onnx, max_batch=2)
+    svc = _service(stories_onnx, "int8", max_batch=2)
     try:
+        assert svc.policy.kv.enabled  # recycling applies to KV-enabled (segmented) batchers
         svc.recycle_after = 3
         expected = "".join(e.text for e in svc.submit(svc.encode_text(PROMPT), GenerationConfig(max_tokens=12))
                            if e.kind == "token")
@@ -479,3 +480,33 @@ def test_batchers_are_recycled_and_drained(stories_onnx: Path) -> None:
         assert not svc._draining
     finally:
         svc.close()
+
+
+def test_plain_cache_drops_padding_of_retired_rows(stories_onnx: Path) -> None:
+    """Continuous batching keeps one shared cache alive; retiring a long row must shrink it to the longest
+    live row (else it grows without bound under load), and the survivor decodes exactly as alone."""
+    import numpy as np
+
+    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.runtime.engine import Engine
+    from inferos_cli.runtime.modelinfo import inspect_folder
+
+    info = inspect_folder(stories_onnx)
+    engine = Engine(info, resolve_settings("baseline", param_count=info.param_count, use_env=False))
+    long_ids = engine.tokenizer.encode("Once upon a time, there was a little girl named Lily. She loved")
+    short_ids = engine.tokenizer.encode("The dog")
+    shared = engine.new_cache(1)
+    engine.forward(np.asarray([long_ids]), shared, phase="prefill")
+    alone = engine.new_cache(1)
+    last_alone = engine.forward(np.asarray([short_ids]), alone, phase="prefill")[0, -1]
+    part = engine.new_cache(1)
+    last = engine.forward(np.asarray([short_ids]), part, phase="prefill")[0, -1]
+    shared.merge(part)
+    assert shared.past_len == len(long_ids)
+    shared.select([1])  # the long row retires
+    assert shared.past_len == len(short_ids)
+    np.testing.assert_allclose(last, last_alone, rtol=1e-5, atol=1e-5)
+    tok = int(np.argmax(last))
+    a = engine.forward(np.asarray([[tok]]), shared, phase="decode")[0, -1]
+    b = engine.forward(np.asarray([[tok]]), alone, phase="decode")[0, -1]
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -11,7 +11,8 @@ tensor (100 MB at T=512), while generation only samples from the last position. 
 The rewritten graph is written beside the source as ``<stem>.inferos-logits-<hash>.onnx`` so its external
 data references stay valid (onnxruntime refuses external data outside the model's folder); when that
 folder is read-only it goes to ``<cache>/graphs/<hash>/`` with a hard link (or copy) of each external
-data file. Written atomically; reused while the source graph is unchanged.
+data file. Written atomically; reused while the source graph is unchanged. A graph whose weights live inside
+a .onnx file larger than 64 MiB is left alone (a rewritten copy would duplicate the weights).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from inferos_cli import paths
 KEEP_INPUT = "logits_keep"
 VERSION = "3"
 _HEADS = ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm")
+EMBEDDED_LIMIT = 64 * 1024**2  # larger .onnx files without external data are not copied
 
 
 def _digest(src: Path) -> str:
@@ -144,7 +146,14 @@ def last_logits_graph(src: Path | str) -> Path | None:
     for candidate in (beside, cached):
         if candidate.is_file():
             return candidate
-    model = onnx.load(str(src), load_external_data=False)
+    if src.stat().st_size > EMBEDDED_LIMIT:
+        # weights stored inside the .onnx file itself: a rewritten copy would duplicate them on disk
+        probe = onnx.load(str(src), load_external_data=False)
+        if not _external_files(probe):
+            return None
+        model = probe
+    else:
+        model = onnx.load(str(src), load_external_data=False)
     if not rewrite(model):
         return None
     data = model.SerializeToString()

@@ -218,9 +218,10 @@ class InferenceService:
         self._lock = threading.RLock()
         self._engines: dict[str, Any] = {}
         self._batchers: dict[str, Any] = {}
-        #: a batcher's shared cache only shrinks when its batch empties, and under continuous load it never
-        #: does (padding of retired rows accumulates in caches that cannot compact it), so after this many
-        #: admissions new requests go to a fresh batcher while the old one drains
+        #: the segmented KV cache does not drop the padding columns of retired rows (SegmentedCache.select),
+        #: so a batch that never empties (continuous load) grows without bound: with a KV policy on, after
+        #: this many admissions new requests go to a fresh batcher while the old one drains. The plain
+        #: cache compacts on retire, so baseline batchers are never recycled.
         self.recycle_after = max(32, 4 * self.max_batch)
         self._admissions: dict[str, int] = {}
         self._draining: list[Any] = []
@@ -334,8 +335,8 @@ class InferenceService:
                 if current is None:
                     return None
                 self._admissions[key] = self._admissions.get(key, 0) + 1
-                if self._admissions[key] <= self.recycle_after:
-                    return current
+                if not policy.kv.enabled or self._admissions[key] <= self.recycle_after:
+                    return current  # the plain cache compacts itself on retire: no recycling needed
                 # recycle: the old batcher finishes its rows, new requests start a fresh shared cache
                 self._draining.append(current)
                 self._admissions[key] = 1
