@@ -528,6 +528,7 @@ class BenchResult:
     wall_s: float | None = None
     rss_method: str = ""
     complete: bool = False
+    config_file: str | None = None
 
     def cell(self, batch: int, seq: int, config: str) -> CellResult | None:
         """The row of one config in one cell."""
@@ -571,6 +572,7 @@ class BenchResult:
             "host": self.host,
             "grid": asdict(self.grid),
             "text": self.text,
+            "config_file": self.config_file,
             "units": UNITS,
             "method": {
                 "isolation": "one fresh worker subprocess per (config, cell); the workers of a cell take turns",
@@ -630,6 +632,7 @@ def run_bench(
     result = BenchResult(
         host=host_record(info), grid=grid, configs=configs, text=str(text_path),
         started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        config_file=str(config_path) if config_path else None,
     )
     factory = runner_factory or make_runner
     for spec in configs:

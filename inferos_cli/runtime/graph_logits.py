@@ -124,7 +124,11 @@ def _external_files(model: Any) -> set[str]:
 
 
 def _writable(folder: Path) -> bool:
+    """True when we may add a file to ``folder``: a write bit is set *and* a probe file can be written
+    (root writes anywhere, so the mode bits keep read-only shared model folders untouched)."""
     try:
+        if not folder.stat().st_mode & 0o222:
+            return False
         probe = folder / f".inferos-write-probe-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()

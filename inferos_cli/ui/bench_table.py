@@ -151,8 +151,7 @@ def compact_table(snapshot: dict[str, Any]) -> Table:
         name = Text(row["config"], style="bold" if row["config"] == snapshot.get("reference") else "")
         label = f"{row['batch']}x{row['seq']}" if key != previous else ""
         if row["status"] != "ok":
-            table.add_row(label, name, *(["n/a"] * len(COMPACT_COLUMNS)), Text(f"{row['status']}: {row['reason']}",
-                                                                              style="dim"))
+            table.add_row(label, name, *(["n/a"] * len(COMPACT_COLUMNS)), Text(short_reason(row, 80), style="dim"))
         else:
             ratios = row.get("ratios") or {}
             cells = []
@@ -183,7 +182,7 @@ def bench_table(snapshot: dict[str, Any], *, width: int | None = None) -> Table:
     for row in snapshot["rows"]:
         key = (row["batch"], row["seq"])
         texts = cell_texts(row, sep="\n")
-        note = short_providers(row["providers"]) if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        note = short_providers(row["providers"]) if row["status"] == "ok" else short_reason(row)
         style = "" if row["status"] == "ok" else "dim"
         table.add_row(
             str(row["batch"]) if key != previous else "", str(row["seq"]) if key != previous else "",
@@ -238,6 +237,12 @@ def bench_lines(snapshot: dict[str, Any]) -> list[str]:
     return lines
 
 
+def short_reason(row: dict[str, Any], limit: int = 160) -> str:
+    """``status: reason`` cut to ``limit`` characters for tables (the JSON keeps the whole reason)."""
+    text = f"{row['status']}: {row['reason']}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _md_escape(text: str) -> str:
     return text.replace("|", "\\|")
 
@@ -249,7 +254,7 @@ def bench_markdown(snapshot: dict[str, Any]) -> str:
     out.append("| " + " | ".join(headers) + " |")
     out.append("|" + "|".join("---:" if i < 2 or 2 < i < 3 + len(COLUMNS) else "---" for i in range(len(headers))) + "|")
     for row in snapshot["rows"]:
-        note = short_providers(row["providers"]) if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        note = short_providers(row["providers"]) if row["status"] == "ok" else short_reason(row)
         cells = [str(row["batch"]), str(row["seq"]), row["config"], *cell_texts(row), note]
         out.append("| " + " | ".join(_md_escape(c) for c in cells) + " |")
     notes = provider_notes(snapshot)
