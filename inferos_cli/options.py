@@ -43,7 +43,7 @@ FormatOpt = Annotated[
 ]
 ThreadsOpt = Annotated[
     Optional[int],
-    typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: physical cores).", show_default=False),
+    typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads (default: half the physical cores, 1-8).", show_default=False),
 ]
 StrictDevicesOpt = Annotated[
     bool,

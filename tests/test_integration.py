@@ -1,6 +1,7 @@
 """Cross-command integration: one model through pull -> models -> run -> eval -> bench via the model cache, the
-KV accounting of every view checked against the model's own facts, read-only model folders left untouched,
-and the README's command examples checked against the real CLI options."""
+KV accounting of every view checked against the model's own facts, settings layers observed in the KV cache,
+`run --backend lemonade|gaia` against a real `inferos serve`, read-only model folders left untouched, and the
+README's command examples checked against the real CLI options."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import shutil
 import stat
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,116 @@ def test_one_model_through_pull_models_run_eval_bench(stories_src: Path, tinysto
     assert Path(info.onnx_path).stat().st_mtime_ns == onnx_stamp  # never re-converted
 
 
+def test_settings_layers_reach_the_kv_cache(stories_onnx: Path, tmp_path: Path) -> None:
+    """profile < config file < environment, observed where it matters: the tokens the cache keeps in full
+    precision at the end of a run (sinks + recent window)."""
+    cfg = tmp_path / "inferos.toml"
+    cfg.write_text("[kv]\nrecent_window = 16\nsink_tokens = 2\n", encoding="utf-8")
+    home = tmp_path / "home"
+    args = ("run", "Once upon a time", "--model", str(stories_onnx), "--max-tokens", "40", "--json", "-p", "int8")
+
+    def fp_tokens(*extra: str, env: dict[str, str] | None = None) -> dict[str, int]:
+        full = {k: v for k, v in os.environ.items() if not k.startswith("INFEROS_")}
+        full.update({"INFEROS_HOME": str(home), **(env or {})})
+        proc = subprocess.run([sys.executable, "-m", "inferos_cli", *args, *extra], capture_output=True, text=True,
+                              env=full, cwd=REPO, timeout=300, check=False)
+        assert proc.returncode == 0, proc.stderr[-1500:]
+        return json.loads(proc.stdout.splitlines()[-1])["kv"]["tokens"]
+
+    assert fp_tokens()["fp"] == 4 + 32  # the int8 preset: 4 sinks + a window of 32
+    assert fp_tokens("--config", str(cfg))["fp"] == 2 + 16  # the config file beats the profile
+    from_env = fp_tokens("--config", str(cfg), env={"INFEROS_KV__RECENT_WINDOW": "24"})
+    assert from_env["fp"] == 2 + 24 and from_env["int8"] > 0  # the environment beats the config file
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+GAIA_EXE = os.environ.get("INFEROS_GAIA_EXE") or shutil.which("gaia") or shutil.which("gaia-cli")  # before
+# conftest's autouse fixture clears INFEROS_* from the environment
+
+
+@pytest.fixture(scope="module")
+def served(stories_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A real `inferos serve --profile baseline` process on 127.0.0.1 and the environment for clients."""
+    pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
+    pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
+    import time
+    import urllib.request
+
+    tmp = tmp_path_factory.mktemp("served")
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFEROS_")}
+    env.update({"INFEROS_HOME": str(tmp / "home"), "HOME": str(tmp), "GAIA_CTX_SIZE": "512"})
+    env.pop("LEMONADE_BASE_URL", None)
+    server = subprocess.Popen([sys.executable, "-m", "inferos_cli", "serve", "--model", str(stories_onnx),
+                               "--profile", "baseline", "--port", str(port)], cwd=REPO, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}/api/v1"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+                    model = json.loads(resp.read())["model_loaded"]
+                    break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                err = server.stderr.read().decode("utf-8", "replace") if server.stderr else ""
+                pytest.fail(f"inferos serve did not come up: {err[-800:]}")
+            time.sleep(0.3)
+        yield {"url": url, "model": model, "env": env}
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _run16(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, "-m", "inferos_cli", "run", "Once upon a time", "--max-tokens", "16",
+                           *extra], capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    return proc
+
+
+def test_run_backend_lemonade_against_inferos_serve(served: dict[str, Any], stories_onnx: Path) -> None:
+    """`inferos run --backend lemonade` through a real `inferos serve` process: the same greedy text as the
+    in-process engine on the same model and profile, the counts from the server's usage chunk."""
+    env, url, model = served["env"], served["url"], served["model"]
+    local = _run16(env, "--model", str(stories_onnx), "--profile", "baseline", "--no-chat")
+    remote = _run16(env, "--model", model, "--backend", "lemonade", "--url", url, "--no-chat")
+    assert remote.stdout.strip() == local.stdout.strip() != ""
+    summary = remote.stderr.strip().splitlines()[-1]
+    assert re.match(r"16 tokens, prompt [1-9]\d* tokens", summary) and "lemonade (inferos-ort)" in summary, summary
+    events = [json.loads(x) for x in _run16(env, "--model", model, "--backend", "lemonade", "--url", url,
+                                            "--no-chat", "--json").stdout.splitlines()]
+    assert events[-1]["kind"] == "done" and events[-1]["generated"] == 16 and events[-1]["prompt_tokens"] > 0
+    assert "".join(e["text"] for e in events if e["kind"] == "token").strip() == local.stdout.strip()
+
+
+def test_run_backend_gaia_against_inferos_serve(served: dict[str, Any]) -> None:
+    """`inferos run --backend gaia`: the real GAIA CLI as a subprocess against `inferos serve`."""
+    if not GAIA_EXE:
+        pytest.skip("GAIA CLI not installed: pip install amd-gaia (or set INFEROS_GAIA_EXE to its executable)")
+    env = {**served["env"], "INFEROS_GAIA_EXE": GAIA_EXE}
+    proc = _run16(env, "--model", served["model"], "--backend", "gaia", "--url", served["url"])
+    assert proc.stdout.strip()  # GAIA applies the chat template, so this text differs from --no-chat
+    assert "gaia -> lemonade" in proc.stderr.strip().splitlines()[-1]
+    chat = subprocess.run([sys.executable, "-m", "inferos_cli", "run", "--backend", "gaia", "--url", served["url"],
+                           "--interactive"], capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+                          check=False)
+    assert chat.returncode == 2 and "runs one prompt" in chat.stderr and "Traceback" not in chat.stderr
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX mode bits are what marks a folder read-only here")
 @pytest.mark.parametrize("which", ["stories", "oga"])
 def test_read_only_model_folder_is_never_written(which: str, request: pytest.FixtureRequest,
@@ -127,10 +239,10 @@ def _readme_examples() -> list[list[str]]:
     """Every ``inferos ...`` line inside the README's fenced code blocks, split like a shell would."""
     text = (REPO / "README.md").read_text(encoding="utf-8")
     out = []
-    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.S):
+    for block in re.findall(r"```(?:bash|sh|console)?\n(.*?)```", text, flags=re.DOTALL):
         for line in block.splitlines():
             line = line.split("  #", 1)[0].strip()
-            for part in line.split("&&"):
+            for part in re.split(r"&&|\|", line):
                 words = shlex.split(part.strip())
                 if words and words[0] == "inferos":
                     out.append(words[1:])

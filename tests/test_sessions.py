@@ -158,3 +158,14 @@ def test_host_pool_is_not_claimed_as_an_ort_cap(tmp_path: Path) -> None:
     opts = plan.decode.session.get_session_options()
     with pytest.raises(RuntimeError):  # no env allocator: nothing pretends to cap the CPU arena
         opts.get_session_config_entry("session.use_env_allocators")
+
+
+def test_default_session_options_do_not_spin_and_use_half_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import psutil
+
+    opts = sessions.session_options(Policy(), "decode", None)
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.intra_op_num_threads == sessions.default_threads()
+    for physical, expected in ((1, 1), (2, 1), (4, 2), (8, 4), (64, 8)):
+        monkeypatch.setattr(psutil, "cpu_count", lambda logical=True, n=physical: n if not logical else 2 * n)
+        assert sessions.default_threads() == expected

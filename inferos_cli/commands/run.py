@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -10,6 +11,14 @@ import typer
 
 from inferos_cli.errors import UsageError
 from inferos_cli.options import ConfigOpt, ModelOpt, ProfileOpt, StrictDevicesOpt, ThreadsOpt
+
+
+class RunBackend(str, Enum):
+    """Where `inferos run` generates: in process, or through a server / the GAIA CLI."""
+
+    ort = "ort"
+    lemonade = "lemonade"
+    gaia = "gaia"
 
 
 def run(
@@ -45,6 +54,13 @@ def run(
                                                          "reports aggregate tokens/s.", show_default=False)] = None,
     threads: ThreadsOpt = None,
     strict_devices: StrictDevicesOpt = False,
+    backend: Annotated[RunBackend, typer.Option("--backend", case_sensitive=False,
+                                         help="ort: the in-process engine; lemonade: a Lemonade / OpenAI-compatible "
+                                         "server (or `inferos serve`) at --url; gaia: the GAIA CLI (pip install "
+                                         "amd-gaia) against --url. lemonade and gaia take one prompt.")] = RunBackend.ort,
+    url: Annotated[Optional[str], typer.Option("--url", help="Server for --backend lemonade|gaia (default: "
+                                               "LEMONADE_BASE_URL, then http://localhost:13305/api/v1, then :8000).",
+                                               show_default=False)] = None,
 ) -> None:
     """Generate text and show decode/prefill tokens/s, first-token latency, KV bytes, RSS, CPU/GPU/NPU use
     and the provider of each phase, live (at most 10 refreshes/s). In a pipe: the text, then one summary
@@ -69,6 +85,7 @@ def run(
         json_lines=json_lines, chat=chat, system=system, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), prefill_chunk=prefill_chunk,
         ignore_eos=ignore_eos, prompts_file=prompts_file, threads=threads, strict_devices=strict_devices,
+        backend=backend.value, url=url,
     ))
     if code:
         raise typer.Exit(code)

@@ -190,8 +190,11 @@ class Engine:
         self.has_logits_keep = "logits_keep" in self.input_names
         self.uses_gqa = bool(info.uses_gqa_op)
         self.providers = self.plan.providers()
-        self._bindings: dict[int, tuple[Any, Any]] = {}
+        self._bindings: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
         self._cpu_device = _raw_cpu_device()
+        # decode-loop scratch: one logits buffer per shape, reused while the caller asks for it (reuse=True)
+        self._logits_bufs: dict[tuple[int, int], np.ndarray] = {}
+        self._keep = {1: np.array([1], dtype=np.int64)}
         self._util_cache: tuple[float, dict[str, float | None]] | None = None
 
     def pressure_level(self) -> float:
@@ -245,6 +248,7 @@ class Engine:
         phase: Phase = "prefill",
         new_mask: np.ndarray | None = None,
         logits: Literal["all", "last"] = "all",
+        reuse: bool = False,
     ) -> np.ndarray:
         """Run ``input_ids`` (int64 ``[B, T]``) through ``phase``'s session against ``cache``; return logits
         ``[B, T, V]`` (``logits="last"``: ``[B, 1, V]`` for the last column when the graph can skip the
@@ -252,7 +256,11 @@ class Engine:
 
         ``new_mask`` (``[B, T]``, 1 = real token) marks padding among the new tokens; default all ones.
         ``position_ids`` continue each row's true length (``cache.seen_tokens`` when the cache keeps it,
-        else the row sum of its past mask)."""
+        else the row sum of its past mask).
+
+        ``reuse=True`` (the decode loops, which sample before the next step) lets the logits land in an
+        engine-owned buffer that the next ``reuse=True`` call of the same shape overwrites: no fresh
+        ``[B, 1, V]`` allocation (and its page faults) per token."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != cache.batch:
             raise ValueError(f"input_ids must be [batch={cache.batch}, T], got {ids.shape}")
@@ -264,7 +272,8 @@ class Engine:
         kept = t
         if self.has_logits_keep:
             kept = 1 if logits == "last" else t
-            small["logits_keep"] = np.array([kept], dtype=np.int64)
+            keep = self._keep.get(kept)
+            small["logits_keep"] = keep if keep is not None else np.array([kept], dtype=np.int64)
         if self.has_position_ids:
             base = getattr(cache, "seen_tokens", None)
             if base is None:
@@ -274,7 +283,7 @@ class Engine:
         ps = self.plan.prefill if phase == "prefill" else self.plan.decode
         out_bufs = cache.output_buffers(t) if hasattr(cache, "output_buffers") else None
         if out_bufs:
-            out = self._run_bound(ps.session, small, out_bufs, cache, (b, kept))
+            out = self._run_bound(ps.session, small, out_bufs, cache, (b, kept), reuse)
             presents = out_bufs
         else:
             feeds = dict(cache.feeds())
@@ -288,11 +297,14 @@ class Engine:
 
     def _run_bound(
         self, session: Any, small: dict[str, np.ndarray], out_bufs: dict[str, np.ndarray], cache: Any,
-        bt: tuple[int, int],
+        bt: tuple[int, int], reuse: bool = False,
     ) -> np.ndarray:
         """Run with an IOBinding whose past inputs and present outputs are the cache's shared buffers.
         The binding of the buffers is kept while they do not move (``cache.generation`` unchanged), so a
-        step binds only ``input_ids``, ``attention_mask`` (and ``position_ids``) and the logits."""
+        step binds only ``input_ids``, ``attention_mask`` (and ``position_ids``) and the logits; of those,
+        an array already bound at the same address with the same shape and dtype (the decode loop's
+        token array, the constant ``logits_keep``, a reused logits buffer) is not bound again: a binding
+        is a pointer that ORT reads at run time, so the current contents are what it sees."""
         key = getattr(cache, "generation", None)
         entry = self._bindings.get(id(session))
         if entry is None or key is None or entry[0] != key:
@@ -301,17 +313,28 @@ class Engine:
                 io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             for name, arr in out_bufs.items():
                 io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-            self._bindings[id(session)] = entry = (key, io)
-        io = entry[1]
-        logits = np.empty((bt[0], bt[1], self.info.vocab_size), dtype=np.float32)
+            entry = (key, io, {})
+            self._bindings[id(session)] = entry
+        io, bound = entry[1], entry[2]
+        logits = self._logits_bufs.get(bt) if reuse else None
+        if logits is None:
+            logits = np.empty((bt[0], bt[1], self.info.vocab_size), dtype=np.float32)
+            if reuse:
+                self._logits_bufs[bt] = logits
         raw = getattr(io, "_iobinding", None)
         sess = getattr(session, "_sess", None)
         dev = self._cpu_device
         if raw is not None and sess is not None and dev is not None:
             # the pybind objects directly: the public wrapper builds an OrtDevice per bind call
             for name, arr in small.items():
-                raw.bind_input(name, dev, arr.dtype, list(arr.shape), arr.ctypes.data)
-            raw.bind_output("logits", dev, logits.dtype, list(logits.shape), logits.ctypes.data)
+                sig = (arr.ctypes.data, arr.shape, arr.dtype)
+                if bound.get(name) != sig:
+                    raw.bind_input(name, dev, arr.dtype, list(arr.shape), sig[0])
+                    bound[name] = sig
+            sig = (logits.ctypes.data, logits.shape, logits.dtype)
+            if bound.get("logits") != sig:
+                raw.bind_output("logits", dev, logits.dtype, list(logits.shape), sig[0])
+                bound["logits"] = sig
             sess.run_with_iobinding(raw, None)
         else:  # pragma: no cover - other onnxruntime builds
             for name, arr in small.items():
@@ -415,7 +438,7 @@ class Engine:
             if state.finish is not None:
                 break
             step[0, 0] = tok
-            logits = self.forward(step, cache, phase="decode", logits="last")
+            logits = self.forward(step, cache, phase="decode", logits="last", reuse=True)
             tok = sample(logits[0, -1], config, state.rng, state.seen)
             now = time.perf_counter()
         yield self._done(state, cache, state.finish)
@@ -574,7 +597,7 @@ class Engine:
                 toks = [toks[p] for p in still]
                 active = [active[p] for p in still]
             step = np.asarray(toks, dtype=np.int64).reshape(-1, 1)
-            logits = self.forward(step, cache, phase="decode", logits="last")
+            logits = self.forward(step, cache, phase="decode", logits="last", reuse=True)
             toks = []
             for pos, row in enumerate(active):
                 s = states[row]

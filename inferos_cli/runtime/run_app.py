@@ -37,6 +37,8 @@ class RunRequest:
     prompts_file: Path | None = None
     threads: int | None = None
     strict_devices: bool = False
+    backend: str = "ort"  # ort (in process) | lemonade | gaia (runtime.backends)
+    url: str | None = None
 
     def generation(self) -> GenerationConfig:
         """The sampling/stop settings."""
@@ -77,6 +79,10 @@ def run_request(req: RunRequest) -> int:
 
     tty = _stdout_is_terminal()
     mode = "json" if req.json_lines else ("live" if tty else "plain")
+    if req.backend != "ort":
+        return _remote(req, mode, Console())
+    if req.url is not None:
+        raise UsageError("--url is for --backend lemonade or gaia", "add --backend lemonade, or drop --url")
     engine = Engine.load(req.model, req.profile, req.config, threads=req.threads,
                          strict_devices=req.strict_devices, progress=tty and not req.json_lines)
     for line in getattr(engine.plan, "warnings", lambda: [])():
@@ -109,6 +115,34 @@ def run_request(req: RunRequest) -> int:
     finally:
         if telemetry is not None:
             telemetry.stop()
+
+
+def _remote(req: RunRequest, mode: str, console: Any) -> int:
+    """One prompt through a Lemonade-compatible server or the GAIA CLI (``runtime.backends``): the same
+    events, view and summary as the in-process engine; timings are measured client-side by the backend."""
+    from inferos_cli.runtime.backends import open_backend
+    from inferos_cli.ui.run_table import RunSnapshot, summary_line
+
+    if req.interactive or req.prompts_file is not None:
+        raise UsageError(f"--backend {req.backend} runs one prompt (no --interactive / --prompts-file)",
+                         "pass a single PROMPT, or use the default --backend ort")
+    assert req.prompt is not None
+    backend = open_backend(req.backend, model=req.model, profile=req.profile, config=req.config, url=req.url,
+                           threads=req.threads, strict_devices=req.strict_devices)
+    try:
+        desc = backend.describe()
+        kv = (f"KV policy sent as llamacpp_args {desc['llamacpp_args']!r}" if desc.get("llamacpp_args")
+              else "KV cache managed by the server")
+        snap = RunSnapshot(model=str(desc.get("model") or "server default"), profile=req.profile or "default",
+                           kv_backend=f"{req.backend} at {desc.get('url')}: {kv}",
+                           providers=dict(desc.get("providers") or {}))
+        _show(backend.generate(req.prompt, req.generation(), chat=req.chat, system=req.system), snap, mode,
+              console, None)
+        if mode != "json":
+            _err(summary_line(snap))
+        return 130 if snap.finish_reason == "interrupted" else 0
+    finally:
+        backend.close()
 
 
 def _show(events: Any, snap: Any, mode: str, console: Any, snap_fn: Any, stream_text: bool = True) -> dict[int, str]:

@@ -238,9 +238,12 @@ def bench_lines(snapshot: dict[str, Any]) -> list[str]:
 
 
 def short_reason(row: dict[str, Any], limit: int = 160) -> str:
-    """``status: reason`` cut to ``limit`` characters for tables (the JSON keeps the whole reason)."""
+    """``status: reason`` cut to ``limit`` characters, start and end kept, for tables (the JSON keeps it all)."""
     text = f"{row['status']}: {row['reason']}"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    head = limit // 3
+    return text[:head] + " ... " + text[-(limit - head - 5):]  # keep the start and the cause at the end
 
 
 def _md_escape(text: str) -> str:

@@ -75,6 +75,9 @@ class RunSnapshot:
             self.aggregate_tps = batch["tokens_per_s"]
         if event.kind == "done" and event.finish_reason:
             self.finish_reason = event.finish_reason
+        if event.kind == "done" and self.rows == 1:  # remote backends learn the counts only from the usage/stats
+            self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
+            self.generated = max(self.generated, event.generated)
 
     def update_telemetry(self, snap: dict[str, Any]) -> None:
         """Fold a ``TelemetrySampler.snapshot()`` in (values or None, plus reasons)."""
