@@ -4,6 +4,7 @@ Lemonade/OpenAI peer against a real `inferos serve` process on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -103,7 +104,7 @@ def inferos_server(stories_onnx: Path, tmp_path: Path) -> Iterator[str]:
     pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
     pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
     port = free_port()
-    env = {**__import__("os").environ, "INFEROS_HOME": str(tmp_path / "serve-home")}
+    env = {**os.environ, "INFEROS_HOME": str(tmp_path / "serve-home")}
     proc = subprocess.Popen([sys.executable, "-m", "inferos_cli", "serve", "--model", str(stories_onnx),
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}/api/v1"
