@@ -27,7 +27,7 @@ def need(path: Path) -> Path:
 def inferos_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own INFEROS_HOME and no stray INFEROS_* settings from the caller's shell."""
     for key in list(os.environ):
-        if key.startswith("INFEROS_") and key not in ("INFEROS_SHARED", "INFEROS_TEST_CACHE"):
+        if key.startswith("INFEROS_") and key not in ("INFEROS_SHARED", "INFEROS_TEST_CACHE", "INFEROS_GAIA_EXE"):
             monkeypatch.delenv(key, raising=False)
     home = tmp_path / "inferos-home"
     monkeypatch.setenv("INFEROS_HOME", str(home))

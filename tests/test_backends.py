@@ -166,6 +166,7 @@ def test_gaia_missing_is_one_clear_line(monkeypatch: pytest.MonkeyPatch) -> None
     from inferos_cli.runtime.backends.gaia import find_gaia
 
     monkeypatch.setenv("PATH", "")
+    monkeypatch.delenv("INFEROS_GAIA_EXE", raising=False)  # conftest keeps it for the GAIA tests
     with pytest.raises(BackendError) as err:
         find_gaia()
     assert "pip install amd-gaia" in err.value.one_line()

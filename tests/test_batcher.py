@@ -211,3 +211,174 @@ def test_failed_prefill_fails_only_its_request(stories_engine: Any, monkeypatch:
     with pytest.raises(RuntimeError, match="prefill failed"):
         list(bad_it)
     batcher.close()
+
+
+def _drain_with_timeout(its: list[Any], timeout: float = 120.0) -> list[tuple[list[Any], BaseException | None]]:
+    """Consume each iterator in its own thread; a hang fails the test instead of blocking it."""
+    out: list[Any] = [None] * len(its)
+
+    def consume(i: int) -> None:
+        evs: list[Any] = []
+        try:
+            for ev in its[i]:
+                evs.append(ev)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+            out[i] = (evs, exc)
+            return
+        out[i] = (evs, None)
+
+    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(len(its))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert all(o is not None for o in out), "a request never got a terminal event (hang)"
+    return out
+
+
+def test_merge_raising_inferos_error_queues_instead_of_killing_the_worker(
+        stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferos_cli.errors import InferosError
+    from inferos_cli.kv.plain import PlainCache
+
+    class Refuses(PlainCache):
+        """Like the segmented cache on a GQA graph: merging rows raises an InferosError."""
+
+        def merge(self, other: Any) -> None:
+            raise InferosError("the segmented KV cache cannot batch rows of different lengths", "use batch 1")
+
+    eng = stories_engine
+    monkeypatch.setattr(eng, "new_cache", lambda batch=1, capacity=None: Refuses(eng.info, batch))
+    ids = [eng.tokenizer.encode(p) for p in STORY_PROMPTS[:3]]
+    cfg = GenerationConfig(max_tokens=5, ignore_eos=True)
+    ref = [alone(eng, p, cfg) for p in ids]
+    with ContinuousBatcher(eng, max_batch=4) as batcher:  # the real worker thread
+        outs = _drain_with_timeout([batcher.submit(p, cfg) for p in ids])
+        stats = batcher.stats()
+    assert [err for _, err in outs] == [None, None, None]
+    assert [[e.token_id for e in evs if e.kind == "token"] for evs, _ in outs] == ref
+    assert stats["can_merge"] is False and stats["peak_batch"] == 1 and stats["admitted"] == 3
+    assert "cannot batch rows of different lengths" in stats["merge_reason"]
+
+
+def test_worker_failure_reaches_every_request(stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = stories_engine
+    real_event = eng._prefill_event
+    gate = threading.Event()
+    seen: list[int] = []
+
+    def failing_event(state: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(1)
+        if len(seen) == 2:  # the second admission fails outside the per-request prefill guard
+            gate.wait(timeout=60)
+            raise ValueError("admission exploded")
+        return real_event(state, *args, **kwargs)
+
+    monkeypatch.setattr(eng, "_prefill_event", failing_event)
+    ids = [eng.tokenizer.encode(p) for p in STORY_PROMPTS[:4]]
+    cfg = GenerationConfig(max_tokens=200, ignore_eos=True)
+    batcher = ContinuousBatcher(eng, max_batch=2)
+    first = batcher.submit(ids[0], cfg)
+    assert next(first).kind == "prefill"  # row 1 is active
+    others = [batcher.submit(p, cfg) for p in ids[1:]]  # one being admitted, two waiting (max_batch 2)
+    gate.set()
+    outs = _drain_with_timeout([first, *others])
+    for _, err in outs:
+        assert isinstance(err, RuntimeError) and "batcher worker failed" in str(err)
+    with pytest.raises(UsageError, match="closed"):
+        batcher.submit(ids[0], cfg)
+    batcher.close()
+
+
+def test_submits_racing_a_worker_failure_never_hang(stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = stories_engine
+    ids = eng.tokenizer.encode("Once upon a time")
+    cfg = GenerationConfig(max_tokens=3, ignore_eos=True)
+
+    real_forward = eng.forward
+
+    def broken_forward(ids: Any, cache: Any, *, phase: str, **kwargs: Any) -> Any:
+        if phase == "decode":  # the worker's own step fails (prefill failures stay per-request)
+            raise ValueError("decode exploded")
+        return real_forward(ids, cache, phase=phase, **kwargs)
+
+    monkeypatch.setattr(eng, "forward", broken_forward)
+    batcher = ContinuousBatcher(eng, max_batch=2)
+    its: list[Any] = []
+    refused: list[BaseException] = []
+    lock = threading.Lock()
+
+    def submitter() -> None:
+        import time
+
+        deadline = time.monotonic() + 60  # keep submitting until the failed worker closes the batcher
+        while time.monotonic() < deadline:
+            try:
+                it = batcher.submit(ids, cfg)
+            except UsageError as exc:
+                with lock:
+                    refused.append(exc)
+                return
+            with lock:
+                its.append(it)
+
+    threads = [threading.Thread(target=submitter) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    outs = _drain_with_timeout(its)  # every accepted request terminates: an error or its events
+    assert refused, "submits after the worker failed must be refused"
+    assert its and all(isinstance(err, RuntimeError) and "decode exploded" in str(err) for _, err in outs)
+    batcher.close()
+
+
+def test_stats_count_a_request_being_admitted(stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    eng = stories_engine
+    real = eng._prefill
+    entered, release = threading.Event(), threading.Event()
+
+    def slow_prefill(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(eng, "_prefill", slow_prefill)
+    cfg = GenerationConfig(max_tokens=3, ignore_eos=True)
+    with ContinuousBatcher(eng, max_batch=2) as batcher:
+        it = batcher.submit(eng.tokenizer.encode("One day"), cfg)
+        assert entered.wait(timeout=60)
+        mid = batcher.stats()
+        release.set()
+        outs = _drain_with_timeout([it])
+        end = batcher.stats()
+    assert mid["waiting"] == 1 and mid["admitting"] == 1 and mid["active"] == 0
+    assert outs[0][1] is None and end["waiting"] == 0 and end["admitting"] == 0 and end["admitted"] == 1
+
+
+def test_long_running_batch_cache_stays_as_long_as_its_longest_row(stories_engine: Any) -> None:
+    """A batch that never empties: retired rows' columns are dropped by PlainCache.select (the one mechanism),
+    so the shared past is always exactly as wide as its longest live row, not the whole history."""
+    eng = stories_engine
+    prompts = [eng.tokenizer.encode(p) for p in STORY_PROMPTS]
+    batcher = ContinuousBatcher(eng, max_batch=2, start=False)
+    its = [batcher.submit(prompts[0], GenerationConfig(max_tokens=7, ignore_eos=True))]
+    widths: list[int] = []
+    total = 14
+    step = 0
+    while batcher.step():
+        step += 1
+        if len(its) < total and step % 3 == 0:  # a newcomer every 3 steps: the batch never drains
+            i = len(its)
+            its.append(batcher.submit(prompts[i % len(prompts)], GenerationConfig(max_tokens=5 + i % 4, ignore_eos=True)))
+        cache = batcher._cache
+        if cache is not None and cache.batch:
+            mask = cache.past_mask()
+            assert cache.past_len == int(mask.sum(axis=1).max()), "padding columns no live row uses were kept"
+            widths.append(cache.past_len)
+    assert all(collect(it)[1][-1].kind == "done" for it in its)
+    history = sum(len(prompts[i % len(prompts)]) + 5 + i % 4 for i in range(total))
+    longest = max(len(p) for p in prompts) + 9
+    assert max(widths) <= longest < history  # bounded by one row, not by everything the batch ever held
+    assert batcher.stats()["admitted"] == total
+    batcher.close()

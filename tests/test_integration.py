@@ -305,21 +305,33 @@ def test_readme_example_uses_real_commands_and_options(words: list[str]) -> None
                 f"README uses '{option}' but 'inferos {' '.join(path)} --help' has no such option"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known bug (found by INTEG): on GroupQueryAttention graphs with a segmented KV profile, a right-padded batch "
-    "row diverges from the same prompt run alone after 2-3 tokens (baseline profile: equal). Suspected cause: "
-    "merged rows keep masked padding columns in the middle of the past, while GQA reads each row's first "
-    "sum(attention_mask) columns"))
-def test_gqa_batch_with_kv_profile_equals_single_rows(oga_dir: Path) -> None:
-    """Greedy rows of a batch equal the same prompts run alone, on the OGA graph with the int8 KV profile
-    (the baseline profile passes the same check in test_batch / test_batcher)."""
+def test_gqa_batch_with_kv_profile_equals_single_rows(oga_dir: Path, tmp_path: Path) -> None:
+    """Greedy rows of a right-padded batch equal the same prompts run alone, on the OGA GroupQueryAttention graph
+    with the int8 KV profile (segmented cache, masked padding columns mid-past, explicit positions).
+
+    The graph is a copy with ``MatMulNBits.accuracy_level = 0``: at the shipped level 4 (int8 activations)
+    float-rounding differences between padded and unpadded shapes (~5e-5) become logit differences of ~0.4,
+    enough to flip near-ties (measured by INTEG: first decode step, batch vs alone, 0.36 at level 4 vs 4.8e-5
+    at level 0), so exact greedy equality is only a fair test at level 0."""
+    import onnx
+
     from inferos_cli.runtime.engine import Engine
     from inferos_cli.runtime.sampling import GenerationConfig
 
-    engine = Engine.load(str(oga_dir.parent), "int8", threads=1)
+    src, dst = oga_dir.parent, tmp_path / "oga-acc0"
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("*.inferos-*", ".*", "model.onnx"))
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        for attr in node.attribute:
+            if node.op_type == "MatMulNBits" and attr.name == "accuracy_level":
+                attr.i = 0
+    onnx.save(model, str(dst / "model.onnx"))
+
+    engine = Engine.load(str(dst), "int8", threads=1)
+    assert engine.info.uses_gqa_op
     cfg = GenerationConfig(max_tokens=8, ignore_eos=True)
     prompts = [engine.encode_prompt(p, chat=False) for p in ("Water boils at", "The capital of France is")]
-    assert len(prompts[0]) < len(prompts[1])  # the first row is right-padded in the batch
+    assert len(prompts[0]) < len(prompts[1])  # the first row is padded in the batch
     rows: dict[int, list[int]] = {}
     for ev in engine.generate_batch(prompts, cfg):
         if ev.kind == "token":

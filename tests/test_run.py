@@ -163,3 +163,40 @@ def test_ctrl_c_stops_cleanly_with_summary(oga_dir: Path, tmp_path: Path) -> Non
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err.decode()
     assert b"finish interrupted" in err and b"Traceback" not in err
+
+
+def _lossy_config(tmp_path: Path) -> Path:
+    """A settings file whose quality budget a narrow int4 window must exceed (delta-PPL > 0 measured)."""
+    path = tmp_path / "tight.toml"
+    path.write_text("[quality]\nmax_delta_ppl = 0.0\n[kv]\nrecent_window = 16\nsink_tokens = 0\n", encoding="utf-8")
+    return path
+
+
+def test_auto_tune_decisions_in_json_and_summary(stories_onnx: Path, tmp_path: Path) -> None:
+    cfg = _lossy_config(tmp_path)
+    result = invoke("Once upon a time", "--model", str(stories_onnx), "-n", "4", "-p", "int4", "--config", str(cfg),
+                    "--auto-tune", "--json", "--threads", "1")
+    assert result.exit_code == 0, result.output
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    tune = lines[0]
+    assert tune["kind"] == "autotune" and [d["kind"] for d in lines[1:]][0] == "prefill"
+    assert lines[-1]["kind"] == "done"
+    assert tune["before"]["recent_window"] == 16 and tune["decisions"], tune
+    first = tune["decisions"][0]
+    assert "max_delta_ppl" in first["reason"] and first["details"]["measured_current"]["delta_ppl"] > 0
+    assert tune["policy"]["recent_window"] > 16  # loosened, and the engine ran the tuned policy
+    # plain mode: the decision (with its reason) is in the summary line
+    plain = invoke("Once upon a time", "--model", str(stories_onnx), "-n", "4", "-p", "int4", "--config", str(cfg),
+                   "--target-tps", "1000000", "--threads", "1")
+    assert plain.exit_code == 0, plain.output
+    summary = plain.stderr.strip().splitlines()[-1]
+    assert "auto-tune: 1 decision(s): delta_ppl_est" in summary and "recent window 32 tokens" in summary
+    assert "--target-tps 1000000.0 tok/s not evaluated" in summary
+
+
+def test_auto_tune_on_baseline_and_remote_backend(stories_onnx: Path) -> None:
+    result = invoke("Once upon a time", "--model", str(stories_onnx), "-n", "2", "-p", "baseline", "--auto-tune")
+    assert result.exit_code == 0, result.output
+    assert "auto-tune: no change (KV policy off (baseline): nothing to tune)" in result.stderr.strip().splitlines()[-1]
+    result = invoke("x", "--backend", "lemonade", "--auto-tune", "--url", "http://127.0.0.1:9")
+    assert result.exit_code == 2 and "--auto-tune tunes the in-process engine" in result.output

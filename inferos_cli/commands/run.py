@@ -61,6 +61,12 @@ def run(
     url: Annotated[Optional[str], typer.Option("--url", help="Server for --backend lemonade|gaia (default: "
                                                "LEMONADE_BASE_URL, then http://localhost:13305/api/v1, then :8000).",
                                                show_default=False)] = None,
+    auto_tune: Annotated[bool, typer.Option("--auto-tune", help="Before generating, measure the KV policy "
+                                            "against the baseline on a calibration text and adjust it "
+                                            "(quality budget, memory pressure); the decisions are shown.")] = False,
+    target_tps: Annotated[Optional[float], typer.Option("--target-tps", min=0.1, help="Auto-tuner throughput "
+                                                        "target in tokens/s (implies --auto-tune).",
+                                                        show_default=False)] = None,
 ) -> None:
     """Generate text and show decode/prefill tokens/s, first-token latency, KV bytes, RSS, CPU/GPU/NPU use
     and the provider of each phase, live (at most 10 refreshes/s). In a pipe: the text, then one summary
@@ -70,6 +76,8 @@ def run(
     the context end (finish reason ``length``).
 
     Example: inferos run "Tell me a story" --max-tokens 128
+
+    Example: inferos run "Tell me a story" --profile int4 --auto-tune
     """
     from inferos_cli.runtime.run_app import RunRequest, run_request
 
@@ -85,7 +93,7 @@ def run(
         json_lines=json_lines, chat=chat, system=system, temperature=temperature, top_k=top_k, top_p=top_p,
         repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), prefill_chunk=prefill_chunk,
         ignore_eos=ignore_eos, prompts_file=prompts_file, threads=threads, strict_devices=strict_devices,
-        backend=backend.value, url=url,
+        backend=backend.value, url=url, auto_tune=auto_tune or target_tps is not None, target_tps=target_tps,
     ))
     if code:
         raise typer.Exit(code)

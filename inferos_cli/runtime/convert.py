@@ -36,7 +36,7 @@ from inferos_cli.runtime.convert_graph import (
     quantize_rtn,
 )
 
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: ReduceSum block sums, Gemm(transB) offsets
 DTYPES = ("fp32", "fp16", "int8", "int4")
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 META_FILE = "inferos.json"

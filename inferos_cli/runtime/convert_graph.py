@@ -79,7 +79,8 @@ class QuantWeight:
     block) when given, else the symmetric midpoint (8 for 4-bit, 128 for 8-bit), and ``min`` is ``mins``
     (float, per block) when given, else 0. GGUF Q4_1 (``d*q + m``) is stored exactly as
     ``d*(q - 8) + (m + 8d)``: the fast symmetric ``MatMulNBits`` plus a per-block offset term that the graph
-    adds as ``blocksum(x) @ mins^T`` (MatMulNBits' own float zero points take ORT's slow unpacked path).
+    adds as ``Gemm(blocksum(x), mins, y, transB=1)`` (MatMulNBits' own float zero points take ORT's slow
+    unpacked path).
     """
 
     bits: int
@@ -348,7 +349,7 @@ class DecoderBuilder:
         return w.op("MatMul", x, weight_t)
 
     def quant_inits(self, weight: QuantWeight, name: str) -> dict[str, str]:
-        """Initializers of a block-quantized weight: qweight, scales, zero_points, minsT."""
+        """Initializers of a block-quantized weight: qweight, scales, zero_points, mins (``[N, K/32]``)."""
         w = self.w
         names = {
             "qweight": w.init(name + ".qweight", weight.data),
@@ -357,11 +358,13 @@ class DecoderBuilder:
         if weight.zero_points is not None:
             names["zero_points"] = w.init(name + ".zero_points", weight.packed_zero_points())
         if weight.mins is not None:
-            names["minsT"] = w.init(name + ".minsT", np.ascontiguousarray(weight.mins.T.astype(np.float32)))
+            names["mins"] = w.init(name + ".mins", np.ascontiguousarray(weight.mins.astype(np.float32)))
         return names
 
     def nbits(self, x: str, weight: QuantWeight, names: dict[str, str], bias: str | None = None) -> str:
-        """``MatMulNBits`` (+ the exact per-block offset ``Gemm(blocksum(x), mins^T, y)`` when the weight has mins)."""
+        """``MatMulNBits`` (+ the exact per-block offset ``Gemm(blocksum(x), mins, y, transB=1)`` when the weight
+        has mins). ``mins`` stays ``[N, K/32]`` (each output's block offsets contiguous, and the embedding
+        gathers its rows directly)."""
         w = self.w
         n, k = weight.shape
         inputs = [x, names["qweight"], names["scales"]]
@@ -371,17 +374,18 @@ class DecoderBuilder:
             inputs += [""] * (5 - len(inputs)) + [bias]  # A, B, scales, zero_points, g_idx, bias
         y = w.op("MatMulNBits", *inputs, domain="com.microsoft", K=k, N=n, bits=weight.bits, block_size=BLOCK,
                  accuracy_level=self.accuracy_level)
-        if "minsT" in names:
-            y = w.op("Gemm", self.block_sums(x, k), names["minsT"], y)
+        if "mins" in names:
+            y = w.op("Gemm", self.block_sums(x, k), names["mins"], y, transB=1)
         return y
 
     def block_sums(self, x: str, k: int) -> str:
-        """``x [M, K]`` summed over each block of 32 columns, ``[M, K/32]`` (one MatMul; cached per input)."""
+        """``x [M, K]`` summed over each block of 32 columns, ``[M, K/32]`` (``ReduceSum`` over a
+        ``[M, K/32, 32]`` view; cached per input), instead of a ``MatMul`` with a 0/1 block-indicator matrix:
+        no indicator initializer, same perplexity (36.74 vs 36.76 on 8192 wikitext-2 tokens, float
+        summation order), decode CPU per token 0.985x together with the ``transB`` offset (within noise)."""
         if x not in self._block_sums:
-            key = f"block_indicator_{k}"
-            if key not in self.w.names:
-                self.w.init(key, np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32)))
-            self._block_sums[x] = self.w.op("MatMul", x, key)
+            shaped = self.w.op("Reshape", x, self.w.const([-1, k // BLOCK, BLOCK]))
+            self._block_sums[x] = self.w.op("ReduceSum", shaped, self.w.const([-1]), keepdims=0)
         return self._block_sums[x]
 
     def fused_linear(self, x: str, parts: list[Weight], name: str, biases: list[np.ndarray | None],
@@ -483,8 +487,12 @@ class DecoderBuilder:
         g = w.init(name + ".weight", gamma.astype(np.float32))
         if first or x is None:
             return w.op("SimplifiedLayerNormalization", residual, g, axis=-1, epsilon=self.spec.rms_eps), residual
-        normed, _, _, total = w.node("SkipSimplifiedLayerNormalization", [x, residual, g], n_out=4,
-                                     domain="com.microsoft", epsilon=self.spec.rms_eps)
+        # outputs 1 and 2 (mean, inverse std) left unnamed, as onnxruntime-genai's graphs do: ORT then does
+        # not allocate them. SmolLM2-135M Q4_1: decode 1.058x tokens/s, 0.94x CPU per token (paired medians
+        # of 18 rotating-order rounds against the previous graph; the offset changes above included).
+        normed, total = w.fresh("norm"), w.fresh("residual")
+        w.node("SkipSimplifiedLayerNormalization", [x, residual, g], outputs=[normed, "", "", total],
+               domain="com.microsoft", epsilon=self.spec.rms_eps)
         return normed, total
 
     def _mask(self) -> str:
@@ -530,8 +538,8 @@ class DecoderBuilder:
         q = w.op("Sub", w.op("Cast", rows, to=1), w.const(float(1 << (embed.bits - 1)), np.float32))
         scales = w.op("Gather", w.op("Reshape", names["scales"], w.const([n, nb, 1])), ids, axis=0)
         vals = w.op("Mul", q, scales)
-        if "minsT" in names:
-            mins = w.op("Gather", w.op("Transpose", names["minsT"], perm=[1, 0]), ids, axis=0)  # [M, nb]
+        if "mins" in names:
+            mins = w.op("Gather", names["mins"], ids, axis=0)  # [M, nb]
             vals = w.op("Add", vals, w.op("Unsqueeze", mins, w.const([-1])))
         return w.op("Reshape", vals, w.const([-1, k]))
 

@@ -4,6 +4,7 @@ generate (one prompt, a batch from a file, or an interactive chat) and show the 
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +40,8 @@ class RunRequest:
     strict_devices: bool = False
     backend: str = "ort"  # ort (in process) | lemonade | gaia (runtime.backends)
     url: str | None = None
+    auto_tune: bool = False  # measure and adjust the KV policy before generating (runtime.autotune)
+    target_tps: float | None = None
 
     def generation(self) -> GenerationConfig:
         """The sampling/stop settings."""
@@ -47,6 +50,62 @@ class RunRequest:
             repetition_penalty=self.repetition_penalty, seed=self.seed, stop=list(self.stop),
             prefill_chunk=self.prefill_chunk, ignore_eos=self.ignore_eos,
         )
+
+
+@dataclass
+class AutoTuneResult:
+    """What ``run --auto-tune`` measured and decided before generating."""
+
+    decisions: list[dict[str, Any]]
+    policy: dict[str, Any]  # the knobs after tuning (autotune.summary)
+    before: dict[str, Any]  # the knobs as resolved
+    target_tps: float | None = None
+
+    def line(self) -> str:
+        """One line for stderr: every decision with its reason, or why nothing changed."""
+        kv = self.policy
+        knobs = (f"kv {kv['mode']}" if kv.get("mode") == "disabled" else
+                 f"kv {kv['mode']} {kv['quant']}, recent window {kv['recent_window']} tokens")
+        tps_note = ""
+        if self.target_tps and not any("tok/s" in str(d.get("reason")) for d in self.decisions):
+            tps_note = (f"; --target-tps {self.target_tps:.1f} tok/s not evaluated (no request throughput is "
+                        "measured before a one-shot run)")
+        if not self.decisions:
+            why = ("KV policy off (baseline): nothing to tune" if kv.get("mode") == "disabled"
+                   else "the measured policy is within the quality budget")
+            return f"auto-tune: no change ({why}); {knobs}{tps_note}"
+        reasons = "; ".join(str(d.get("reason")) for d in self.decisions)
+        return f"auto-tune: {len(self.decisions)} decision(s): {reasons}; now {knobs}{tps_note}"
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``--json`` line (``kind`` ``autotune``), printed before the generation events."""
+        return {"kind": "autotune", "decisions": self.decisions, "policy": self.policy, "before": self.before,
+                "target_tps": self.target_tps}
+
+
+def _tuned_engine(req: RunRequest, *, progress: bool, quiet: bool) -> tuple[Any, AutoTuneResult]:
+    """Resolve model and settings once, let the auto-tuner measure and adjust the policy
+    (``autotune.tune_for_run``), then load the engine with the tuned policy."""
+    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.runtime.autotune import summary, tune_for_run
+    from inferos_cli.runtime.engine import Engine, resolve_model_info
+    from inferos_cli.settings import Resolved
+
+    info = resolve_model_info(req.model, progress=progress)
+    resolved = resolve_settings(req.profile, param_count=info.param_count, config_path=req.config)
+    if not quiet:
+        _err("auto-tune: measuring the KV policy against the baseline on the calibration text ...")
+    policy, decisions = tune_for_run(info, resolved, target_tps=req.target_tps)
+    result = AutoTuneResult(decisions=[_plain_decision(d) for d in decisions], policy=summary(policy),
+                            before=summary(resolved.policy), target_tps=req.target_tps)
+    tuned = Resolved(policy=policy, sources=dict(resolved.sources), profiles=list(resolved.profiles),
+                     config_path=resolved.config_path)
+    return Engine(info, tuned, threads=req.threads, strict_devices=req.strict_devices), result
+
+
+def _plain_decision(entry: dict[str, Any]) -> dict[str, Any]:
+    """A history decision as JSON-able data (``t`` as a Unix time in seconds)."""
+    return json.loads(json.dumps({k: v for k, v in entry.items() if k != "type"}, default=str))
 
 
 def _stdout_is_terminal() -> bool:
@@ -83,8 +142,17 @@ def run_request(req: RunRequest) -> int:
         return _remote(req, mode, Console())
     if req.url is not None:
         raise UsageError("--url is for --backend lemonade or gaia", "add --backend lemonade, or drop --url")
-    engine = Engine.load(req.model, req.profile, req.config, threads=req.threads,
-                         strict_devices=req.strict_devices, progress=tty and not req.json_lines)
+    tuned: AutoTuneResult | None = None
+    if req.auto_tune:
+        engine, tuned = _tuned_engine(req, progress=tty and not req.json_lines, quiet=req.json_lines)
+        if mode == "json":
+            sys.stdout.write(json.dumps(tuned.to_json(), default=str) + "\n")
+            sys.stdout.flush()
+        else:
+            _err(tuned.line())
+    else:
+        engine = Engine.load(req.model, req.profile, req.config, threads=req.threads,
+                             strict_devices=req.strict_devices, progress=tty and not req.json_lines)
     for line in getattr(engine.plan, "warnings", lambda: [])():
         _err(f"warning: {line}")
     telemetry = _start_telemetry(engine)
@@ -101,7 +169,7 @@ def run_request(req: RunRequest) -> int:
         if req.interactive:
             return _interactive(engine, req, mode, console, new_snapshot, snap_fn)
         if req.prompts_file is not None:
-            return _batch(engine, req, mode, console, new_snapshot, snap_fn)
+            return _batch(engine, req, mode, console, new_snapshot, snap_fn, _tune_suffix(tuned))
         assert req.prompt is not None
         ids = engine.encode_prompt(req.prompt, chat=req.chat, system=req.system)
         snap = new_snapshot()
@@ -110,11 +178,16 @@ def run_request(req: RunRequest) -> int:
         if snap_fn is not None:
             snap.update_telemetry(snap_fn())
         if mode != "json":
-            _err(summary_line(snap))
+            _err(summary_line(snap) + _tune_suffix(tuned))
         return 130 if snap.finish_reason == "interrupted" else 0
     finally:
         if telemetry is not None:
             telemetry.stop()
+
+
+def _tune_suffix(tuned: AutoTuneResult | None) -> str:
+    """``, auto-tune: ...`` for the summary line (empty without --auto-tune)."""
+    return "" if tuned is None else ", " + tuned.line()
 
 
 def _remote(req: RunRequest, mode: str, console: Any) -> int:
@@ -123,6 +196,9 @@ def _remote(req: RunRequest, mode: str, console: Any) -> int:
     from inferos_cli.runtime.backends import open_backend
     from inferos_cli.ui.run_table import RunSnapshot, summary_line
 
+    if req.auto_tune:
+        raise UsageError(f"--auto-tune tunes the in-process engine, not --backend {req.backend}",
+                         "drop --auto-tune, or use the default --backend ort")
     if req.interactive or req.prompts_file is not None:
         raise UsageError(f"--backend {req.backend} runs one prompt (no --interactive / --prompts-file)",
                          "pass a single PROMPT, or use the default --backend ort")
@@ -167,7 +243,8 @@ def _start_telemetry(engine: Any) -> Any:
     return monitoring
 
 
-def _batch(engine: Any, req: RunRequest, mode: str, console: Any, new_snapshot: Any, snap_fn: Any) -> int:
+def _batch(engine: Any, req: RunRequest, mode: str, console: Any, new_snapshot: Any, snap_fn: Any,
+           suffix: str = "") -> int:
     from inferos_cli.ui.run_table import summary_line
 
     assert req.prompts_file is not None
@@ -181,7 +258,7 @@ def _batch(engine: Any, req: RunRequest, mode: str, console: Any, new_snapshot: 
         sys.stdout.flush()
         if snap_fn is not None:
             snap.update_telemetry(snap_fn())
-        _err(summary_line(snap))
+        _err(summary_line(snap) + suffix)
     return 130 if snap.finish_reason == "interrupted" else 0
 
 

@@ -349,14 +349,8 @@ class InferenceService:
             except ImportError:
                 self._batchers[key] = None
                 return None
-            if self.info.uses_gqa_op and policy.kv.enabled:
-                # kv/cache.py: the segmented cache cannot merge rows of different lengths on a
-                # GroupQueryAttention graph, so a batcher would fail at the second admission: queue instead
-                self._batchers[key] = None
-                self.record_decision("batcher", "requests are queued, not batched: the segmented KV cache cannot "
-                                     "batch rows of different lengths on a GroupQueryAttention graph "
-                                     "(use --profile baseline to batch this model)")
-                return None
+            # a cache that cannot merge rows (the segmented cache on a GroupQueryAttention graph) makes the
+            # batcher queue requests one row at a time by itself (ContinuousBatcher.merge_reason)
             batcher = self._new_batcher(policy)
             self._batchers[key] = batcher
             self._admissions[key] = 1
