@@ -258,18 +258,10 @@ class LemonadePeer(Runner):
         t_first = t_last = None
         chunks = 0
         usage: dict[str, Any] = {}
+        from inferos_cli.runtime.backends.lemonade import sse_lines
+
         with resp:
-            for raw in resp:
-                line = raw.decode("utf-8", "replace").strip()
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
-                    break
-                try:
-                    data = json.loads(payload)
-                except ValueError:
-                    continue
+            for data in sse_lines(resp):
                 if isinstance(data.get("usage"), dict):
                     usage = data["usage"]
                 for choice in data.get("choices") or []:
