@@ -25,6 +25,17 @@ def child(args: argparse.Namespace) -> None:
     from inferos_cli.runtime.evaluate import load_engines, peak_rss_bytes
 
     proc = psutil.Process()
+    if args.no_mem_pattern:  # experiment: ORT's memory-pattern planner off for every session of this run
+        from inferos_cli.runtime import sessions
+
+        plain = sessions.session_options
+
+        def no_pattern(*a, **k):  # type: ignore[no-untyped-def]
+            opts = plain(*a, **k)
+            opts.enable_mem_pattern = False
+            return opts
+
+        sessions.session_options = no_pattern
     info, engines = load_engines(args.model, [args.config], args.threads)
     eng = engines[0]
     ids = eng.tokenizer.encode(Path(args.text).read_text(encoding="utf-8")[: args.ctx * 12], add_bos=False)
@@ -55,6 +66,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--configs", default="baseline,int8,int4")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--no-mem-pattern", action="store_true", help="sessions with enable_mem_pattern=False")
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
@@ -67,6 +79,8 @@ def main() -> None:
                "--steps", str(args.steps), "--config", cfg]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
+        if args.no_mem_pattern:
+            cmd.append("--no-mem-pattern")
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     base = rows[0]

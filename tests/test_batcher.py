@@ -382,3 +382,49 @@ def test_long_running_batch_cache_stays_as_long_as_its_longest_row(stories_engin
     assert max(widths) <= longest < history  # bounded by one row, not by everything the batch ever held
     assert batcher.stats()["admitted"] == total
     batcher.close()
+
+
+def test_submit_paused_across_a_worker_failure_is_refused(stories_engine: Any,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministic form of the submit/close race: a submit that started before the worker failed and
+    queues after it must be refused (or answered), never left waiting on a dead worker."""
+    eng = stories_engine
+    ids = eng.tokenizer.encode("Once upon a time")
+    cfg = GenerationConfig(max_tokens=3, ignore_eos=True)
+    real_forward, real_check = eng.forward, eng.check_context
+    gate = threading.Event()
+
+    def broken_forward(x: Any, cache: Any, *, phase: str, **kwargs: Any) -> Any:
+        if phase == "decode":
+            raise ValueError("decode exploded")
+        return real_forward(x, cache, phase=phase, **kwargs)
+
+    def paused_check(n: int) -> Any:
+        if threading.current_thread().name == "late-submitter":
+            gate.wait(timeout=60)  # the worker fails while this submit is in flight
+        return real_check(n)
+
+    monkeypatch.setattr(eng, "forward", broken_forward)
+    monkeypatch.setattr(eng, "check_context", paused_check)
+    batcher = ContinuousBatcher(eng, max_batch=2)
+    late: dict[str, Any] = {}
+
+    def submit_late() -> None:
+        try:
+            late["it"] = batcher.submit(ids, cfg)
+        except UsageError as exc:
+            late["refused"] = exc
+
+    thread = threading.Thread(target=submit_late, name="late-submitter")
+    thread.start()
+    first = batcher.submit(ids, cfg)
+    (_, err), = _drain_with_timeout([first])
+    assert isinstance(err, RuntimeError)  # the worker is dead now
+    gate.set()
+    thread.join(timeout=60)
+    if "it" in late:
+        (_, late_err), = _drain_with_timeout([late["it"]], timeout=30)
+        assert late_err is not None
+    else:
+        assert "closed" in str(late["refused"])
+    batcher.close()

@@ -115,6 +115,8 @@ class SegmentedCache:
         self.fp_pos = np.full((self.cap_fp, b), -1, dtype=np.int64)
         self.fp_age = np.zeros(self.cap_fp, dtype=np.int64)
         self._clock = 0
+        self._plan: list | None = None  # feeds() plan, built on first use
+        self._range: np.ndarray | None = np.array([np.inf, -np.inf], dtype=np.float32)  # None: recompute
         self.tiers = [_Tier(name, {"key": config.plan.key_bits[name], "value": config.plan.value_bits[name]})
                       for name in config.plan.tiers]
         for tier in self.tiers:
@@ -180,21 +182,29 @@ class SegmentedCache:
     def feeds(self) -> dict[str, np.ndarray]:
         """Segment inputs of every layer, head-major: the first ``n`` columns of each capacity buffer
         (a contiguous copy of 1-byte codes; the fp window is a view once full), as the 2-D codes / 1-D
-        scales the rewritten graph takes."""
+        scales the rewritten graph takes. The (name, store, layer) plan is built once per cache."""
+        if getattr(self, "_plan", None) is None:
+            plan = []
+            for kind in KINDS:
+                by_bits = {t.bits[kind]: t for t in self.tiers}
+                for layer in range(self.L):
+                    names = self._names[(layer, kind)]
+                    for bits, tier in by_bits.items():
+                        seg = "q8" if bits == 8 else "q4"
+                        plan.append((tier, kind, layer, names[seg], names[seg + "s"], names[seg + "z"],
+                                     self.cfg.group if bits == 8 else self.D // 2))
+            self._plan = plan
+            self._fp_names = [(kind, layer, self._names[(layer, kind)]["fp"]) for kind in KINDS
+                              for layer in range(self.L)]
         out: dict[str, np.ndarray] = {}
-        g = self.cfg.group
-        for kind in KINDS:
-            by_bits = {t.bits[kind]: t for t in self.tiers}
-            for layer in range(self.L):
-                names = self._names[(layer, kind)]
-                for bits, tier in by_bits.items():
-                    seg = "q8" if bits == 8 else "q4"
-                    n = tier.n
-                    codes = np.ascontiguousarray(tier.codes[kind][layer, :, :, :n])
-                    out[names[seg]] = codes.reshape(-1, g) if bits == 8 else codes.reshape(-1, self.D // 2)
-                    out[names[seg + "s"]] = np.ascontiguousarray(tier.scale[kind][layer, :, :, :n]).reshape(-1)
-                    out[names[seg + "z"]] = np.ascontiguousarray(tier.zero[kind][layer, :, :, :n]).reshape(-1)
-                out[names["fp"]] = self.fp[kind][layer, :, :, : self.fp_n]
+        for tier, kind, layer, c_name, s_name, z_name, width in self._plan:
+            n = tier.n
+            out[c_name] = np.ascontiguousarray(tier.codes[kind][layer, :, :, :n]).reshape(-1, width)
+            out[s_name] = np.ascontiguousarray(tier.scale[kind][layer, :, :, :n]).reshape(-1)
+            out[z_name] = np.ascontiguousarray(tier.zero[kind][layer, :, :, :n]).reshape(-1)
+        fp_n = self.fp_n
+        for kind, layer, name in self._fp_names:
+            out[name] = self.fp[kind][layer, :, :, :fp_n]
         return out
 
     def past_mask(self) -> np.ndarray:
@@ -260,15 +270,35 @@ class SegmentedCache:
         self.fp_norm[idx] = norms
         self.fp_pos[idx] = pos
         self.fp_age[idx] = self._clock + np.arange(len(idx))
+        self._widen(norms)
         self._clock += len(idx)
 
     def _all_norms(self) -> np.ndarray:
         parts = [t.norm[: t.n].ravel() for t in self.tiers] + [self.fp_norm[: self.fp_n].ravel()]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
+    def _widen(self, norms: np.ndarray) -> None:
+        """Extend the cached min/max of the resident norms by newly stored ``norms`` (O(new tokens))."""
+        if self._range is None:
+            return
+        fin = np.asarray(norms, dtype=np.float32)
+        fin = fin[np.isfinite(fin)]
+        if fin.size:
+            self._range = np.array([min(self._range[0], fin.min()), max(self._range[1], fin.max())], np.float32)
+
+    def _norm_range(self) -> np.ndarray:
+        """``[min, max]`` of the finite norms of every resident column (what :func:`policy.importance`
+        normalises by), kept incrementally; recomputed only after columns were removed or rows changed."""
+        if self._range is None:
+            fin = self._all_norms()
+            fin = fin[np.isfinite(fin)]
+            self._range = (np.array([fin.min(), fin.max()], np.float32) if fin.size
+                           else np.array([np.inf, -np.inf], np.float32))
+        return self._range
+
     def _column_scores(self, norms: np.ndarray, extra: np.ndarray | None = None) -> np.ndarray:
         """One score per column (``norms`` ``[m, B]``): the max over the column's real rows."""
-        ref = self._all_norms() if extra is None else np.concatenate([self._all_norms(), extra.ravel()])
+        ref = self._norm_range() if extra is None else np.concatenate([self._norm_range(), extra.ravel()])
         s = pol.importance(norms, ref)
         s = np.where(np.isfinite(norms), s, -1.0)
         col = s.max(axis=1) if s.size else np.zeros(norms.shape[0], np.float32)
@@ -280,8 +310,11 @@ class SegmentedCache:
         m = mask.shape[0]
         if m == 0:
             return
-        scores = self._column_scores(norms, norms)
-        tier_of = pol.assign_tier(self.cfg.plan, scores, self.cfg.l1_int8, self._pressure())
+        if len(self.tiers) == 1:  # one tier: nothing to decide, no scoring
+            tier_of = np.zeros(m, dtype=np.int64)
+        else:
+            scores = self._column_scores(norms, norms)
+            tier_of = pol.assign_tier(self.cfg.plan, scores, self.cfg.l1_int8, self._pressure())
         if self.cfg.track:
             self.quantized_positions.append(pos[:, 0].copy())
         for ti, tier in enumerate(self.tiers):
@@ -307,11 +340,13 @@ class SegmentedCache:
             tier.zero[kind][:, :, :, sl] = qs[kind].zero
         tier.mask[sl], tier.norm[sl], tier.pos[sl] = mask, norms, pos
         tier.n += k
+        self._widen(norms)
 
     def _remove(self, tier: _Tier, drop: np.ndarray) -> None:
         """Compact ``tier`` without the columns flagged in ``drop`` (bool ``[n]``)."""
         keep = np.nonzero(~drop)[0]
         n = keep.size
+        self._range = None
         for kind in KINDS:
             for store in (tier.codes, tier.scale, tier.zero):
                 store[kind][:, :, :, :n] = store[kind][:, :, :, keep]
@@ -370,7 +405,7 @@ class SegmentedCache:
                        "KV memory is reduced by quantization only")
             return 0
         cands = []
-        ref = self._all_norms()
+        ref = self._norm_range()
         for ti, tier in enumerate(self.tiers):
             if tier.n == 0:
                 continue
@@ -436,6 +471,7 @@ class SegmentedCache:
         self.fp_mask, self.fp_norm, self.fp_pos = self.fp_mask[:, idx], self.fp_norm[:, idx], self.fp_pos[:, idx]
         self.seen_tokens = self.seen_tokens[idx]
         self._batch = len(idx)
+        self._range = None
 
     def merge(self, other: "SegmentedCache") -> None:  # type: ignore[override]
         """Append ``other``'s rows, padding each segment of the shorter one with masked columns."""
@@ -481,6 +517,7 @@ class SegmentedCache:
         self.seen_tokens = np.concatenate([self.seen_tokens, other.seen_tokens])
         self._batch = b0 + b1
         self.evicted += other.evicted
+        self._range = None
 
     def clone(self) -> "SegmentedCache":
         """A deep copy of the cached data (config and model facts shared), e.g. to branch a conversation."""

@@ -18,8 +18,13 @@ Each worker step:
 Attention masks keep rows apart; position ids continue each row's true length (``Engine.forward``), so a
 greedy sequence decoded in a batch equals the same sequence decoded alone.
 
-When a cache cannot merge rows (a cache type without ``merge`` support), requests are queued and run
-one batch-row at a time instead; their events say so in ``extra["batcher"]``.
+When a cache cannot merge rows (``merge`` raises anything: a cache type without support, or the
+segmented KV cache refusing rows of different lengths), requests are queued until the batch drains and
+run one batch-row at a time instead; their events say so in ``extra["batcher"]``.
+
+Failure: if the worker itself fails, every request not finished yet (waiting, being admitted or active)
+gets the error from its iterator and the batcher closes; ``submit`` on a closed batcher raises. Queueing
+and closing happen under one lock, so no request can slip in after the final hand-out and hang.
 """
 
 from __future__ import annotations
@@ -73,12 +78,13 @@ class ContinuousBatcher:
             raise UsageError(f"max_batch must be >= 1, got {max_batch}")
         self.engine = engine
         self.max_batch = int(max_batch)
-        self._incoming: "queue.Queue[_Request | None]" = queue.Queue()
-        self._waiting: list[_Request] = []
+        self._waiting: list[_Request] = []  # submitted, not admitted yet (guarded by _lock)
+        self._admitting: _Request | None = None  # popped from _waiting, prefilling/merging now
         self._active: list[_Request] = []
         self._cache: "KVCache | None" = None
         self._closed = threading.Event()
         self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
         self.can_merge = True
         self.merge_reason: str | None = None
         self.steps = 0
@@ -98,14 +104,16 @@ class ContinuousBatcher:
         re-raised from the iterator. Closing the iterator early retires the row at the next step.
         Events look like ``Engine.generate``'s (``seq`` 0, TTFT counted from this call, queueing
         included); ``extra["batcher"]`` holds the request id, the batch size and the admission step."""
-        if self._closed.is_set():
-            raise UsageError("the batcher is closed", "create a new ContinuousBatcher")
         prompt = [int(i) for i in prompt_ids]
         if not prompt:
             raise UsageError("empty prompt", "give at least one token")
         self.engine.check_context(len(prompt))
         req = _Request(next(_IDS), prompt, config or GenerationConfig(), time.perf_counter())
-        self._incoming.put(req)
+        with self._wake:  # the closed check and the queueing are one step w.r.t. _fail_all
+            if self._closed.is_set():
+                raise UsageError("the batcher is closed", "create a new ContinuousBatcher")
+            self._waiting.append(req)
+            self._wake.notify()
         return self._events(req)
 
     def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None) -> Iterator[Event]:
@@ -114,8 +122,9 @@ class ContinuousBatcher:
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop: the worker ends after its current step; unfinished requests get a UsageError."""
-        self._closed.set()
-        self._incoming.put(None)
+        with self._wake:
+            self._closed.set()
+            self._wake.notify()
         if self._thread is not None:
             self._thread.join(timeout=timeout)
         else:
@@ -128,10 +137,12 @@ class ContinuousBatcher:
         self.close()
 
     def stats(self) -> dict[str, Any]:
-        """Rows active and waiting, decode steps run, tokens generated, peak batch, merge support."""
+        """Rows active and waiting (a request being prefilled for admission counts as waiting, and as
+        ``admitting``), decode steps run, tokens generated, peak batch, merge support."""
         with self._lock:
+            admitting = 0 if self._admitting is None else 1
             return {
-                "active": len(self._active), "waiting": len(self._waiting) + self._incoming.qsize(),
+                "active": len(self._active), "waiting": len(self._waiting) + admitting, "admitting": admitting,
                 "steps": self.steps, "generated": self.generated, "peak_batch": self.peak_batch,
                 "admitted": self.admitted, "max_batch": self.max_batch, "can_merge": self.can_merge,
                 "merge_reason": self.merge_reason,
@@ -155,9 +166,9 @@ class ContinuousBatcher:
         """One worker iteration: take queued requests, admit, accept/retire, decode one token for the
         active rows. Returns False when there was nothing to do. The worker thread calls it in a loop;
         with ``start=False`` a caller may drive it by hand (single-threaded use and tests)."""
-        self._drain_incoming()
-        if not self._active and not self._waiting:
-            return False
+        with self._lock:
+            if not self._active and not self._waiting:
+                return False
         self._admit()
         self._accept_and_retire()
         if self._active:
@@ -166,12 +177,12 @@ class ContinuousBatcher:
 
     def _loop(self) -> None:
         try:
-            while not self._closed.is_set():
-                if not self._active and not self._waiting:
-                    item = self._incoming.get()
-                    if item is None:
+            while True:
+                with self._wake:
+                    while not self._closed.is_set() and not self._active and not self._waiting:
+                        self._wake.wait()
+                    if self._closed.is_set():
                         break
-                    self._waiting.append(item)
                 self.step()
         except BaseException as exc:  # deliver the failure to every waiting caller, never hang them
             err = exc if isinstance(exc, InferosError) else RuntimeError(f"batcher worker failed: {exc!r}")
@@ -180,41 +191,31 @@ class ContinuousBatcher:
         self._fail_all(UsageError("the batcher was closed before this request finished"))
 
     def _fail_all(self, err: BaseException) -> None:
-        """Hand ``err`` to every request not finished yet and forget them."""
-        self._closed.set()
-        pending = self._active + self._waiting
-        self._active, self._waiting, self._cache = [], [], None
-        while True:
-            try:
-                item = self._incoming.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                pending.append(item)
+        """Close, then hand ``err`` to every request not finished yet (active, being admitted, waiting)
+        and forget them. Under the lock: a concurrent ``submit`` either lands before (and gets ``err``)
+        or sees the batcher closed."""
+        with self._wake:
+            self._closed.set()
+            pending = self._active + ([self._admitting] if self._admitting is not None else []) + self._waiting
+            self._active, self._waiting, self._admitting, self._cache = [], [], None, None
         for req in pending:
             req.out.put(err)
-
-    def _drain_incoming(self) -> None:
-        while True:
-            try:
-                item = self._incoming.get_nowait()
-            except queue.Empty:
-                return
-            if item is None:
-                self._closed.set()
-                return
-            self._waiting.append(item)
 
     def _admit(self) -> None:
         """Prefill waiting requests in their own caches and merge them into the shared cache."""
         from inferos_cli.runtime.engine import _SeqState
 
         eng = self.engine
-        while self._waiting and len(self._active) < self.max_batch:
-            if not self.can_merge and self._active:
-                return  # queued: this cache type cannot take rows mid-flight
-            req = self._waiting.pop(0)
+        while True:
+            with self._lock:
+                if not self._waiting or len(self._active) >= self.max_batch:
+                    return
+                if not self.can_merge and self._active:
+                    return  # queued: this cache type cannot take rows mid-flight
+                req = self._admitting = self._waiting.pop(0)
             if req.cancelled.is_set():
+                with self._lock:
+                    self._admitting = None
                 req.out.put(_END)
                 continue
             if req.part is None:
@@ -227,6 +228,8 @@ class ContinuousBatcher:
                     part = eng.new_cache(1, capacity=len(req.prompt) + req.max_new + 1)
                     last = eng._prefill(np.asarray([req.prompt], dtype=np.int64), part, cfg.prefill_chunk)
                 except Exception as exc:  # this request fails alone; the running rows go on
+                    with self._lock:
+                        self._admitting = None
                     req.out.put(exc if isinstance(exc, InferosError) else RuntimeError(f"prefill failed: {exc!r}"))
                     continue
                 req.pending = sample(last[0], cfg, req.state.rng, req.prompt) if req.max_new > 0 else None
@@ -240,15 +243,19 @@ class ContinuousBatcher:
             else:
                 try:
                     self._cache.merge(req.part)
-                except (TypeError, NotImplementedError, AttributeError) as exc:
-                    # this cache type cannot take a row mid-flight: the newcomer waits for an empty batch
-                    self.can_merge = False
-                    self.merge_reason = f"{type(self._cache).__name__} cannot merge rows ({exc}); requests queue"
-                    self._waiting.insert(0, req)
+                except Exception as exc:  # noqa: BLE001 - any refusal means "cannot merge", never a dead worker
+                    # this cache cannot take the row mid-flight: the newcomer waits for an empty batch
+                    detail = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+                    with self._lock:
+                        self.can_merge = False
+                        self.merge_reason = f"{type(self._cache).__name__} cannot merge rows ({detail}); requests queue"
+                        self._waiting.insert(0, req)
+                        self._admitting = None
                     return
             req.part = None
-            self._active.append(req)
             with self._lock:
+                self._active.append(req)
+                self._admitting = None
                 self.admitted += 1
                 self.peak_batch = max(self.peak_batch, len(self._active))
 
@@ -288,15 +295,13 @@ class ContinuousBatcher:
                     req.out.put(done)
                 req.out.put(_END)
         if len(keep) != len(self._active):
-            self._active = [self._active[p] for p in keep]
+            with self._lock:
+                self._active = [self._active[p] for p in keep]
             if not self._active:
                 self._cache = None  # drop the padding history with the last row
             else:
                 assert cache is not None
-                cache.select(keep)
-                compact = getattr(cache, "compact", None)
-                if callable(compact):  # drop padding columns no remaining row needs (left-padded caches)
-                    compact()
+                cache.select(keep)  # PlainCache.select also drops the padding columns no kept row uses
 
     def _decode_step(self) -> None:
         eng = self.engine

@@ -260,7 +260,9 @@ class Engine:
 
         ``reuse=True`` (the decode loops, which sample before the next step) lets the logits land in an
         engine-owned buffer that the next ``reuse=True`` call of the same shape overwrites: no fresh
-        ``[B, 1, V]`` allocation (and its page faults) per token."""
+        ``[B, 1, V]`` allocation (and its page faults) per token. With the unchanged bindings kept (see
+        :meth:`_run_bound`): decode about 1.03x tokens/s and 0.97x CPU per token on SmolLM2-135M int4
+        (paired medians, both engines in one process, both creation orders)."""
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[0] != cache.batch:
             raise ValueError(f"input_ids must be [batch={cache.batch}, T], got {ids.shape}")

@@ -176,14 +176,16 @@ def default_threads() -> int:
     (psutil; else half the logical cores), at least 1, at most 8.
 
     Why half, measured interleaved on SmolLM2-135M int4 (1 vs 2 threads on a shared 2-core machine, load
-    about 9): 1 thread decoded 1.13x (128-token prompt) and 1.13x (512) faster than 2 threads, with
-    12-22 % less CPU per token, and its 512-token TTFT was 0.86x of 2 threads'. Batch-1 decode is memory-bound
-    and made of ~200 small ops per token; every extra pool thread costs a wake-up per op, and a core
+    about 9): 1 thread decoded 1.08x (128-token prompt) and 1.13x (512) faster than 2 threads, with
+    12-18 % less CPU per token, and its 512-token TTFT was 0.86x of 2 threads'. Batch-1 decode is
+    memory-bound and made of ~200 small ops per token; every extra pool thread costs a wake-up per op, and a core
     busy with something else (the user's other programs, the other helpers of CI) stalls each op
-    until its slice of the work is done. Leaving half the cores free keeps a laptop responsive and keeps
-    decode fast under load; onnxruntime-genai's own default (half the logical cores) is the same
-    number on machines with SMT. More threads pay off for long prefills on an idle machine: set
-    ``--threads`` or ``scheduler.prefill_threads`` / ``decode_threads`` in a profile for that."""
+    until its slice of the work is done. On the same machine lightly loaded (load ~1.5), 1 and 2 threads
+    decoded at the same speed (paired ratios 0.98-1.07 either order) while 2 threads spent 1.3-1.4x the CPU
+    per token; 2 threads prefilled 128 tokens in 0.70-0.94x the time. Leaving half the cores free keeps
+    a laptop responsive and keeps decode fast under load; onnxruntime-genai's own default (half the
+    logical cores) is the same number on machines with SMT. More threads pay off for long prefills on
+    an idle machine: set ``--threads`` or ``scheduler.prefill_threads`` / ``decode_threads`` in a profile."""
     try:
         import psutil
 
