@@ -229,10 +229,10 @@ def test_last_logits_graph_matches_full_logits(which: str, request: pytest.Fixtu
 def test_last_logits_graph_for_a_read_only_folder(oga: Engine) -> None:
     path = Path(oga.plan.onnx_path)
     assert "inferos-logits" in path.name
-    from inferos_cli.runtime.graph_logits import _writable
+    from inferos_cli.runtime.derived_graph import writable
 
     if path.parent != oga.info.path:  # a read-only (mode r-x) folder: the graph lives in the cache, data linked
-        assert not _writable(oga.info.path) and (path.parent / "model.onnx.data").is_file()
+        assert not writable(oga.info.path) and (path.parent / "model.onnx.data").is_file()
     else:  # written beside the source (the folder was writable when the graph was first made)
         assert (oga.info.path / "model.onnx.data").is_file()
 

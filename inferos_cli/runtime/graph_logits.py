@@ -18,12 +18,11 @@ a .onnx file larger than 64 MiB is left alone (a rewritten copy would duplicate 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from inferos_cli import paths
+from inferos_cli.runtime.derived_graph import external_files, save_derived
 
 KEEP_INPUT = "logits_keep"
 VERSION = "3"
@@ -114,29 +113,6 @@ def rewrite(model: Any) -> bool:
     return True
 
 
-def _external_files(model: Any) -> set[str]:
-    found: set[str] = set()
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                found.add(entry.value)
-    return found
-
-
-def _writable(folder: Path) -> bool:
-    """True when we may add a file to ``folder``: a write bit is set *and* a probe file can be written
-    (root writes anywhere, so the mode bits keep read-only shared model folders untouched)."""
-    try:
-        if not folder.stat().st_mode & 0o222:
-            return False
-        probe = folder / f".inferos-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-        return True
-    except OSError:
-        return False
-
-
 def last_logits_graph(src: Path | str) -> Path | None:
     """The path of ``src`` with the ``logits_keep`` input (written once and cached), or None when the
     graph's LM head does not match the pattern (the engine then keeps all logits)."""
@@ -153,26 +129,12 @@ def last_logits_graph(src: Path | str) -> Path | None:
     if src.stat().st_size > EMBEDDED_LIMIT:
         # weights stored inside the .onnx file itself: a rewritten copy would duplicate them on disk
         probe = onnx.load(str(src), load_external_data=False)
-        if not _external_files(probe):
+        if not external_files(probe):
             return None
         model = probe
     else:
         model = onnx.load(str(src), load_external_data=False)
     if not rewrite(model):
         return None
-    data = model.SerializeToString()
-    if _writable(src.parent):
-        paths.atomic_write_bytes(beside, data)
-        return beside
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    for rel in sorted(_external_files(model)):
-        target = cached.parent / rel
-        if target.exists():
-            continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(src.parent / rel, target)
-        except OSError:
-            shutil.copyfile(src.parent / rel, target)
-    paths.atomic_write_bytes(cached, data)
-    return cached
+    written, _ = save_derived(model, src, beside, cached)
+    return written
