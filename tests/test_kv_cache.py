@@ -249,3 +249,31 @@ def test_gqa_graph_evicts_and_merges_ragged_rows(oga_exact: Path) -> None:
     la = eng.forward(step[:1], solo_a, phase="decode")[0, -1]
     lb = eng.forward(step[1:], solo_b, phase="decode")[0, -1]
     assert np.abs(both[0] - la).max() < 1e-3 and np.abs(both[1] - lb).max() < 1e-3
+
+
+def test_incremental_norm_range_matches_full_scan(stories_onnx: Path) -> None:
+    """The min/max of resident key norms (importance normaliser) is kept incrementally; after appends,
+    demotion, eviction and row changes it equals a scan of every resident column."""
+    eng = engine(stories_onnx, "baseline", mode="dynamic", quant="tiered", recent_window=16, sink_tokens=2)
+    eng.backend.config.l3_evict = 0.5
+    ids = tokens(eng, 70)
+
+    def scanned(c: SegmentedCache) -> list[float]:
+        fin = c._all_norms()
+        fin = fin[np.isfinite(fin)]
+        return [float(fin.min()), float(fin.max())]
+
+    a, b = eng.new_cache(1), eng.new_cache(1)
+    feed(eng, a, ids, prefix=20)
+    feed(eng, b, ids[:50], prefix=12)
+    assert a.tiers[0].n + a.tiers[1].n > 0  # tokens left the window
+    assert a._norm_range().tolist() == pytest.approx(scanned(a))
+    assert a.demote(5) > 0
+    assert a._norm_range().tolist() == pytest.approx(scanned(a))
+    a.evict(3)
+    assert a._norm_range().tolist() == pytest.approx(scanned(a))
+    a.merge(b)
+    assert a._norm_range().tolist() == pytest.approx(scanned(a))
+    a.select([1])
+    assert a._norm_range().tolist() == pytest.approx(scanned(a))
+    assert scanned(a) == pytest.approx(scanned(b))

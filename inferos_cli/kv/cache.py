@@ -16,6 +16,10 @@ once: error <= s8/2 + s4/2 (the int8 step is ~1/17 of the int4 step, so ~1.06x t
 Eviction removes quantized columns (never sinks or the window); positions stay true because the engine
 takes them from :attr:`seen_tokens`, not from the mask.
 
+Per-step host work is O(new tokens) apart from the feed copies of the codes: single-tier plans do no
+scoring at all, and the importance normaliser (min/max of the resident key norms) is kept incrementally,
+rescanned only after columns were removed (demotion, eviction) or rows changed (select, merge).
+
 The rewrite gives ``GroupQueryAttention`` graphs ``position_ids`` and an attention bias (see
 :func:`inferos_cli.kv.rewrite._gqa_positions_and_mask`), so eviction and merging rows of different
 lengths work for them too. Only if a graph cannot take positions is nothing evicted (a warning, once)

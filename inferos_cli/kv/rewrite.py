@@ -45,8 +45,6 @@ the weights file. Written atomically.
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inferos_cli import paths
+from inferos_cli.runtime.derived_graph import save_derived
 from inferos_cli.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -525,25 +524,6 @@ def cache_key(info: "ModelInfo", spec: RewriteSpec) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def _external_files(model: Any) -> set[str]:
-    found = set()
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location":
-                found.add(entry.value)
-    return found
-
-
-def _writable(folder: Path) -> bool:
-    """True when we may add a file to ``folder``: it grants write access *and* has a write bit set
-    (root passes ``os.access`` on read-only shared folders; those must stay untouched)."""
-    try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    return os.access(folder, os.W_OK) and bool(mode & 0o222)
-
-
 def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     """The rewritten graph for ``info`` + ``spec``: from the cache, or built now and cached atomically."""
     import onnx
@@ -559,28 +539,9 @@ def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
                                meta.get("inferos.kv.positions", "1") == "1")
     model, rotation, note = rewrite_model(info, spec)
     positions = {p.key: p.value for p in model.metadata_props}.get("inferos.kv.positions") == "1"
-    data = model.SerializeToString()
-    if _writable(src.parent):
-        paths.atomic_write_bytes(beside, data)
-        return RewriteInfo(beside, rotation, note, positions)
+    written, copied = save_derived(model, src, beside, elsewhere)
     target = elsewhere.parent
-    target.mkdir(parents=True, exist_ok=True)
-    copied = []
-    for rel in sorted(_external_files(model)):
-        want, have = src.parent / rel, target / rel
-        if have.exists():
-            continue
-        have.parent.mkdir(parents=True, exist_ok=True)
-        tmp = have.with_name(f".{have.name}.tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(want, tmp)
-        except OSError:
-            shutil.copyfile(want, tmp)
-            copied.append(rel)
-        os.replace(tmp, have)
-    paths.atomic_write_bytes(elsewhere, data)
     if copied:
         extra = f"model folder is read-only: weights copied to {target}"
         note = f"{note}; {extra}" if note else extra
-    return RewriteInfo(elsewhere, rotation, note, positions)
+    return RewriteInfo(written, rotation, note, positions)
