@@ -169,3 +169,4 @@ def test_default_session_options_do_not_spin_and_use_half_the_cores(monkeypatch:
     for physical, expected in ((1, 1), (2, 1), (4, 2), (8, 4), (64, 8)):
         monkeypatch.setattr(psutil, "cpu_count", lambda logical=True, n=physical: n if not logical else 2 * n)
         assert sessions.default_threads() == expected
+        assert sessions.default_threads(batched=True) == physical  # batched decode: every physical core

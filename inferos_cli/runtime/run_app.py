@@ -151,7 +151,10 @@ def run_request(req: RunRequest) -> int:
         else:
             _err(tuned.line())
     else:
-        engine = Engine.load(req.model, req.profile, req.config, threads=req.threads,
+        from inferos_cli.runtime.sessions import default_threads
+
+        threads = req.threads or (default_threads(batched=True) if req.prompts_file is not None else None)
+        engine = Engine.load(req.model, req.profile, req.config, threads=threads,
                              strict_devices=req.strict_devices, progress=tty and not req.json_lines)
     for line in getattr(engine.plan, "warnings", lambda: [])():
         _err(f"warning: {line}")

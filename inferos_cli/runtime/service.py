@@ -137,7 +137,11 @@ def default_engine_factory(
     def build(info: "ModelInfo", policy: Policy) -> Any:
         from inferos_cli.runtime.engine import Engine
 
-        return Engine(info, Resolved(policy=policy), threads=threads, strict_devices=strict_devices,
+        from inferos_cli.runtime.sessions import default_threads
+
+        # serve batches concurrent requests: batched decode wants every core (see default_threads)
+        return Engine(info, Resolved(policy=policy), threads=threads or default_threads(batched=True),
+                      strict_devices=strict_devices,
                       telemetry=telemetry)
 
     return build
