@@ -66,3 +66,28 @@ def tinystories_text() -> Path:
 def wikitext() -> Path:
     """wikitext-2 raw test split."""
     return need(DATA / "wikitext2-raw-test.txt")
+
+
+def make_engine(folder: Path):
+    """A baseline (plain cache), single-thread CPU engine on an ONNX model folder."""
+    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.runtime.engine import Engine
+    from inferos_cli.runtime.modelinfo import inspect_folder
+
+    info = inspect_folder(folder)
+    resolved = resolve_settings(
+        "baseline", param_count=info.param_count, flags={"scheduler": {"mode": "cpu"}}, use_env=False
+    )
+    return Engine(info, resolved, threads=1)
+
+
+@pytest.fixture(scope="module")
+def stories(stories_onnx: Path):
+    """Baseline engine on the converted stories260K."""
+    return make_engine(stories_onnx)
+
+
+@pytest.fixture(scope="module")
+def oga(oga_dir: Path):
+    """Baseline engine on the onnxruntime-genai SmolLM2 folder."""
+    return make_engine(oga_dir.parent)

@@ -9,29 +9,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import make_engine
 from inferos_cli.cli import app
 from inferos_cli.kv.plain import PlainCache
-from inferos_cli.profiles import resolve_settings
 from inferos_cli.runtime.engine import Engine
-from inferos_cli.runtime.modelinfo import inspect_folder
 from inferos_cli.runtime.sampling import GenerationConfig
 
-CPU = {"scheduler": {"mode": "cpu"}}
-
-
-def make_engine(folder: Path) -> Engine:
-    info = inspect_folder(folder)
-    return Engine(info, resolve_settings("baseline", param_count=info.param_count, flags=CPU, use_env=False), threads=1)
-
-
-@pytest.fixture(scope="module")
-def stories(stories_onnx: Path) -> Engine:
-    return make_engine(stories_onnx)
-
-
-@pytest.fixture(scope="module")
-def oga(oga_dir: Path) -> Engine:
-    return make_engine(oga_dir.parent)
 
 
 def by_row(events: list) -> dict[int, list[int]]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import STORIES_SAMPLE
+from conftest import STORIES_SAMPLE, make_engine
 from inferos_cli.errors import ContextOverflowError, UsageError
 from inferos_cli.kv.plain import PlainCache
 from inferos_cli.profiles import resolve_settings
@@ -18,22 +18,6 @@ from inferos_cli.runtime.modelinfo import inspect_folder
 from inferos_cli.runtime.sampling import GenerationConfig, apply_repetition_penalty, sample
 
 CPU = {"scheduler": {"mode": "cpu"}}
-
-
-def make_engine(folder: Path) -> Engine:
-    info = inspect_folder(folder)
-    resolved = resolve_settings("baseline", param_count=info.param_count, flags=CPU, use_env=False)
-    return Engine(info, resolved, threads=1)
-
-
-@pytest.fixture(scope="module")
-def stories(stories_onnx: Path) -> Engine:
-    return make_engine(stories_onnx)
-
-
-@pytest.fixture(scope="module")
-def oga(oga_dir: Path) -> Engine:
-    return make_engine(oga_dir.parent)
 
 
 def tokens(events: list) -> list[int]:
