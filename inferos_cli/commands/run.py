@@ -80,6 +80,7 @@ def run(
     Example: inferos run "Tell me a story" --profile int4 --auto-tune
     """
     from inferos_cli.runtime.run_app import RunRequest, run_request
+    from inferos_cli.runtime.sampling import GenerationConfig
 
     if sum(bool(x) for x in (prompt is not None, interactive, prompts_file is not None)) > 1:
         raise UsageError("give one of PROMPT, --interactive or --prompts-file", "see `inferos run --help`")
@@ -89,10 +90,14 @@ def run(
         if not prompt:
             raise UsageError("no prompt given", 'pass a prompt, e.g. inferos run "Tell me a story", or use --interactive')
     code = run_request(RunRequest(
-        prompt=prompt, model=model, profile=profile, config=config, max_tokens=max_tokens, interactive=interactive,
-        json_lines=json_lines, chat=chat, system=system, temperature=temperature, top_k=top_k, top_p=top_p,
-        repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), prefill_chunk=prefill_chunk,
-        ignore_eos=ignore_eos, prompts_file=prompts_file, threads=threads, strict_devices=strict_devices,
+        prompt=prompt, model=model, profile=profile, config=config, interactive=interactive,
+        json_lines=json_lines, chat=chat, system=system,
+        generation=GenerationConfig(
+            max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), prefill_chunk=prefill_chunk,
+            ignore_eos=ignore_eos,
+        ),
+        prompts_file=prompts_file, threads=threads, strict_devices=strict_devices,
         backend=backend.value, url=url, auto_tune=auto_tune or target_tps is not None, target_tps=target_tps,
     ))
     if code:

@@ -22,19 +22,11 @@ class RunRequest:
     model: str | None = None
     profile: str | None = None
     config: Path | None = None
-    max_tokens: int = 256
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     interactive: bool = False
     json_lines: bool = False
     chat: bool | None = None
     system: str | None = None
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    prefill_chunk: int | None = None
-    ignore_eos: bool = False
     prompts_file: Path | None = None
     threads: int | None = None
     strict_devices: bool = False
@@ -42,14 +34,6 @@ class RunRequest:
     url: str | None = None
     auto_tune: bool = False  # measure and adjust the KV policy before generating (runtime.autotune)
     target_tps: float | None = None
-
-    def generation(self) -> GenerationConfig:
-        """The sampling/stop settings."""
-        return GenerationConfig(
-            max_tokens=self.max_tokens, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty, seed=self.seed, stop=list(self.stop),
-            prefill_chunk=self.prefill_chunk, ignore_eos=self.ignore_eos,
-        )
 
 
 @dataclass
@@ -176,7 +160,7 @@ def run_request(req: RunRequest) -> int:
         assert req.prompt is not None
         ids = engine.encode_prompt(req.prompt, chat=req.chat, system=req.system)
         snap = new_snapshot()
-        events = engine.generate(ids, req.generation())
+        events = engine.generate(ids, req.generation)
         _show(events, snap, mode, console, snap_fn)
         if snap_fn is not None:
             snap.update_telemetry(snap_fn())
@@ -215,7 +199,7 @@ def _remote(req: RunRequest, mode: str, console: Any) -> int:
         snap = RunSnapshot(model=str(desc.get("model") or "server default"), profile=req.profile or "default",
                            kv_backend=f"{req.backend} at {desc.get('url')}: {kv}",
                            providers=dict(desc.get("providers") or {}))
-        _show(backend.generate(req.prompt, req.generation(), chat=req.chat, system=req.system), snap, mode,
+        _show(backend.generate(req.prompt, req.generation, chat=req.chat, system=req.system), snap, mode,
               console, None)
         if mode != "json":
             _err(summary_line(snap))
@@ -254,7 +238,7 @@ def _batch(engine: Any, req: RunRequest, mode: str, console: Any, new_snapshot: 
     prompts = read_prompts(req.prompts_file)
     ids = [engine.encode_prompt(p, chat=req.chat, system=req.system) for p in prompts]
     snap = new_snapshot(rows=len(ids))
-    texts = _show(engine.generate_batch(ids, req.generation()), snap, mode, console, snap_fn, stream_text=False)
+    texts = _show(engine.generate_batch(ids, req.generation), snap, mode, console, snap_fn, stream_text=False)
     if mode != "json":
         for i, prompt in enumerate(prompts):
             sys.stdout.write(f"[{i}] {prompt}\n{texts.get(i, '')}\n\n")
@@ -295,7 +279,7 @@ def _interactive(engine: Any, req: RunRequest, mode: str, console: Any, new_snap
             continue
         snap = new_snapshot()
         try:
-            _show(conv.turn(user, req.generation()), snap, mode, console, snap_fn)
+            _show(conv.turn(user, req.generation), snap, mode, console, snap_fn)
         except InferosError as exc:
             _err(f"error: {exc.one_line()}; /reset starts a new conversation")
             continue
