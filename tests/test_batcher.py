@@ -428,3 +428,42 @@ def test_submit_paused_across_a_worker_failure_is_refused(stories_engine: Any,
     else:
         assert "closed" in str(late["refused"])
     batcher.close()
+
+
+def test_long_running_batch_with_kv_policy_stays_bounded(stories_onnx: Path) -> None:
+    """The same never-draining batch on the segmented (quantized) cache: SegmentedCache.select drops the
+    quantized columns of retired rows, so every resident column belongs to a live row and the width stays
+    bounded by one row (+ the fixed fp ring), not by the batch's history."""
+    from inferos_cli.kv.cache import SegmentedCache
+    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.runtime.engine import Engine
+
+    info = inspect_folder(stories_onnx)
+    resolved = resolve_settings("int4", param_count=info.param_count, flags={"kv": {"recent_window": 16}})
+    eng = Engine(info, resolved, threads=1)
+    prompts = [eng.tokenizer.encode(p) for p in STORY_PROMPTS]
+    batcher = ContinuousBatcher(eng, max_batch=2, start=False)
+    its = [batcher.submit(prompts[0], GenerationConfig(max_tokens=30, ignore_eos=True))]
+    widths: list[int] = []
+    quantized: list[int] = []
+    total = 14
+    step = 0
+    while batcher.step():
+        step += 1
+        if len(its) < total and step % 3 == 0:
+            i = len(its)
+            its.append(batcher.submit(prompts[i % len(prompts)], GenerationConfig(max_tokens=24 + i % 4, ignore_eos=True)))
+        cache = batcher._cache
+        if cache is not None and cache.batch:
+            assert isinstance(cache, SegmentedCache)
+            for tier in cache.tiers:
+                assert tier.mask[: tier.n].any(axis=1).all(), "a quantized column no live row uses was kept"
+            widths.append(cache.past_len)
+            quantized.append(sum(t.n for t in cache.tiers))
+    assert all(collect(it)[1][-1].kind == "done" for it in its)
+    history = sum(len(prompts[i % len(prompts)]) + 24 + i % 4 for i in range(total))
+    longest = max(len(p) for p in prompts) + 30
+    assert max(quantized) > 0  # rows outgrew the fp ring (sinks + window), so the tiers were exercised
+    cap_fp = 4 + 16  # sinks + recent window: the fixed fp ring
+    assert max(widths) <= cap_fp + 2 * longest < history
+    batcher.close()

@@ -277,3 +277,24 @@ def test_incremental_norm_range_matches_full_scan(stories_onnx: Path) -> None:
     a.select([1])
     assert a._norm_range().tolist() == pytest.approx(scanned(a))
     assert scanned(a) == pytest.approx(scanned(b))
+
+
+def test_select_drops_columns_of_retired_rows(stories_onnx: Path) -> None:
+    """After a long row retires, its quantized columns go (no remaining row attends to them): the cache is as
+    wide as the remaining row needs and decoding it still matches the row's own cache."""
+    eng = engine(stories_onnx, "int4", recent_window=16)
+    ids = tokens(eng, 70)
+    a, b = eng.new_cache(1), eng.new_cache(1)
+    feed(eng, a, ids[:60], 20)
+    feed(eng, b, ids[10:40], 20)
+    solo_b = b.clone()
+    a.merge(b)
+    wide = a.past_len
+    a.select([1])
+    assert a.batch == 1 and a.past_len < wide
+    assert sum(t.n for t in a.tiers) == sum(t.n for t in solo_b.tiers) == 10  # 30 tokens - 4 sinks - 16 window
+    assert int(a.past_mask().sum()) == 30 and a.stats().tokens == solo_b.stats().tokens
+    step = np.asarray([[ids[40]]])
+    got = eng.forward(step, a, phase="decode")[0, -1]
+    want = eng.forward(step, solo_b, phase="decode")[0, -1]
+    assert np.abs(got - want).max() <= 1e-4

@@ -311,6 +311,11 @@ class SegmentedCache:
     def _quantize_into_tiers(self, x: dict[str, np.ndarray], mask: np.ndarray, norms: np.ndarray,
                              pos: np.ndarray) -> None:
         """Quantize columns ``x[kind]`` ``[L, B, H, m, D]`` once and append them to their tiers."""
+        live = mask.any(axis=1)
+        if not live.all():  # padding in every row (e.g. a merged row's empty ring slots): nothing to keep
+            keep = np.nonzero(live)[0]
+            x = {kind: v[:, :, :, keep] for kind, v in x.items()}
+            mask, norms, pos = mask[keep], norms[keep], pos[keep]
         m = mask.shape[0]
         if m == 0:
             return
@@ -476,6 +481,21 @@ class SegmentedCache:
         self.seen_tokens = self.seen_tokens[idx]
         self._batch = len(idx)
         self._range = None
+        self._drop_dead_columns()
+
+    def _drop_dead_columns(self) -> None:
+        """Remove quantized-tier columns no remaining row attends to (the columns of retired rows), so a
+        batch that never empties (continuous batching) stays about as wide as its longest live row, as
+        ``PlainCache.select`` does. Attention is unchanged (those columns are masked for every row) and
+        positions come from :attr:`seen_tokens`. The fp ring (sinks + window) is bounded and kept as is."""
+        if not self._batch:
+            return
+        for tier in self.tiers:
+            if tier.n == 0:
+                continue
+            dead = ~tier.mask[: tier.n].any(axis=1)
+            if dead.any():
+                self._remove(tier, dead)
 
     def merge(self, other: "SegmentedCache") -> None:  # type: ignore[override]
         """Append ``other``'s rows, padding each segment of the shorter one with masked columns."""

@@ -222,11 +222,10 @@ class InferenceService:
         self._lock = threading.RLock()
         self._engines: dict[str, Any] = {}
         self._batchers: dict[str, Any] = {}
-        #: the segmented KV cache does not drop the padding columns of retired rows (SegmentedCache.select),
-        #: so a batch that never empties (continuous load) grows without bound: with a KV policy on, after
-        #: this many admissions new requests go to a fresh batcher while the old one drains. The plain
-        #: cache compacts on retire, so baseline batchers are never recycled.
-        self.recycle_after = max(32, 4 * self.max_batch)
+        #: both KV caches drop the columns of retired rows on select (PlainCache and SegmentedCache), so a
+        #: batch that never empties stays as wide as its live rows and batchers are not recycled (None).
+        #: Set to N to hand new requests to a fresh batcher after N admissions while the old one drains.
+        self.recycle_after: int | None = None
         self._admissions: dict[str, int] = {}
         self._draining: list[Any] = []
         self._inflight: dict[Any, int] = {}  # batcher -> its requests not finished yet
@@ -339,8 +338,8 @@ class InferenceService:
                 if current is None:
                     return None
                 self._admissions[key] = self._admissions.get(key, 0) + 1
-                if not policy.kv.enabled or self._admissions[key] <= self.recycle_after:
-                    return current  # the plain cache compacts itself on retire: no recycling needed
+                if self.recycle_after is None or self._admissions[key] <= self.recycle_after:
+                    return current  # the caches compact themselves on retire: no recycling needed
                 # recycle: the old batcher finishes its rows, new requests start a fresh shared cache
                 self._draining.append(current)
                 self._admissions[key] = 1
