@@ -91,3 +91,15 @@ def stories(stories_onnx: Path):
 def oga(oga_dir: Path):
     """Baseline engine on the onnxruntime-genai SmolLM2 folder."""
     return make_engine(oga_dir.parent)
+
+
+def stop_process(proc) -> None:
+    """Terminate a server subprocess started by a test, killing it if it does not exit within 20 s."""
+    import subprocess
+
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

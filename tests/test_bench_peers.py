@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+
+from conftest import stop_process
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
@@ -125,12 +127,7 @@ def inferos_server(stories_onnx: Path, tmp_path: Path) -> Iterator[str]:
             time.sleep(0.3)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
 
 
 def test_lemonade_peer_measures_a_real_server_from_the_stream(stories_onnx: Path, tinystories_text: Path,

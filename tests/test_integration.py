@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from conftest import stop_process
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
@@ -170,12 +172,7 @@ def served(stories_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
             time.sleep(0.3)
         yield {"url": url, "model": model, "env": env}
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def _run16(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:

@@ -24,7 +24,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import STORIES_SAMPLE  # noqa: E402
+from conftest import STORIES_SAMPLE, stop_process  # noqa: E402
 
 PROMPT = "Once upon a time"
 
@@ -381,11 +381,7 @@ def test_cli_public_bind_enforces_the_token(stories_onnx: Path, inferos_home: Pa
                        headers={"Authorization": "Bearer tok-123"}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_process(proc)
 
 
 # ----- service install ------------------------------------------------------------------------------------
