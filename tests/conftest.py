@@ -103,3 +103,36 @@ def stop_process(proc) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_http(url: str, proc, *, need_ok: bool = False, timeout: float = 120.0) -> bytes:
+    """Poll ``url`` until the server subprocess ``proc`` answers (with 200 when ``need_ok``) and return the
+    body; fail the test with the server's stderr if it exits first or ``timeout`` seconds pass."""
+    import time
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                return resp.read()
+        except urllib.error.HTTPError:
+            if not need_ok:
+                return b""
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
+            state = "exited" if proc.poll() is not None else f"did not answer {url} within {timeout:.0f} s"
+            pytest.fail(f"server {state}: {err[-800:]}")
+        time.sleep(0.2)

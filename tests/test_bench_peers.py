@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
 
-from conftest import stop_process
+from conftest import free_port, stop_process, wait_for_http
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
@@ -25,12 +22,6 @@ ONE_CELL = ["--batch-sizes", "1", "--seq-lengths", "16", "--gen-tokens", "4", "-
 
 def invoke(args: list[str], home: Path) -> Any:
     return CliRunner().invoke(app, args, env={"INFEROS_HOME": str(home)})
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hide_genai(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,20 +102,7 @@ def inferos_server(stories_onnx: Path, tmp_path: Path) -> Iterator[str]:
                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     url = f"http://127.0.0.1:{port}/api/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/models", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode("utf-8", "replace") if proc.stderr else ""
-                pytest.fail(f"inferos serve exited early: {err[-500:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("inferos serve did not answer /models within 120 s")
-            time.sleep(0.3)
+        wait_for_http(url + "/models", proc, need_ok=True)
         yield url
     finally:
         stop_process(proc)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from conftest import stop_process
+from conftest import free_port, stop_process, wait_for_http
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
@@ -128,14 +128,6 @@ def test_settings_layers_reach_the_kv_cache(stories_onnx: Path, tmp_path: Path) 
     assert from_env["fp"] == 2 + 24 and from_env["int8"] > 0  # the environment beats the config file
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 GAIA_EXE = os.environ.get("INFEROS_GAIA_EXE") or shutil.which("gaia") or shutil.which("gaia-cli")  # before
 # conftest's autouse fixture clears INFEROS_* from the environment
 
@@ -145,11 +137,8 @@ def served(stories_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
     """A real `inferos serve --profile baseline` process on 127.0.0.1 and the environment for clients."""
     pytest.importorskip("fastapi", reason="the serve extra (fastapi) is not installed")
     pytest.importorskip("uvicorn", reason="the serve extra (uvicorn) is not installed")
-    import time
-    import urllib.request
-
     tmp = tmp_path_factory.mktemp("served")
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFEROS_")}
     env.update({"INFEROS_HOME": str(tmp / "home"), "HOME": str(tmp), "GAIA_CTX_SIZE": "512"})
     env.pop("LEMONADE_BASE_URL", None)
@@ -158,18 +147,7 @@ def served(stories_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}/api/v1"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/health", timeout=2) as resp:
-                    model = json.loads(resp.read())["model_loaded"]
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                err = server.stderr.read().decode("utf-8", "replace") if server.stderr else ""
-                pytest.fail(f"inferos serve did not come up: {err[-800:]}")
-            time.sleep(0.3)
+        model = json.loads(wait_for_http(url + "/health", server, need_ok=True))["model_loaded"]
         yield {"url": url, "model": model, "env": env}
     finally:
         stop_process(server)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from conftest import STORIES_SAMPLE, stop_process  # noqa: E402
+from conftest import STORIES_SAMPLE, free_port, stop_process, wait_for_http  # noqa: E402
 
 PROMPT = "Once upon a time"
 
@@ -345,27 +344,8 @@ def test_cli_refuses_a_public_bind_without_token() -> None:
     assert "INFEROS_AGENT_TOKEN" in result.output and "Traceback" not in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_http(url: str, proc: subprocess.Popen, headers: dict[str, str] | None = None, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}")
-        try:
-            httpx.get(url, headers=headers or {}, timeout=2)
-            return
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    raise AssertionError("server did not start")
-
-
 def test_cli_public_bind_enforces_the_token(stories_onnx: Path, inferos_home: Path) -> None:
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "INFEROS_AGENT_TOKEN": "tok-123", "INFEROS_HOME": str(inferos_home)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "inferos_cli", "serve", "--model", str(stories_onnx), "--host", "0.0.0.0",
@@ -373,7 +353,7 @@ def test_cli_public_bind_enforces_the_token(stories_onnx: Path, inferos_home: Pa
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        _wait_http(url + "/live", proc)
+        wait_for_http(url + "/live", proc)
         assert httpx.get(url + "/v1/health").status_code == 401
         ok = httpx.get(url + "/v1/health", headers={"X-Inferos-Token": "tok-123"})
         assert ok.status_code == 200 and ok.json()["status"] == "ok"
