@@ -136,3 +136,37 @@ def wait_for_http(url: str, proc, *, need_ok: bool = False, timeout: float = 120
             state = "exited" if proc.poll() is not None else f"did not answer {url} within {timeout:.0f} s"
             pytest.fail(f"server {state}: {err[-800:]}")
         time.sleep(0.2)
+
+
+def exact_matmulnbits(model) -> None:
+    """Set every MatMulNBits to ``accuracy_level`` 0 (float activations) in a loaded ONNX model. At the shipped
+    level 4 the int8 activation quantization turns float rounding (~5e-5) into logit noise (~0.4), which would
+    hide real errors in equality tests."""
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attr in node.attribute:
+                if attr.name == "accuracy_level":
+                    attr.i = 0
+
+
+@pytest.fixture(scope="session")
+def oga_exact(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the OGA folder whose MatMulNBits run at accuracy_level 0 (weights hard-linked when possible)."""
+    import shutil
+
+    import onnx
+
+    src = oga_dir.parent
+    dst = tmp_path_factory.mktemp("oga-exact")
+    for f in src.iterdir():
+        if f.name == "model.onnx.data":
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copyfile(f, dst / f.name)
+        elif f.name != "model.onnx" and f.is_file() and not f.name.startswith("."):
+            shutil.copyfile(f, dst / f.name)
+    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
+    exact_matmulnbits(model)
+    onnx.save(model, str(dst / "model.onnx"))
+    return dst

@@ -201,34 +201,6 @@ def test_policy_scores_and_tiers() -> None:
     assert TierPlan.from_quant("int4-k8v4").key_bits == {"k8v4": 8}
 
 
-@pytest.fixture(scope="module")
-def oga_exact(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The OGA folder with MatMulNBits accuracy_level 0 (float activations): its own int8 activation
-    quantization turns float rounding into visible noise, which would hide real errors."""
-    import os
-    import shutil
-
-    import onnx
-
-    src = oga_dir.parent
-    dst = tmp_path_factory.mktemp("oga-exact")
-    for f in src.iterdir():
-        if f.name == "model.onnx.data":
-            try:
-                os.link(f, dst / f.name)
-            except OSError:
-                shutil.copyfile(f, dst / f.name)
-        elif f.name != "model.onnx" and f.is_file():
-            shutil.copyfile(f, dst / f.name)
-    model = onnx.load(str(src / "model.onnx"), load_external_data=False)
-    for node in model.graph.node:
-        for a in node.attribute:
-            if node.op_type == "MatMulNBits" and a.name == "accuracy_level":
-                a.i = 0
-    onnx.save(model, str(dst / "model.onnx"))
-    return dst
-
-
 def test_gqa_graph_evicts_and_merges_ragged_rows(oga_exact: Path) -> None:
     """The rewrite gives GroupQueryAttention position_ids + an attention bias: tokens can be evicted and
     rows of different lengths batched, which plain GQA graphs cannot do."""

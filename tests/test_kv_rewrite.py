@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import exact_matmulnbits
+
 from inferos_cli.kv.rewrite import RewriteSpec, new_output_name, rewrite_model, rewritten_graph, segment_name
 from inferos_cli.runtime.modelinfo import ModelInfo, inspect_folder
 
@@ -131,14 +133,6 @@ def test_oga_rewrite_matches_with_every_token_in_fp(oga_dir: Path, inferos_home:
     assert compare_logits(info, info.onnx_path, res.path, group=32, steps=3) <= 1e-5
 
 
-def _accuracy0(model) -> None:
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for a in node.attribute:
-                if a.name == "accuracy_level":
-                    a.i = 0
-
-
 def test_oga_rotation_moves_rope_out_of_gqa(oga_dir: Path, tmp_path: Path) -> None:
     """With keys rotated, RoPE runs outside GroupQueryAttention and q, k are rotated. The OGA graph
     quantizes activations to int8 inside MatMulNBits (accuracy_level 4), which turns float rounding
@@ -158,8 +152,8 @@ def test_oga_rotation_moves_rope_out_of_gqa(oga_dir: Path, tmp_path: Path) -> No
     check(tmp_path / "orig-checked.onnx", tmp_path, full=False)
     check(tmp_path / "rot-checked.onnx", tmp_path, full=False)
     original = onnx.load(str(info.onnx_path), load_external_data=False)
-    _accuracy0(original)
-    _accuracy0(model)
+    exact_matmulnbits(original)
+    exact_matmulnbits(model)
     onnx.save(original, str(tmp_path / "orig.onnx"))
     onnx.save(model, str(tmp_path / "rot.onnx"))
     assert compare_logits(info, tmp_path / "orig.onnx", tmp_path / "rot.onnx", group=32, steps=2) <= 1e-3
