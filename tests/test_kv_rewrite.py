@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import exact_matmulnbits
+from conftest import check_graph as check, exact_matmulnbits
 
 from inferos_cli.kv.rewrite import RewriteSpec, new_output_name, rewrite_model, rewritten_graph, segment_name
 from inferos_cli.runtime.modelinfo import ModelInfo, inspect_folder
@@ -72,32 +71,6 @@ def compare_logits(info: ModelInfo, original: Path, rewritten: Path, group: int,
                 fp[f"{i}.{kind}"] = np.concatenate([fp[f"{i}.{kind}"], step_new], axis=2)
         ids = [int(a["logits"][0, -1].argmax())]
     return worst
-
-
-def check(path: Path, data_dir: Path, full: bool = True) -> None:
-    """``onnx.checker`` on a graph whose weights live in ``data_dir``. onnxruntime registers
-    ``(Skip)SimplifiedLayerNormalization`` in the default domain, which the checker does not know (the
-    original graphs fail it for that alone), so those nodes are checked as com.microsoft ops."""
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    for node in model.graph.node:
-        if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type):
-            node.domain = "com.microsoft"
-    # the checker refuses external data with several hard links; other tests (bench's ort-genai peer folder,
-    # rewrites of read-only folders) may hard-link the session fixture's weights, so check a private copy then
-    files = {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"}
-    with tempfile.TemporaryDirectory() as tmp:
-        if any((data_dir / f).stat().st_nlink > 1 for f in files):
-            for f in files:
-                shutil.copyfile(data_dir / f, Path(tmp) / f)
-            data_dir = Path(tmp)
-        probe = data_dir / f".check-{path.stem}.onnx"
-        onnx.save(model, str(probe))
-        try:
-            onnx.checker.check_model(str(probe), full_check=full)
-        finally:
-            probe.unlink()
 
 
 def test_stories_rewrite_passes_checker_and_matches(stories_onnx: Path) -> None:

@@ -3,7 +3,8 @@
 ``kv_backend(info, policy)`` returns a :class:`~inferos_cli.kv.base.KVBackend`: :class:`PlainBackend`
 (original graph, full-precision cache) when ``kv.mode = disabled``, else :class:`SegmentedBackend`
 (the KV-boundary-rewritten graph of :mod:`inferos_cli.kv.rewrite` + the segmented, quantized cache of
-:mod:`inferos_cli.kv.cache`).
+:mod:`inferos_cli.kv.cache`), or, for ``kv.quant = int8-fused`` on ``GroupQueryAttention`` graphs,
+:class:`~inferos_cli.kv.fused.FusedBackend` (int8 codes read inside the attention operator).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ class PlainBackend:
 class SegmentedBackend:
     """The KV-boundary-rewritten graph fed by a :class:`~inferos_cli.kv.cache.SegmentedCache`."""
 
-    def __init__(self, info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> None:
+    def __init__(self, info: "ModelInfo", policy: "Policy", *, pressure: Any = None, note: str = "") -> None:
         from inferos_cli.kv.cache import CacheConfig
         from inferos_cli.kv.policy import TierPlan
         from inferos_cli.kv.quant import can_rotate
@@ -67,6 +68,7 @@ class SegmentedBackend:
                                 key_bits=tuple(sorted(set(self.plan.key_bits.values()), reverse=True)),
                                 value_bits=tuple(sorted(set(self.plan.value_bits.values()), reverse=True)))
         self.rewrite = rewritten_graph(info, self.spec)
+        self.note = "; ".join(n for n in (note, self.rewrite.note) if n)
         level = None
         if pressure is not None:
             level = pressure.level if hasattr(pressure, "level") else pressure
@@ -110,13 +112,21 @@ class SegmentedBackend:
             text += f", max {c.max_tokens} tokens"
         if not self.rewrite.positions:
             text += ", no eviction (graph takes no position_ids)"
-        return f"{text}; {self.rewrite.note}" if self.rewrite.note else text
+        return f"{text}; {self.note}" if self.note else text
 
 
-def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "PlainBackend | SegmentedBackend":
+def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "PlainBackend | SegmentedBackend | Any":
     """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); otherwise the
     rewritten graph + :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` (e.g.
     ``runtime.pressure``) or a callable; tightens the cache under memory pressure."""
     if not policy.kv.enabled:
         return PlainBackend(info)
+    if policy.kv.quant == "int8-fused":
+        from inferos_cli.kv import fused
+
+        if fused.supported(info):
+            return fused.FusedBackend(info)
+        why = ("int8-fused needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders) "
+               "and onnxruntime >= 1.25: using the segmented int8 cache")
+        return SegmentedBackend(info, policy, pressure=pressure, note=why)
     return SegmentedBackend(info, policy, pressure=pressure)

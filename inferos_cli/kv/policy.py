@@ -45,7 +45,7 @@ class TierPlan:
     @classmethod
     def from_quant(cls, quant: str) -> "TierPlan":
         """The plan for a ``kv.quant`` value."""
-        if quant == "int8":
+        if quant in ("int8", "int8-fused"):  # int8-fused falls back to this when the graph has no GQA
             return cls("int8", ("int8",), {"int8": 8}, {"int8": 8})
         if quant == "int4":
             return cls("int4", ("int4",), {"int4": 4}, {"int4": 4})

@@ -1,0 +1,218 @@
+"""The fused int8 KV cache: onnxruntime's ``GroupQueryAttention`` reads and writes 8-bit keys and values.
+
+``kv.quant = int8-fused`` trades the segmented cache's structure (sinks and a recent window in full
+precision, tiers, eviction) for speed: every cached token is stored as int8 with one static scale per
+(layer, kv head, channel), and attention runs on the codes inside the operator
+(``k_quant_type = v_quant_type = PER_CHANNEL``, ``kv_cache_bit_width = 8``; onnxruntime >= 1.25 CPU).
+Past and present share one preallocated buffer, so a decode step copies nothing on the host and reads a
+quarter of the fp32 cache's bytes: it decodes *faster* than the baseline instead of dequantizing the
+whole past each step as the standard-op rewrite (:mod:`inferos_cli.kv.rewrite`) must.
+
+What it costs, measured (``benchmarks/kv_decode.py``, ``inferos eval``; README "Measured results"): the
+scales are static, so they are calibrated once per model: the original graph prefills
+:data:`CALIBRATION_TEXT`, the per-channel absolute maximum of every layer's ``present`` keys (after RoPE)
+and values is taken, times :data:`MARGIN` (headroom for tokens larger than the calibration's; the
+operator saturates beyond it), and baked into the graph as initializers. One step per channel is coarser
+than the segmented cache's per-token groups, so quality is a little lower (``delta_ppl``, ``kl_mean``).
+4-bit (``kv_cache_bit_width = 4``) was measured too and is not offered: with static scales it lost
+several perplexity points on smollm2-135m.
+
+Only graphs that use ``com.microsoft.GroupQueryAttention`` (onnxruntime-genai / Lemonade folders) can
+take it; :func:`inferos_cli.kv.backend.kv_backend` falls back to the segmented ``int8`` cache, with a
+note, for other graphs. The derived graph is cached beside the model (or in the inferos cache when that
+folder is read-only) as ``<stem>.inferos-kvf-<hash>.onnx``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inferos_cli import paths
+from inferos_cli.kv.plain import PlainCache
+from inferos_cli.runtime.derived_graph import save_derived
+from inferos_cli.runtime.events import KVStats
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.runtime.modelinfo import ModelInfo
+
+FUSED_VERSION = "1"
+MARGIN = 2.5
+BITS = 8
+SCALE_FMT = "inferos.kvscale.%d.%s"
+CALIBRATION_TEXT = (
+    "The history of the city begins with a small harbour on the river, where traders from the north met "
+    "farmers who brought grain, wool and salt. Over three centuries the market grew into a town with a "
+    "stone bridge, a cathedral and a university, and in 1871 the railway reached it. Today it is known for "
+    "its museums, its football club and an annual music festival that draws about 200,000 visitors.\n\n"
+    "To install the package, run the installer and follow the prompts; on Windows you may need to restart "
+    "after the drivers are updated. If the device is not found, check that the cable is connected, then "
+    "open the settings page and select \"Scan for hardware\". Error 0x80070005 means access was denied.\n\n"
+    "Once upon a time a little fox lived at the edge of a forest. Every morning she ran to the stream to "
+    "drink, and one day she met a turtle who asked, \"Why are you always in such a hurry?\" The fox laughed "
+    "and said she did not know. They sat together and watched the water until the sun went down.\n\n"
+    "def mean(values):\n    total = sum(values)\n    return total / len(values) if values else 0.0\n\n"
+    "Q: What is the boiling point of water at sea level? A: 100 degrees Celsius, or 212 degrees Fahrenheit. "
+    "The experiment was repeated five times; the mean error was 0.37 percent (standard deviation 0.05)."
+)
+
+
+def supported(info: "ModelInfo") -> bool:
+    """True when the graph's attention is ``GroupQueryAttention`` in a float32 cache (what the CPU kernel
+    quantizes) and onnxruntime registers a quantized-cache CPU kernel for it."""
+    if not info.uses_gqa_op or info.kv_dtype != "float32":
+        return False
+    try:
+        from onnxruntime.capi import onnxruntime_pybind11_state as C
+
+        for kernel in C.get_all_opkernel_def():
+            if kernel.op_name == "GroupQueryAttention" and kernel.provider == "CPUExecutionProvider":
+                if "tensor(int8)" in kernel.type_constraints.get("T_CACHE", []):
+                    return True
+    except Exception:  # pragma: no cover - other builds
+        return False
+    return False
+
+
+def _graph_key(info: "ModelInfo") -> str:
+    src = Path(info.onnx_path).resolve()
+    st = src.stat()
+    text = f"{FUSED_VERSION}|{src}|{st.st_size}|{st.st_mtime_ns}|{MARGIN}|{BITS}"
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def calibrate(info: "ModelInfo", text: str = CALIBRATION_TEXT, margin: float = MARGIN) -> dict[str, np.ndarray]:
+    """Static per-channel scales ``[1, kv_heads, 1, head_dim]`` (float32) by past input name: the original
+    graph prefills ``text`` once; scale = absmax over its tokens x ``margin`` / 127."""
+    import onnxruntime as ort
+
+    from inferos_cli.runtime.tokenizer import Tokenizer
+
+    ids = Tokenizer.from_model(info).encode(text)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(info.onnx_path), opts, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    empty = np.zeros((1, info.num_kv_heads, 0, info.head_dim), dtype=np.float32)
+    feeds: dict[str, Any] = {"input_ids": np.asarray([ids], dtype=np.int64),
+                             "attention_mask": np.ones((1, len(ids)), dtype=np.int64)}
+    for i in range(info.num_layers):
+        feeds[info.past_key_fmt % i] = empty
+        feeds[info.past_value_fmt % i] = empty
+    if "position_ids" in info.input_names:
+        feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
+    outs = dict(zip(names, sess.run(None, feeds)))
+    scales: dict[str, np.ndarray] = {}
+    for i in range(info.num_layers):
+        for past, present in ((info.past_key_fmt % i, info.present_key_fmt % i),
+                              (info.past_value_fmt % i, info.present_value_fmt % i)):
+            amax = np.abs(outs[present]).max(axis=2, keepdims=True)  # [1, H, 1, D]
+            scales[past] = (np.maximum(amax, 1e-6) * margin / 127.0).astype(np.float32)
+    return scales
+
+
+def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
+    """The original graph with int8 past/present and every ``GroupQueryAttention`` reading them through
+    the per-channel ``scales`` (initializers)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(info.onnx_path), load_external_data=False)
+    graph = model.graph
+    kv_names = {info.past_key_fmt % i for i in range(info.num_layers)} | \
+               {info.past_value_fmt % i for i in range(info.num_layers)}
+    present_names = {info.present_key_fmt % i for i in range(info.num_layers)} | \
+                    {info.present_value_fmt % i for i in range(info.num_layers)}
+    for vi in list(graph.input) + list(graph.output):
+        if vi.name in kv_names or vi.name in present_names:
+            vi.type.tensor_type.elem_type = TensorProto.INT8
+    done = 0
+    for node in graph.node:
+        if node.op_type != "GroupQueryAttention":
+            continue
+        ins = list(node.input) + [""] * (14 - len(node.input))
+        past_k, past_v = ins[3], ins[4]
+        if past_k not in scales or past_v not in scales:
+            continue
+        for slot, past in ((12, past_k), (13, past_v)):
+            name = SCALE_FMT % (done, "key" if slot == 12 else "value")
+            graph.initializer.append(numpy_helper.from_array(scales[past], name))
+            ins[slot] = name
+        del node.input[:]
+        node.input.extend(ins)
+        node.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("v_quant_type", "PER_CHANNEL"),
+                               helper.make_attribute("kv_cache_bit_width", BITS)])
+        done += 1
+    if done != info.num_layers:
+        from inferos_cli.errors import ModelError
+
+        raise ModelError(f"{info.onnx_path}: found {done} GroupQueryAttention layers reading the past, "
+                         f"expected {info.num_layers}; use kv.quant int8 (the segmented cache) for this model")
+    onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                        "inferos.kv.fused": f"int{BITS} per-channel margin {MARGIN}"})
+    return model
+
+
+def fused_graph(info: "ModelInfo") -> tuple[Path, str]:
+    """The fused graph for ``info`` (from the cache, or calibrated, built and cached atomically now) and a
+    note for tables (non-empty when the weights had to be copied)."""
+    key = _graph_key(info)
+    src = Path(info.onnx_path)
+    beside = src.parent / f"{src.stem}.inferos-kvf-{key}.onnx"
+    elsewhere = paths.cache_dir() / "kv" / f"fused-{key}" / src.name
+    for candidate in (beside, elsewhere):
+        if candidate.is_file():
+            return candidate, ""
+    written, copied = save_derived(fused_model(info, calibrate(info)), src, beside, elsewhere)
+    note = f"model folder is read-only: weights copied to {written.parent}" if copied else ""
+    return written, note
+
+
+class FusedCache(PlainCache):
+    """A :class:`PlainCache` (packed GQA layout) whose buffers hold int8 codes; the graph's scales turn
+    them back into keys and values inside attention."""
+
+    def __init__(self, info: "ModelInfo", batch: int, *, capacity: int | None = None) -> None:
+        super().__init__(info, batch, layout="packed", capacity=capacity, dtype=np.int8)
+
+    def stats(self) -> KVStats:
+        """Real tokens and resident bytes in the ``int8`` tier (preallocated capacity included)."""
+        plain = super().stats()
+        return KVStats(tokens={"int8": plain.tokens["fp"]}, bytes={"int8": plain.bytes["fp"]},
+                       bytes_fp16=plain.bytes_fp16)
+
+    def clone(self) -> "FusedCache":
+        """A deep copy."""
+        twin = super().clone()
+        twin.__class__ = FusedCache
+        return twin  # type: ignore[return-value]
+
+
+class FusedBackend:
+    """The fused-int8 graph fed by a :class:`FusedCache` (shared past/present buffers when preallocated)."""
+
+    shared_buffer = True
+
+    def __init__(self, info: "ModelInfo") -> None:
+        self.info = info
+        self.path, self.note = fused_graph(info)
+
+    @property
+    def onnx_path(self) -> Path:
+        """The fused graph."""
+        return self.path
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> FusedCache:
+        """An empty int8 cache; ``capacity`` preallocates the shared buffers."""
+        return FusedCache(self.info, batch, capacity=capacity)
+
+    def describe(self) -> str:
+        """One line for tables."""
+        text = (f"int8-fused: every token int8 in GroupQueryAttention (per-channel static scales, "
+                f"margin {MARGIN}), shared past/present buffer")
+        return f"{text}; {self.note}" if self.note else text

@@ -1,0 +1,115 @@
+"""The fused int8 cache (kv/fused.py): onnxruntime's GroupQueryAttention on int8 codes, on the OGA folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import check_graph
+from inferos_cli.kv import fused
+from inferos_cli.kv.backend import SegmentedBackend, kv_backend
+from inferos_cli.profiles import resolve_settings
+from inferos_cli.runtime.modelinfo import inspect_folder
+from inferos_cli.runtime.sampling import GenerationConfig
+
+PROMPT = "The old lighthouse keeper climbed the stairs every evening, counting the steps as he went, and"
+
+
+def _policy(profile: str):
+    return resolve_settings(profile, param_count=135_000_000, flags={"scheduler": {"mode": "cpu"}},
+                            use_env=False).policy
+
+
+@pytest.fixture(scope="module")
+def engines(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Baseline and int8-fused engines on the OGA folder (the fused graph built once, in a temp home)."""
+    import os
+
+    from inferos_cli.runtime.engine import Engine
+
+    home = tmp_path_factory.mktemp("fused-home")
+    old = os.environ.get("INFEROS_HOME")
+    os.environ["INFEROS_HOME"] = str(home)
+    try:
+        info = inspect_folder(oga_dir.parent)
+        out = {}
+        for name in ("baseline", "int8-fused"):
+            resolved = resolve_settings(name, param_count=info.param_count,
+                                        flags={"scheduler": {"mode": "cpu"}}, use_env=False)
+            out[name] = Engine(info, resolved, threads=1)
+        yield out
+    finally:
+        if old is None:
+            os.environ.pop("INFEROS_HOME", None)
+        else:
+            os.environ["INFEROS_HOME"] = old
+
+
+def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:
+    eng = engines["int8-fused"]
+    assert isinstance(eng.backend, fused.FusedBackend)
+    assert "int8-fused" in eng.backend.describe()
+    import onnx
+
+    model = onnx.load(str(eng.backend.onnx_path), load_external_data=False)
+    check_graph(eng.backend.onnx_path, eng.backend.onnx_path.parent, full=False)  # OGA graphs fail full shape checks as shipped
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["kv_cache_bit_width"] == 8 and attrs["k_quant_type"] == b"PER_CHANNEL"
+    past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
+    assert past and all(i.type.tensor_type.elem_type == onnx.TensorProto.INT8 for i in past)
+
+
+def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
+    """After a prefill, layer 0's codes are round(key / scale) of the baseline's keys (layer 0 sees the same
+    input in both graphs), the cache is one byte per element, and its stats say int8 at 0.5x fp16."""
+    base, fz = engines["baseline"], engines["int8-fused"]
+    ids = base.tokenizer.encode(PROMPT)
+    n = len(ids)
+    c_base, c_fused = base.new_cache(1, capacity=n + 4), fz.new_cache(1, capacity=n + 4)
+    base.forward(np.asarray([ids]), c_base, phase="prefill")
+    fz.forward(np.asarray([ids]), c_fused, phase="prefill")
+    name = base.info.past_key_fmt % 0
+    scales = fused.calibrate(base.info)[name]
+    keys = c_base.feeds()[name][:, :, :n]
+    codes = c_fused.feeds()[name][:, :, :n].astype(np.int32)
+    assert c_fused.feeds()[name].dtype == np.int8
+    expected = np.clip(np.round(keys / scales), -128, 127)
+    assert np.abs(codes - expected).max() <= 1
+    stats = c_fused.stats()
+    assert set(stats.tokens) == {"int8"} and stats.tokens["int8"] == n
+    per_elem = stats.bytes["int8"] / (2 * base.info.num_layers * base.info.num_kv_heads * base.info.head_dim * (n + 4))
+    assert per_elem == 1.0
+
+
+def test_fused_decode_tracks_the_baseline(engines) -> None:
+    """Teacher-forced next-token predictions agree with the baseline on most positions (quantized, not
+    equal), and generation runs through the shared int8 buffers."""
+    base, fz = engines["baseline"], engines["int8-fused"]
+    text = ("In 1871 the railway reached the town, and within ten years its population had doubled. New "
+            "factories were built along the river, and the old market square was paved with stone.")
+    ids = base.tokenizer.encode(text)
+    agree = []
+    cb, cf = base.new_cache(1, capacity=len(ids) + 2), fz.new_cache(1, capacity=len(ids) + 2)
+    lb = base.forward(np.asarray([ids[:8]]), cb, phase="prefill")
+    lf = fz.forward(np.asarray([ids[:8]]), cf, phase="prefill")
+    for t in ids[8:]:
+        agree.append(int(np.argmax(lb[0, -1]) == np.argmax(lf[0, -1])))
+        lb = base.forward(np.asarray([[t]]), cb, phase="decode")
+        lf = fz.forward(np.asarray([[t]]), cf, phase="decode")
+    assert np.mean(agree) >= 0.8
+    prompt = base.tokenizer.encode(PROMPT)
+    config = GenerationConfig(max_tokens=6)
+    events = list(fz.generate(prompt, config))
+    assert sum(e.kind == "token" for e in events) == 6
+    assert events[-1].kv is not None and set(events[-1].kv.tokens) == {"int8"}
+
+
+def test_fused_falls_back_to_segmented_int8_without_gqa(stories_onnx: Path) -> None:
+    info = inspect_folder(stories_onnx)
+    backend = kv_backend(info, _policy("int8-fused"))
+    assert isinstance(backend, SegmentedBackend)
+    assert backend.plan.name == "int8"
+    assert "needs a float32 GroupQueryAttention graph" in backend.describe()
