@@ -237,6 +237,79 @@ def test_gguf_fp32_dequantizes_everything(tmp_path: Path) -> None:
     assert np.abs(gguf_logits(out, TINY_IDS) - ref_forward(hf, cfg, TINY_IDS)).max() < 1e-4
 
 
+def test_gguf_head_bits_requantizes_only_the_logits_projection(tmp_path: Path) -> None:
+    """head_bits=4 stores the tied Q8_0 head as its own 4-bit RTN MatMulNBits (integer zero points); the
+    embedding gather and the Q4_1 layers keep the file's blocks; logits equal the numpy forward over exactly
+    those weights; the choice is recorded in inferos.json and the logical parameter count does not change."""
+    import gguf
+    import onnx
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.runtime.convert import convert_gguf
+    from inferos_cli.runtime.convert_graph import quantize_rtn
+    from inferos_cli.runtime.gguf_model import native_blocks
+
+    src = tmp_path / "tiny.gguf"
+    hf, cfg = write_tiny_gguf(src)  # Q4_1 linears, tied Q8_0 embedding / head
+    default = convert_gguf(src, tmp_path / "default", accuracy_level=0)
+    out = convert_gguf(src, tmp_path / "head4", accuracy_level=0, head_bits=4)
+    meta, base_meta = (json.loads((f / "inferos.json").read_text()) for f in (out, default))
+    assert meta["storage"] == {"Q4_1->4bit": 14, "Q8_0->8bit": 1, "rtn->4bit": 1}
+    assert meta["head_bits"] == 4 and base_meta["head_bits"] is None
+    assert meta["param_count"] == base_meta["param_count"]
+
+    embd = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == "token_embd.weight")
+    head = quantize_rtn(native_blocks(embd).dequantize(), 4)
+    assert head.zero_points is not None and head.mins is None
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
+    vocab, hidden = cfg["vocab_size"], cfg["hidden_size"]
+    assert dims["lm_head.qweight"] == [vocab, hidden // 32, 16]
+    assert dims["lm_head.scales"] == [vocab * hidden // 32]
+    assert dims["embed_tokens.qweight"] == [vocab, hidden // 32, 32]  # the gather keeps the 8-bit table
+
+    want = ref_forward({**hf, "lm_head.weight": head.dequantize()}, cfg, TINY_IDS)
+    got = gguf_logits(out, TINY_IDS)
+    assert np.abs(got - want).max() < 1e-4
+    exact = gguf_logits(default, TINY_IDS)
+    assert 0 < np.abs(got - exact).max() < 0.1 * np.abs(exact).max()  # re-quantized for real, and close
+    assert (got.argmax(-1) == exact.argmax(-1)).mean() >= 0.75
+
+
+def test_gguf_head_bits_keeps_narrow_heads_and_rejects_bad_values(tmp_path: Path) -> None:
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.errors import ConversionError
+    from inferos_cli.runtime.convert import convert_gguf
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src, linear="Q4_0", embed="Q4_0", tied=False)  # untied Q4_0 output.weight
+    out = convert_gguf(src, tmp_path / "q4", head_bits=4)
+    assert json.loads((out / "inferos.json").read_text())["storage"] == {"Q4_0->4bit": 16}  # kept, not re-quantized
+    q8 = tmp_path / "q8.gguf"
+    write_tiny_gguf(q8)
+    out8 = convert_gguf(q8, tmp_path / "q8", head_bits=8)  # the Q8_0 head already fits in 8 bits
+    assert json.loads((out8 / "inferos.json").read_text())["storage"] == {"Q4_1->4bit": 14, "Q8_0->8bit": 1}
+    with pytest.raises(ConversionError, match="head_bits"):
+        convert_gguf(src, tmp_path / "bad", head_bits=3)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_hf_head_bits_caps_an_fp32_head(stories_src: Path, tmp_path: Path) -> None:
+    """The safetensors path takes the option too: a tied fp32 head becomes 8-bit, the embedding stays fp32."""
+    from inferos_cli.runtime.convert import convert_hf_folder, store
+    from inferos_cli.runtime.convert_graph import QuantWeight
+
+    tensors, cfg = load_src(stories_src)
+    out = convert_hf_folder(stories_src, tmp_path / "h8", dtype="fp32", head_bits=8, accuracy_level=0)
+    meta = json.loads((out / "inferos.json").read_text())
+    assert meta["storage"]["rtn->8bit"] == 1 and meta["head_bits"] == 8
+    head = store(np.asarray(tensors["model.embed_tokens.weight"], np.float32), "int8")
+    assert isinstance(head, QuantWeight)
+    want = ref_forward({**tensors, "lm_head.weight": head.dequantize()}, cfg, PROMPT)
+    assert np.abs(full_logits(session(out), cfg, PROMPT) - want).max() < 1e-3
+
+
 def test_gguf_plain_attention_matches_the_attention_op(tmp_path: Path) -> None:
     from _tiny_gguf import write_tiny_gguf
 

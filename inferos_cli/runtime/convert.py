@@ -11,6 +11,17 @@ Only numpy, ``onnx``, ``gguf``, ``safetensors``-format parsing and ``tokenizers`
 
 Supported: llama (Llama 2/3, SmolLM/SmolLM2, TinyLlama), mistral without sliding window, qwen2 (q/k/v bias).
 Weights ``dtype``: fp32, fp16 (fp16 storage, cast to fp32 at load), int8 / int4 (block-32 ``MatMulNBits``).
+
+``head_bits`` (default None: the head is stored like the other tensors) caps the width of the logits projection
+only: a wider head is re-quantized from its dequantized values (4: asymmetric block-32 RTN with integer zero
+points, ORT's fast ``MatMulNBits`` path; 8: symmetric absmax like Q8_0); a head already that narrow is kept. A
+tied head becomes its own initializer and the embedding gather keeps its table (gathering from the 4-bit table
+instead measured 1.2 % worse perplexity). Why the default keeps the head: on SmolLM2-135M (tied Q8_0 head) a
+4-bit head decodes 10-14 % faster at 1 thread (0.77x -> 0.85-0.88x the OGA int4 folder) but raises wikitext-2
+perplexity from 30.29 to 32.91 (+8.7 %; fp32 30.20), see benchmarks/results/smollm2-135m-convert-*-2026-11-22.json.
+Decode at batch 1 is bound by the weight bytes read per token, and the lossless conversion reads more than the
+OGA folder (the 8-bit head, 32 MB vs 18 MB, and the fp32 Q4_1 offsets, 13 MB): no storage choice measured here
+reaches the OGA folder's speed within 1 % of fp32 perplexity.
 """
 
 from __future__ import annotations
@@ -38,6 +49,7 @@ from inferos_cli.runtime.convert_graph import (
 
 CONVERTER_VERSION = "2"  # 2: ReduceSum block sums, Gemm(transB) offsets
 DTYPES = ("fp32", "fp16", "int8", "int4")
+HEAD_BITS = (4, 8)
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 META_FILE = "inferos.json"
 ProgressFn = Callable[[str, int, int], None]
@@ -178,8 +190,37 @@ def check_dtype(dtype: str | None, *, allow_none: bool = False) -> None:
         raise ConversionError(f"unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}")
 
 
-def param_count(weights: DecoderWeights) -> int:
-    """Logical parameter count (tied embeddings counted once)."""
+def check_head_bits(bits: int | None) -> None:
+    """Reject a ``head_bits`` other than None, 4 or 8."""
+    if bits is not None and bits not in HEAD_BITS:
+        raise ConversionError(f"unknown head_bits {bits!r}", "use 4, 8 or leave it unset")
+
+
+def store_head(weights: DecoderWeights, bits: int | None) -> DecoderWeights:
+    """Cap the logits projection at ``bits`` (see the module docstring); other tensors are untouched.
+
+    A head wider than ``bits`` (float, or 8-bit when ``bits`` is 4) is re-quantized from its dequantized values
+    with :func:`quantize_rtn`; a tied head becomes a separate ``lm_head`` and ``embed`` keeps its own storage.
+    A head already at most ``bits`` wide, or whose input width is not a multiple of 32, is kept as it is.
+    """
+    if bits is None:
+        return weights
+    head = weights.lm_head if weights.lm_head is not None else weights.embed
+    if isinstance(head, QuantWeight):
+        if head.bits <= bits:
+            return weights
+        dense = head.dequantize()
+    else:
+        dense = np.asarray(head, dtype=np.float32)
+    if dense.shape[1] % BLOCK:
+        return weights
+    weights.lm_head = quantize_rtn(dense, bits)
+    return weights
+
+
+def param_count(weights: DecoderWeights, *, tied: bool = False) -> int:
+    """Logical parameter count (tied embeddings counted once, also when ``tied`` and the head was re-stored
+    as a separate initializer by :func:`store_head`)."""
 
     def n(w: Weight | np.ndarray | None) -> int:
         if w is None:
@@ -189,7 +230,7 @@ def param_count(weights: DecoderWeights) -> int:
             return rows * cols
         return int(np.prod(w.shape))
 
-    total = n(weights.embed) + n(weights.lm_head) + n(weights.final_norm)
+    total = n(weights.embed) + (0 if tied else n(weights.lm_head)) + n(weights.final_norm)
     for layer in weights.layers:
         total += sum(n(getattr(layer, f)) for f in (
             "attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down", "q_bias", "k_bias", "v_bias"))
@@ -297,16 +338,17 @@ def hf_weights(tensors: dict[str, np.ndarray], spec: DecoderSpec, dtype: str,
 
 
 def convert_hf_folder(src: Path | str, dst: Path | str, dtype: str = "fp32", *, name: str | None = None,
-                      attention: str | None = None, accuracy_level: int | None = None,
+                      attention: str | None = None, accuracy_level: int | None = None, head_bits: int | None = None,
                       extra_meta: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> Path:
     """Convert a Hugging Face safetensors folder to an inferos ONNX folder at ``dst``; returns ``dst``.
 
     ``accuracy_level`` is MatMulNBits' compute precision for int8/int4 (default 4: int8 activations, ORT's
     fast kernel; 0: fp32 activations, exact against the dequantized weights). ``attention``: "op" (ONNX
-    Attention, opset 23) or "plain" (MatMul/Softmax, opset 17).
+    Attention, opset 23) or "plain" (MatMul/Softmax, opset 17). ``head_bits``: see :func:`store_head`.
     """
     src, dst = Path(src), Path(dst)
     check_dtype(dtype)
+    check_head_bits(head_bits)
     cfg_path = src / "config.json"
     if not cfg_path.is_file():
         raise ModelError(f"{src} has no config.json", "pass a Hugging Face model folder (config.json + *.safetensors)")
@@ -315,12 +357,13 @@ def convert_hf_folder(src: Path | str, dst: Path | str, dtype: str = "fp32", *, 
     except (OSError, ValueError) as exc:
         raise ConversionError(f"cannot read {cfg_path}: {exc}") from None
     spec = hf_spec(cfg)
-    weights = hf_weights(read_safetensors(src), spec, dtype, progress)
+    weights = store_head(hf_weights(read_safetensors(src), spec, dtype, progress), head_bits)
     tokenizer_files = _hf_tokenizer_files(src)
     source_hash = _folder_digest(src)
     return write_model_folder(spec, weights, dst, name=name or src.name, source=str(src.resolve()),
                               source_sha256=source_hash, dtype=dtype, tokenizer_files=tokenizer_files,
-                              progress=progress, attention=attention, extra_meta=extra_meta,
+                              progress=progress, attention=attention,
+                              extra_meta={"head_bits": head_bits, **(extra_meta or {})},
                               accuracy_level=accuracy_level if accuracy_level is not None
                               else 4 if dtype in ("int4", "int8") else 0)
 
@@ -349,19 +392,22 @@ def _hf_tokenizer_files(src: Path) -> dict[str, str | bytes]:
 # ------------------------------------------------------------------------------------------------ GGUF files
 def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *, name: str | None = None,
                  source_sha256: str | None = None, accuracy_level: int | None = None, attention: str | None = None,
-                 extra_meta: dict[str, Any] | None = None, progress: ProgressFn | None = None) -> Path:
+                 head_bits: int | None = None, extra_meta: dict[str, Any] | None = None,
+                 progress: ProgressFn | None = None) -> Path:
     """Convert a llama.cpp GGUF file to an inferos ONNX folder at ``dst``; returns ``dst``.
 
     ``dtype`` None keeps the file's own blocks (Q4_0/Q4_1 -> 4-bit, Q8_0 -> 8-bit ``MatMulNBits``, floats as
     they are); int4/int8 keep those blocks too and store other tensors at that width; fp32/fp16 dequantize
     everything. ``accuracy_level`` is MatMulNBits' compute precision (default 4 = int8 activations, ORT's
-    fast kernel, when the model has quantized weights).
+    fast kernel, when the model has quantized weights). ``head_bits`` caps the logits projection only (see
+    :func:`store_head`; None, the default, keeps e.g. SmolLM2's tied Q8_0 head at 8 bits).
     """
     from inferos_cli.runtime.gguf_model import gguf_spec, gguf_weights, open_gguf
     from inferos_cli.runtime.gguf_tokenizer import tokenizer_files
 
     path, dst = Path(path), Path(dst)
     check_dtype(dtype, allow_none=True)
+    check_head_bits(head_bits)
     if not path.is_file():
         raise ModelError(f"{path} does not exist", "pass the path of a .gguf file")
     reader = open_gguf(path)
@@ -369,13 +415,14 @@ def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *,
     spec = gguf_spec(reader, tensors)
     arch = _arch(reader)
     files = tokenizer_files(reader, spec.context_length)
-    weights = gguf_weights(reader, spec, arch, dtype, store, store_embedding, progress)
+    weights = store_head(gguf_weights(reader, spec, arch, dtype, store, store_embedding, progress), head_bits)
     quantized = any(k.endswith("bit") for k in describe_storage(weights))
     level = accuracy_level if accuracy_level is not None else (4 if quantized else 0)
     return write_model_folder(
         spec, weights, dst, name=name or path.stem, source=str(path.resolve()),
         source_sha256=source_sha256 or sha256_file(path), dtype=dtype or "native", tokenizer_files=files,
-        extra_meta={"gguf_file_type": _file_types(reader), **(extra_meta or {})}, progress=progress,
+        extra_meta={"gguf_file_type": _file_types(reader), "head_bits": head_bits, **(extra_meta or {})},
+        progress=progress,
         accuracy_level=level, attention=attention,
     )
 
@@ -444,7 +491,7 @@ def write_model_folder(spec: DecoderSpec, weights: DecoderWeights, dst: Path, *,
             "source": source,
             "source_sha256": source_sha256,
             "dtype": dtype,
-            "param_count": param_count(weights),
+            "param_count": param_count(weights, tied=spec.tie_embeddings),
             "storage": describe_storage(weights),
             "converter_version": CONVERTER_VERSION,
             "architecture": spec.arch,
