@@ -11,6 +11,12 @@ onnxruntime-genai is a peer, not a dependency: it runs in its own interpreter (`
 ``benchmarks/ortgenai_worker.py``, loaded once and fed one request per line. Folders converted by inferos
 get a ``genai_config.json`` written into a linked copy so onnxruntime-genai can load the very same graph.
 
+The inferos engine backs its CPU session's weights with transparent huge pages on Linux
+(:func:`inferos_cli.runtime.sessions.back_with_huge_pages`; ``INFEROS_HUGEPAGES=0`` turns that off).
+onnxruntime-genai does not do this by itself; ``--peer-env GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` gives
+the peer glibc's huge-page heap for a like-for-like reference. ``--threads`` sets inferos' intra-op
+threads; the peer uses its own default (half the hardware threads, i.e. 1 on a 2-core machine).
+
 Example::
 
     python benchmarks/engine_vs_ortgenai.py --model ../shared/models/smollm2-135m-oga-int4 \
@@ -84,10 +90,11 @@ def peer_folder(folder: Path, tmp: Path) -> Path:
 class Peer:
     """The onnxruntime-genai worker process."""
 
-    def __init__(self, python: str, folder: Path) -> None:
+    def __init__(self, python: str, folder: Path, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             [python, str(HERE / "ortgenai_worker.py"), str(folder)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **env} if env else None,
         )
         self.info = self._read()
 
@@ -145,14 +152,18 @@ def bench_model(folder: Path, args: argparse.Namespace, tmp: Path) -> dict[str, 
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.runtime.engine import Engine
     from inferos_cli.runtime.modelinfo import inspect_folder
+    from inferos_cli.runtime.sessions import huge_pages_wanted
 
     info = inspect_folder(folder)
     resolved = resolve_settings("baseline", param_count=info.param_count, use_env=False,
                                 flags={"scheduler": {"mode": "cpu"}})
     engine = Engine(info, resolved, threads=args.threads)
-    peer = Peer(args.peer_python, peer_folder(folder, tmp))
+    peer_env = dict(item.split("=", 1) for item in args.peer_env)
+    peer = Peer(args.peer_python, peer_folder(folder, tmp), peer_env)
     result: dict[str, Any] = {"model": str(folder), "name": info.name, "kv": engine.backend.describe(),
-                              "plan": engine.plan.describe(), "peer": peer.info, "prompts": {}}
+                              "plan": engine.plan.describe(), "peer": peer.info, "peer_env": peer_env,
+                              "inferos_huge_pages": huge_pages_wanted(),
+                              "prompts": {}}
     try:
         for plen in args.prompts:
             ids = prompt_ids(engine, plen)
@@ -202,6 +213,23 @@ def bench_model(folder: Path, args: argparse.Namespace, tmp: Path) -> dict[str, 
     return result
 
 
+def _round_args(argv: list[str]) -> list[str]:
+    """``argv`` without ``--rounds`` and ``--json`` (and their values): the arguments of one round."""
+    out: list[str] = []
+    skip = False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item in ("--rounds", "--json"):
+            skip = True
+            continue
+        if item.startswith(("--rounds=", "--json=")):
+            continue
+        out.append(item)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", action="append", type=Path, help="ONNX folder (repeatable)")
@@ -209,13 +237,30 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--peer-python", default="/tmp/venv-oga/bin/python")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="repeat the whole comparison, each round in a fresh process (engine and peer)")
+    parser.add_argument("--peer-python", default="/tmp/venv-oga/bin/python",
+                        help="interpreter with onnxruntime-genai installed (default: /tmp/venv-oga/bin/python)")
+    parser.add_argument("--peer-env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the peer process (repeatable)")
     parser.add_argument("--json", type=Path, default=None, help="write all runs here")
     args = parser.parse_args()
     args.prompts = [int(x) for x in args.prompts.split(",") if x.strip()]
     models = args.model or [SHARED / "models" / "smollm2-135m-oga-int4"]
-    with tempfile.TemporaryDirectory() as tmp:
-        results = [bench_model(m, args, Path(tmp)) for m in models]
+    results: list[dict[str, Any]] = []
+    if args.rounds > 1:
+        # every round in a fresh process, as `inferos run` would be: a second engine loaded into the same
+        # process measured differently (heap reuse), which is not what a user gets
+        with tempfile.TemporaryDirectory() as tmp:
+            for rnd in range(1, args.rounds + 1):
+                print(f"round {rnd}/{args.rounds}", flush=True)
+                out = Path(tmp) / f"round{rnd}.json"
+                cmd = [sys.executable, str(Path(__file__).resolve()), *_round_args(sys.argv[1:]), "--json", str(out)]
+                subprocess.run(cmd, check=True)
+                results.extend({"round": rnd, **r} for r in json.loads(out.read_text(encoding="utf-8")))
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = [bench_model(m, args, Path(tmp)) for m in models]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2), encoding="utf-8")
 

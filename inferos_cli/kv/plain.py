@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 Layout = Literal["concat", "packed"]
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+_INT64 = np.dtype(np.int64)
 _GENERATIONS = itertools.count(1)  # process-unique ids of buffer layouts (for cached IOBindings)
 
 
@@ -42,12 +43,14 @@ class PlainCache:
         *,
         layout: Layout | None = None,
         capacity: int | None = None,
+        dtype: "np.dtype | type | None" = None,
     ) -> None:
         self.info = info
         self.layout: Layout = layout or ("packed" if info.uses_gqa_op else "concat")
         if capacity is not None and self.layout != "packed":
             raise ValueError("a preallocated (shared-buffer) cache needs the packed layout of GQA graphs")
-        self.dtype = _NP_DTYPES.get(info.kv_dtype, np.float32)
+        # ``dtype`` overrides the model's float type for caches that hold codes (kv/fused.py: int8)
+        self.dtype = np.dtype(dtype) if dtype is not None else _NP_DTYPES.get(info.kv_dtype, np.float32)
         self._batch = int(batch)
         self._names = [
             (info.past_key_fmt % i, info.past_value_fmt % i, info.present_key_fmt % i, info.present_value_fmt % i)
@@ -66,6 +69,10 @@ class PlainCache:
         # changes whenever the buffers move (new arrays): lets the engine keep an IOBinding between steps
         self.generation = next(_GENERATIONS)
         self._out_cache: tuple[int, dict[str, np.ndarray]] | None = None
+
+    # mask buffer and row lengths of the shared-buffer path (see _append_shared); built on first use
+    _mask_buf: np.ndarray | None = None
+    _row_lens: list[int] = []
 
     # ----- protocol -------------------------------------------------------------------------------
     @property
@@ -88,7 +95,8 @@ class PlainCache:
         return self._past
 
     def past_mask(self) -> np.ndarray:
-        """int64 ``[batch, past_len]``."""
+        """int64 ``[batch, past_len]``. For a shared-buffer cache it is a view of the cache's mask buffer
+        that the next :meth:`append` may update: copy it to keep it."""
         return self._mask
 
     def output_buffers(self, n_new: int) -> dict[str, np.ndarray] | None:
@@ -120,7 +128,11 @@ class PlainCache:
 
     def append(self, outputs: dict[str, np.ndarray], n_new: int, new_mask: np.ndarray) -> None:
         """Take the step's presents. ``new_mask`` is int ``[batch, n_new]`` (1 = real token)."""
-        new_mask = np.asarray(new_mask, dtype=np.int64)
+        if type(new_mask) is not np.ndarray or new_mask.dtype is not _INT64:
+            new_mask = np.asarray(new_mask, dtype=np.int64)
+        if self.capacity is not None:
+            self._append_shared(new_mask)
+            return
         real_new = new_mask.sum(axis=1)
         if self.layout == "concat":
             for pk, pv, ok, ov in self._names:
@@ -130,14 +142,48 @@ class PlainCache:
             self._len += n_new
         else:
             lengths = self._mask.sum(axis=1) + real_new
-            if self.capacity is None:
-                for pk, pv, ok, ov in self._names:
-                    self._past[pk] = outputs[ok]
-                    self._past[pv] = outputs[ov]
-                self._len = int(self._past[self._names[0][0]].shape[2])
-            else:  # the session wrote the new columns in place into the shared buffers
-                self._len = int(lengths.max()) if lengths.size else 0
+            for pk, pv, ok, ov in self._names:
+                self._past[pk] = outputs[ok]
+                self._past[pv] = outputs[ov]
+            self._len = int(self._past[self._names[0][0]].shape[2])
             self._mask = (np.arange(self._len)[None, :] < lengths[:, None]).astype(np.int64)
+        self.seen_tokens = self.seen_tokens + real_new
+
+    def _append_shared(self, new_mask: np.ndarray) -> None:
+        """:meth:`append` for the shared-buffer (packed) cache: the session already wrote the new columns
+        in place, so only the mask and the row lengths move, in O(new tokens) and without allocating.
+
+        The mask lives in a preallocated ``[batch, capacity]`` int64 buffer (ones up to each row's length,
+        zeros after) and ``_mask`` is a view of its first ``past_len`` columns. When ``_mask`` is not such
+        a view (first append, or ``select``/``merge``/``clone``/``reserve`` replaced it) the buffer and the
+        row lengths are rebuilt from it first. Same result as the packed rule of :meth:`append`: each row
+        grows by its real new tokens, ``past_len`` = the longest row."""
+        buf = self._mask_buf
+        if buf is None or self._mask.base is not buf or buf.shape != (self._batch, self.capacity):
+            buf = np.zeros((self._batch, self.capacity), dtype=np.int64)
+            width = self._mask.shape[1]
+            if width:
+                buf[:, :width] = self._mask
+            self._mask_buf = buf
+            self._row_lens = [int(n) for n in self._mask.sum(axis=1)]
+        lens = self._row_lens
+        if self._batch == 1:
+            real_new = new_mask.item() if new_mask.size == 1 else int(new_mask.sum())
+            start = lens[0]
+            end = start + real_new
+            if end > start:
+                buf[0, start:end] = 1
+            lens[0] = end
+            width = end
+        else:
+            real_new = new_mask.sum(axis=1)
+            for row, real in enumerate(real_new.tolist()):
+                if real:
+                    buf[row, lens[row]:lens[row] + real] = 1
+                    lens[row] += real
+            width = max(lens) if lens else 0
+        self._len = width
+        self._mask = buf[:, :width]
         self.seen_tokens = self.seen_tokens + real_new
 
     def select(self, rows: Sequence[int]) -> None:

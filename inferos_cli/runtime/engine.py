@@ -121,6 +121,25 @@ class StopMatcher:
         return out
 
 
+class _Binding:
+    """An IOBinding of one session kept between steps: the cache layout it was made for (``key``), the
+    pybind objects the hot path calls directly (None when this onnxruntime build hides them) and what is
+    bound now by name: ``(array, shape, dtype)``, holding the array so its memory stays put."""
+
+    __slots__ = ("key", "io", "raw", "run", "dev", "bound")
+
+    def __init__(self, key: Any, session: Any, dev: Any) -> None:
+        self.key = key
+        self.io = session.io_binding()
+        raw = getattr(self.io, "_iobinding", None)
+        sess = getattr(session, "_sess", None)
+        ok = raw is not None and sess is not None and dev is not None
+        self.raw = raw if ok else None
+        self.run: Callable[..., Any] | None = sess.run_with_iobinding if ok else None
+        self.dev = dev
+        self.bound: dict[str, tuple[np.ndarray, tuple[int, ...], np.dtype]] = {}
+
+
 class _SeqState:
     """Book-keeping of one generated sequence."""
 
@@ -131,6 +150,7 @@ class _SeqState:
         self.t_first: float | None = None
         self.t_last: float | None = None
         self.ttft: float | None = None
+        self.prefill_tps: float | None = None  # set with ttft by Engine._prefill_event
         self.rng = np.random.default_rng(None if config.seed is None else config.seed + row)
         self.stream = stream
         self.stops = StopMatcher(config.stop)
@@ -171,6 +191,10 @@ class Engine:
         # pressure: a runtime.pressure source (level() -> 0..1) the KV cache reads to tighten its tiers;
         # read late, so run/serve may attach it after construction (engine.pressure = monitoring.pressure)
         self.pressure = pressure
+        from inferos_cli.runtime.sessions import anonymous_regions, huge_pages_wanted
+
+        # memory this engine adds from here on is backed with huge pages (see _settle_huge_pages)
+        self._huge_mark: dict[int, int] | None = anonymous_regions() if huge_pages_wanted() else None
         self.backend = kv_backend(info, self.policy, pressure=self.pressure_level)
         graph = Path(self.backend.onnx_path)
         # generation samples only the last position: a graph input lets the LM head skip the others
@@ -190,11 +214,15 @@ class Engine:
         self.has_logits_keep = "logits_keep" in self.input_names
         self.uses_gqa = bool(info.uses_gqa_op)
         self.providers = self.plan.providers()
-        self._bindings: dict[int, tuple[Any, Any, dict[str, Any]]] = {}
+        self._bindings: dict[int, _Binding] = {}
         self._cpu_device = _raw_cpu_device()
         # decode-loop scratch: one logits buffer per shape, reused while the caller asks for it (reuse=True)
         self._logits_bufs: dict[tuple[int, int], np.ndarray] = {}
         self._keep = {1: np.array([1], dtype=np.int64)}
+        self._ones: dict[tuple[int, int], np.ndarray] = {}
+        self._ones_flat = np.ones(4096, dtype=np.int64)  # attention masks of unpadded steps view this
+        self._ones_flat.flags.writeable = False
+        self._ones_ptr = int(self._ones_flat.ctypes.data)
         self._util_cache: tuple[float, dict[str, float | None]] | None = None
 
     def pressure_level(self) -> float:
@@ -267,9 +295,24 @@ class Engine:
         if ids.ndim != 2 or ids.shape[0] != cache.batch:
             raise ValueError(f"input_ids must be [batch={cache.batch}, T], got {ids.shape}")
         b, t = ids.shape
-        new = np.ones((b, t), dtype=np.int64) if new_mask is None else np.ascontiguousarray(new_mask, dtype=np.int64)
         past_mask = cache.past_mask()
-        mask = np.concatenate([past_mask, new], axis=1) if past_mask.shape[1] else new
+        past = past_mask.shape[1]
+        if new_mask is None:
+            new = self._ones.get((b, t)) if t == 1 else None
+            if new is None:
+                new = np.ones((b, t), dtype=np.int64)
+                if t == 1:  # a decode step's all-ones mask: one read-only array per batch size
+                    new.flags.writeable = False
+                    self._ones[(b, t)] = new
+            if not past or np.count_nonzero(past_mask) == past_mask.size:
+                # an all-ones attention mask (every decode step of an unpadded sequence) is a view of
+                # one preallocated ones buffer: no per-step concatenation (and its allocation)
+                mask = self._ones_view(b, past + t)
+            else:
+                mask = np.concatenate((past_mask, new), axis=1)
+        else:
+            new = np.ascontiguousarray(new_mask, dtype=np.int64)
+            mask = np.concatenate((past_mask, new), axis=1) if past else new
         small: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
         kept = t
         if self.has_logits_keep:
@@ -283,7 +326,8 @@ class Engine:
             pos = np.asarray(base, dtype=np.int64)[:, None] + np.cumsum(new, axis=1) - 1
             small["position_ids"] = np.where(new > 0, pos, 0).astype(np.int64)
         ps = self.plan.prefill if phase == "prefill" else self.plan.decode
-        out_bufs = cache.output_buffers(t) if hasattr(cache, "output_buffers") else None
+        buffers = getattr(cache, "output_buffers", None)
+        out_bufs = buffers(t) if buffers is not None else None
         if out_bufs:
             out = self._run_bound(ps.session, small, out_bufs, cache, (b, kept), reuse)
             presents = out_bufs
@@ -297,6 +341,18 @@ class Engine:
         cache.append(presents, t, new)
         return out
 
+    def _ones_view(self, b: int, width: int) -> np.ndarray:
+        """A contiguous read-only all-ones int64 ``[b, width]`` view of the engine's ones buffer (grown
+        by doubling when too small)."""
+        n = b * width
+        flat = self._ones_flat
+        if flat.size < n:
+            flat = np.ones(max(n, 2 * flat.size), dtype=np.int64)
+            flat.flags.writeable = False
+            self._ones_flat = flat
+            self._ones_ptr = int(flat.ctypes.data)
+        return flat[:n].reshape(b, width)
+
     def _run_bound(
         self, session: Any, small: dict[str, np.ndarray], out_bufs: dict[str, np.ndarray], cache: Any,
         bt: tuple[int, int], reuse: bool = False,
@@ -304,41 +360,46 @@ class Engine:
         """Run with an IOBinding whose past inputs and present outputs are the cache's shared buffers.
         The binding of the buffers is kept while they do not move (``cache.generation`` unchanged), so a
         step binds only ``input_ids``, ``attention_mask`` (and ``position_ids``) and the logits; of those,
-        an array already bound at the same address with the same shape and dtype (the decode loop's
-        token array, the constant ``logits_keep``, a reused logits buffer) is not bound again: a binding
-        is a pointer that ORT reads at run time, so the current contents are what it sees."""
+        an array already bound with the same shape and dtype (the decode loop's token array, the constant
+        ``logits_keep``, a reused logits buffer) is not bound again: a binding is a pointer that ORT reads
+        at run time, so the current contents are what it sees. "Already bound" is object identity: the
+        binding keeps a reference to each bound array, so its memory cannot move or be reused meanwhile."""
         key = getattr(cache, "generation", None)
         entry = self._bindings.get(id(session))
-        if entry is None or key is None or entry[0] != key:
-            io = session.io_binding()
+        if entry is None or key is None or entry.key != key:
+            entry = _Binding(key, session, self._cpu_device)
             for name, arr in cache.feeds().items():
-                io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+                entry.io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             for name, arr in out_bufs.items():
-                io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
-            entry = (key, io, {})
+                entry.io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             self._bindings[id(session)] = entry
-        io, bound = entry[1], entry[2]
         logits = self._logits_bufs.get(bt) if reuse else None
         if logits is None:
             logits = np.empty((bt[0], bt[1], self.info.vocab_size), dtype=np.float32)
             if reuse:
                 self._logits_bufs[bt] = logits
-        raw = getattr(io, "_iobinding", None)
-        sess = getattr(session, "_sess", None)
-        dev = self._cpu_device
-        if raw is not None and sess is not None and dev is not None:
+        raw = entry.raw
+        if raw is not None:
             # the pybind objects directly: the public wrapper builds an OrtDevice per bind call
+            bound, dev, ones = entry.bound, entry.dev, self._ones_flat
             for name, arr in small.items():
-                sig = (arr.ctypes.data, arr.shape, arr.dtype)
-                if bound.get(name) != sig:
-                    raw.bind_input(name, dev, arr.dtype, list(arr.shape), sig[0])
-                    bound[name] = sig
-            sig = (logits.ctypes.data, logits.shape, logits.dtype)
-            if bound.get("logits") != sig:
-                raw.bind_output("logits", dev, logits.dtype, list(logits.shape), sig[0])
-                bound["logits"] = sig
-            sess.run_with_iobinding(raw, None)
+                prev = bound.get(name)
+                if prev is None or prev[0] is not arr or prev[1] != arr.shape or prev[2] != arr.dtype:
+                    # a view of the ones buffer starts at its first element: its address is known
+                    ptr = self._ones_ptr if arr.base is ones else arr.ctypes.data
+                    raw.bind_input(name, dev, arr.dtype, arr.shape, ptr)
+                    bound[name] = (arr, arr.shape, arr.dtype)
+            prev = bound.get("logits")
+            if prev is None or prev[0] is not logits:
+                raw.bind_output("logits", dev, logits.dtype, logits.shape, logits.ctypes.data)
+                # only the engine-owned (reused) buffer is remembered: holding a caller's [B, T, V]
+                # logits here would keep up to hundreds of MB alive after a long "all" prefill
+                bound.pop("logits", None)
+                if reuse:
+                    bound["logits"] = (logits, logits.shape, logits.dtype)
+            entry.run(raw, None)
         else:  # pragma: no cover - other onnxruntime builds
+            io = entry.io
             for name, arr in small.items():
                 io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
             io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
@@ -379,6 +440,22 @@ class Engine:
             )
 
     # ----- generation ---------------------------------------------------------------------------------------
+    def _settle_huge_pages(self) -> None:
+        """After a generation: back with huge pages what the process's anonymous memory grew by since the
+        last mark (the session's arena for activations, the KV buffers; the weights were done when the
+        session opened), :func:`~inferos_cli.runtime.sessions.back_with_huge_pages`. One read of
+        ``/proc/self/maps`` (~0.3 ms) when nothing grew; runs after the ``done`` event is handed over, so
+        no reported timing includes it. Linux only; ``INFEROS_HUGEPAGES=0`` turns it off."""
+        if self._huge_mark is None:
+            return
+        from inferos_cli.runtime.sessions import anonymous_regions, back_with_huge_pages
+
+        now = anonymous_regions()
+        if now != self._huge_mark:
+            back_with_huge_pages(self._huge_mark, now)
+            now = anonymous_regions()  # madvise split the regions: the next growth is measured from here
+        self._huge_mark = now
+
     def _util(self) -> dict[str, float | None]:
         """The telemetry's ``{cpu, gpu, npu}``, re-read at most every 100 ms (the sampler's own fastest
         cadence), so per-token events do not each merge every monitor's reading."""
@@ -390,6 +467,7 @@ class Engine:
         return self._util_cache[1]
 
     def _event_common(self, cache: "KVCache", with_rss: bool = True) -> dict[str, Any]:
+        """The fields every event carries about the machine: KV stats, RSS, utilisation, providers."""
         return {
             "kv": cache.stats(),
             "rss_bytes": _rss() if with_rss else None,
@@ -428,11 +506,14 @@ class Engine:
         if max_new == 0:
             yield self._prefill_event(state, cache, t0, time.perf_counter())
             yield self._done(state, cache, "length")
+            self._settle_huge_pages()
             return
         tok = sample(logits[0], config, state.rng, prompt)
         now = time.perf_counter()
         yield self._prefill_event(state, cache, t0, now)
         step = np.empty((1, 1), dtype=np.int64)
+        # plain greedy: a decode step's logits are [1, 1, V], so the argmax of the whole array is sample()'s
+        plain_greedy = config.greedy and config.repetition_penalty == 1.0
         while True:
             ev = self._accept(state, tok, now, cache, config, max_new)
             if ev is not None:
@@ -441,9 +522,13 @@ class Engine:
                 break
             step[0, 0] = tok
             logits = self.forward(step, cache, phase="decode", logits="last", reuse=True)
-            tok = sample(logits[0, -1], config, state.rng, state.seen)
+            if plain_greedy and logits.shape[1] == 1:
+                tok = int(logits.argmax())
+            else:
+                tok = sample(logits[0, -1], config, state.rng, state.seen)
             now = time.perf_counter()
         yield self._done(state, cache, state.finish)
+        self._settle_huge_pages()
 
     def _prefill(self, ids: np.ndarray, cache: "KVCache", chunk: int | None, new_mask: np.ndarray | None = None) -> np.ndarray:
         """Run the prompt (whole or in chunks); return the logits of each row's last real token ``[B, V]``."""
@@ -474,36 +559,45 @@ class Engine:
     def _prefill_event(self, state: _SeqState, cache: "KVCache", t0: float, now: float) -> Event:
         state.ttft = now - t0
         n = len(state.prompt)
+        state.prefill_tps = (n / state.ttft) if state.ttft > 0 else None
         return Event(
             kind="prefill", t=now, seq=state.row, prompt_tokens=n, ttft_s=state.ttft,
-            prefill_tps=(n / state.ttft) if state.ttft > 0 else None, **self._event_common(cache),
+            prefill_tps=state.prefill_tps, **self._event_common(cache),
         )
 
     def _accept(
         self, state: _SeqState, tok: int, now: float, cache: "KVCache", config: GenerationConfig, max_new: int
     ) -> Event | None:
-        """Record a sampled token; return its ``token`` event (None for an EOS that ends the sequence)."""
+        """Record a sampled token; return its ``token`` event (None for an EOS that ends the sequence).
+        Runs once per token: the fields are passed straight to the slots dataclass (no merged dicts)."""
         if not config.ignore_eos and tok in self.tokenizer.eos_token_ids:
             state.finish = "stop"
             return None
-        state.generated.append(tok)
+        generated = state.generated
+        generated.append(tok)
         if state._track:
             state.seen.add(tok)
-        if state.t_first is None:
-            state.t_first = now
+        first = state.t_first
+        if first is None:
+            first = state.t_first = now
         state.t_last = now
-        text = state.stops.push(state.stream.push(tok))
-        if state.stops.hit is not None:
+        stops = state.stops
+        text = state.stream.push(tok)
+        if stops.stops:
+            text = stops.push(text)
+        n = len(generated)
+        if stops.hit is not None:
             state.finish = "stop"
-        elif len(state.generated) >= max_new:
+        elif n >= max_new:
             state.finish = "length"
-            text += state.stops.push(state.stream.flush()) + state.stops.flush()
+            text += stops.push(state.stream.flush()) + stops.flush()
         state.text_parts.append(text)
         return Event(
             kind="token", t=now, seq=state.row, token_id=tok, text=text, prompt_tokens=len(state.prompt),
-            generated=len(state.generated), ttft_s=state.ttft,
-            prefill_tps=(len(state.prompt) / state.ttft) if state.ttft else None,
-            decode_tps=state.decode_tps(), **self._event_common(cache),
+            generated=n, ttft_s=state.ttft,
+            prefill_tps=state.prefill_tps if state.ttft else None,
+            decode_tps=(n - 1) / (now - first) if n > 1 and now > first else None,
+            kv=cache.stats(), rss_bytes=_rss(), util=self._util(), provider=self.providers,
         )
 
     def _done(self, state: _SeqState, cache: "KVCache", reason: str | None, extra: dict[str, Any] | None = None) -> Event:
@@ -605,6 +699,7 @@ class Engine:
                 s = states[row]
                 toks.append(sample(logits[pos, -1], config, s.rng, s.seen))
             now = time.perf_counter()
+        self._settle_huge_pages()
 
 
 def _raw_cpu_device() -> Any:

@@ -55,8 +55,8 @@ def sample(
     """Pick the next id from ``logits`` (``[vocab]`` float) under ``config``."""
     if config.repetition_penalty != 1.0:
         logits = apply_repetition_penalty(logits, previous, config.repetition_penalty)
-    if config.greedy:
-        return int(np.argmax(logits))
+    if config.temperature <= 0.0 or config.top_k == 1:  # config.greedy, inlined: this runs per token
+        return int(np.asarray(logits).argmax())
     rng = rng if rng is not None else np.random.default_rng(config.seed)
     scaled = logits.astype(np.float64) / float(config.temperature)
     if config.top_k and config.top_k > 0 and config.top_k < scaled.shape[-1]:
