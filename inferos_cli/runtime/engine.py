@@ -9,7 +9,13 @@ rows retiring) are loops over it that sample and time, and produce :class:`~infe
 Per-step host work is O(new tokens): the cache keeps the session's output arrays as the next past
 (no copy), and for ``GroupQueryAttention`` graphs the past buffers are preallocated and bound as both
 past input and present output via IOBinding, so ORT writes the new keys in place
-(``past_present_share_buffer``, as onnxruntime-genai does).
+(``past_present_share_buffer``, as onnxruntime-genai does). Between two runs a decode step allocates
+almost nothing: the all-ones attention mask is a view of one engine-owned ones buffer, the cache's mask
+grows in place, only the mask is bound again, and events are built field by field. Measured in-process
+against the previous engine (SmolLM2-135M int4, 1 thread): the Python work between runs went from
+~0.29-0.34 ms to ~0.19-0.25 ms per token; most of what is left is ``cache.stats()``, the RSS read and the
+streaming detokenizer (~30 µs each with the caches cold after a run). The memory a generation adds is
+backed with huge pages afterwards (:meth:`Engine._settle_huge_pages`, :mod:`inferos_cli.runtime.sessions`).
 
 Prefill computes logits for the last position only: the sessions load the graph with a ``logits_keep``
 input (:mod:`inferos_cli.runtime.graph_logits`), so the LM head runs once instead of once per prompt
