@@ -92,11 +92,19 @@ class KVPolicy(_Strict):
     quant: KVQuant = Field("tiered", description="tiered (by importance) or a fixed preset")
     recent_window: int = Field(128, ge=16, le=512)
     sink_tokens: int = Field(4, ge=0, le=64)
-    group_size: Literal[32, 64] = 32
+    group_size: int = Field(32, description="quantization group along head_dim: 32 or 64")
     rotate_keys: bool = Field(True, description="Hadamard-rotate keys before int4 quantization")
     level_thresholds: LevelThresholds = LevelThresholds()
     max_tokens: int | None = Field(None, ge=1, description="cap on cached tokens (eviction beyond)")
     budget_bytes: int | None = Field(None, ge=0, description="cap on resident KV bytes")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        """32 or 64 (an int field, not a Literal, so ``INFEROS_KV__GROUP_SIZE=64`` from the environment works)."""
+        if value not in (32, 64):
+            raise ValueError("kv.group_size must be 32 or 64")
+        return value
 
     @field_validator("budget_bytes", mode="before")
     @classmethod

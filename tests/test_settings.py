@@ -104,15 +104,22 @@ def test_env_layer_nested_and_case_insensitive(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("INFEROS_KV__RECENT_WINDOW", "32")
     monkeypatch.setenv("INFEROS_KV__LEVEL_THRESHOLDS__L1_INT8", "0.9")
     monkeypatch.setenv("INFEROS_IO__DML_POOL_BYTES", "1GiB")
+    monkeypatch.setenv("INFEROS_KV__GROUP_SIZE", "64")
     layer = env_layer()
-    assert layer == {"kv": {"recent_window": "32", "level_thresholds": {"L1_int8": "0.9"}},
+    assert layer == {"kv": {"recent_window": "32", "group_size": "64", "level_thresholds": {"L1_int8": "0.9"}},
                      "io": {"dml_pool_bytes": "1GiB"}}
     resolved = resolve([("env", layer)])
     assert resolved.policy.kv.recent_window == 32
+    assert resolved.policy.kv.group_size == 64
     assert resolved.policy.kv.level_thresholds.L1_int8 == 0.9
     assert resolved.policy.io.dml_pool_bytes == 1024**3
     assert resolved.sources["kv.level_thresholds.L1_int8"] == "env"
     assert resolved.sources["kv.sink_tokens"] == "default"
+
+
+def test_group_size_is_32_or_64() -> None:
+    with pytest.raises(ConfigError, match=r"kv.group_size = '48' \(from env\): kv.group_size must be 32 or 64"):
+        resolve([("env", {"kv": {"group_size": "48"}})])
 
 
 def test_error_says_which_layer_set_the_bad_value() -> None:
