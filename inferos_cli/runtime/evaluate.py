@@ -65,6 +65,7 @@ class EvalReport:
     windows: int
     results: list[ConfigResult]
     rss_note: str = ""
+    exact_matmul: bool = False  # MatMulNBits ran at accuracy_level 0 (runtime/exact.py)
 
     def to_json(self) -> dict[str, Any]:
         """The issue's JSON shape (plus a few extra keys)."""
@@ -76,6 +77,7 @@ class EvalReport:
             "tokens_scored": self.tokens_scored,
             "windows": self.windows,
             "rss_note": self.rss_note,
+            "exact_matmul": self.exact_matmul,
             "results": [asdict(r) for r in self.results],
         }
 
@@ -155,13 +157,18 @@ class _Acc:
 
 def load_engines(model: str | None, configs: list[str], threads: int | None,
                  info: "ModelInfo | None" = None,
-                 flags: dict[str, Any] | None = None) -> tuple["ModelInfo", list["Engine"]]:
+                 flags: dict[str, Any] | None = None, exact: bool = False) -> tuple["ModelInfo", list["Engine"]]:
     """One engine per configuration, all on the same resolved model; ``flags`` (nested policy values,
-    e.g. a KV budget) apply to every configuration except ``baseline``."""
+    e.g. a KV budget) apply to every configuration except ``baseline``. ``exact``: run the model's
+    exact-compute twin (:mod:`inferos_cli.runtime.exact`)."""
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.runtime.engine import Engine, resolve_model_info
 
     info = info or resolve_model_info(model, progress=True)
+    if exact:
+        from inferos_cli.runtime.exact import exact_info
+
+        info, _ = exact_info(info)
     engines = []
     for cfg in configs:
         resolved = resolve_settings(profile_of(cfg), param_count=info.param_count,
@@ -191,10 +198,18 @@ def run_eval(
     measure_rss: bool = True,
     progress: Callable[[int, int], None] | None = None,
     flags: dict[str, Any] | None = None,
+    exact: bool = True,
 ) -> EvalReport:
-    """Score every configuration of ``compare`` on the same windows of ``text`` (see module doc)."""
+    """Score every configuration of ``compare`` on the same windows of ``text`` (see module doc).
+    ``exact`` (default): score on the exact-compute twin of the graph, so the KV cache's own error is not
+    buried under int8-activation rounding noise (:mod:`inferos_cli.runtime.exact`)."""
     configs = parse_compare(compare)
-    info, engines = load_engines(model, configs, threads, flags=flags)
+    from inferos_cli.runtime.engine import resolve_model_info
+    from inferos_cli.runtime.exact import exact_info
+
+    info = resolve_model_info(model, progress=True)
+    info, exact_used = exact_info(info) if exact else (info, False)
+    info, engines = load_engines(model, configs, threads, info=info, flags=flags)
     if ctx > info.context_length:
         raise UsageError(f"--ctx {ctx} exceeds the model's context of {info.context_length} tokens",
                          f"use --ctx {info.context_length} or less")
@@ -256,9 +271,9 @@ def run_eval(
         rss_note = (f"highest RSS sampled after each step of a fresh process running the first window "
                     f"({len(windows[0])} tokens) alone; model loading peaks are excluded")
         for res in results:
-            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads, flags)
+            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads, flags, exact)
     return EvalReport(model=info.name, text=str(text), ctx=ctx, prefix=prefix, tokens_scored=total,
-                      windows=len(windows), results=results, rss_note=rss_note)
+                      windows=len(windows), results=results, rss_note=rss_note, exact_matmul=exact_used)
 
 
 def peak_rss_bytes() -> int | None:
@@ -278,10 +293,10 @@ def peak_rss_bytes() -> int | None:
 
 
 def rss_probe(model: str, config: str, window: list[int], prefix: int, threads: int | None,
-              flags: dict[str, Any] | None = None) -> float | None:
+              flags: dict[str, Any] | None = None, exact: bool = False) -> float | None:
     """Peak RSS (MiB) of a fresh subprocess that runs ``window`` teacher-forced with ``config``."""
     args = {"model": model, "config": config, "window": window, "prefix": prefix, "threads": threads,
-            "flags": flags}
+            "flags": flags, "exact": exact}
     try:
         proc = subprocess.run([sys.executable, "-m", "inferos_cli.runtime.evaluate"], input=json.dumps(args),
                               capture_output=True, text=True, timeout=1800, check=False)
@@ -302,7 +317,8 @@ def _probe_main() -> int:
     from inferos_cli.runtime.modelinfo import inspect_folder
 
     info = inspect_folder(Path(args["model"]))
-    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info, flags=args.get("flags"))
+    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info, flags=args.get("flags"),
+                              exact=bool(args.get("exact")))
     eng = engines[0]
     win, prefix = args["window"], int(args["prefix"])
     import psutil

@@ -52,6 +52,8 @@ def eval_table(snapshot: dict[str, Any]) -> Table:
     notes = [f"{r['config']}: {r['kv']}" for r in snapshot["results"]]
     notes += [f"{r['config']}: {n}" for r in snapshot["results"] for n in r.get("notes", [])]
     notes.append(f"peak RSS: {snapshot.get('rss_note', '')}")
+    if snapshot.get("exact_matmul"):
+        notes.append("scored on the exact-compute twin (MatMulNBits accuracy_level 0; --as-shipped for the graph as is)")
     table.caption = "\n".join(notes)
     return table
 
