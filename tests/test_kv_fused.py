@@ -82,6 +82,8 @@ def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     assert set(stats.tokens) == {"int8"} and stats.tokens["int8"] == n
     per_elem = stats.bytes["int8"] / (2 * base.info.num_layers * base.info.num_kv_heads * base.info.head_dim * (n + 4))
     assert per_elem == 1.0
+    twin = c_fused.clone()  # PlainCache.clone keeps the subclass
+    assert isinstance(twin, fused.FusedCache) and twin.stats() == stats
 
 
 def test_fused_decode_tracks_the_baseline(engines) -> None:

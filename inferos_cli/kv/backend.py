@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from inferos_cli.kv.plain import PlainCache
 
 if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.kv.base import KVBackend
     from inferos_cli.kv.cache import SegmentedCache
     from inferos_cli.runtime.modelinfo import ModelInfo
     from inferos_cli.settings import Policy
@@ -115,9 +116,9 @@ class SegmentedBackend:
         return f"{text}; {self.note}" if self.note else text
 
 
-def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "PlainBackend | SegmentedBackend | Any":
-    """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); otherwise the
-    rewritten graph + :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` (e.g.
+def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "KVBackend":
+    """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); ``int8-fused`` on a
+    GQA graph: :class:`~inferos_cli.kv.fused.FusedBackend`; otherwise the rewritten graph + :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` (e.g.
     ``runtime.pressure``) or a callable; tightens the cache under memory pressure."""
     if not policy.kv.enabled:
         return PlainBackend(info)

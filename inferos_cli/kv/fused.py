@@ -25,7 +25,6 @@ folder is read-only) as ``<stem>.inferos-kvf-<hash>.onnx``.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from inferos_cli import paths
 from inferos_cli.kv.plain import PlainCache
-from inferos_cli.runtime.derived_graph import save_derived
+from inferos_cli.runtime.derived_graph import save_derived, source_key
 from inferos_cli.runtime.events import KVStats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,13 +74,6 @@ def supported(info: "ModelInfo") -> bool:
     except Exception:  # pragma: no cover - other builds
         return False
     return False
-
-
-def _graph_key(info: "ModelInfo") -> str:
-    src = Path(info.onnx_path).resolve()
-    st = src.stat()
-    text = f"{FUSED_VERSION}|{src}|{st.st_size}|{st.st_mtime_ns}|{MARGIN}|{BITS}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def calibrate(info: "ModelInfo", text: str = CALIBRATION_TEXT, margin: float = MARGIN) -> dict[str, np.ndarray]:
@@ -161,7 +153,7 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
 def fused_graph(info: "ModelInfo") -> tuple[Path, str]:
     """The fused graph for ``info`` (from the cache, or calibrated, built and cached atomically now) and a
     note for tables (non-empty when the weights had to be copied)."""
-    key = _graph_key(info)
+    key = source_key(Path(info.onnx_path), "kv-fused", FUSED_VERSION, MARGIN, BITS)
     src = Path(info.onnx_path)
     beside = src.parent / f"{src.stem}.inferos-kvf-{key}.onnx"
     elsewhere = paths.cache_dir() / "kv" / f"fused-{key}" / src.name
@@ -185,12 +177,6 @@ class FusedCache(PlainCache):
         plain = super().stats()
         return KVStats(tokens={"int8": plain.tokens["fp"]}, bytes={"int8": plain.bytes["fp"]},
                        bytes_fp16=plain.bytes_fp16)
-
-    def clone(self) -> "FusedCache":
-        """A deep copy."""
-        twin = super().clone()
-        twin.__class__ = FusedCache
-        return twin  # type: ignore[return-value]
 
 
 class FusedBackend:

@@ -267,8 +267,8 @@ class PlainCache:
         return KVStats(tokens={"fp": tokens}, bytes={"fp": resident}, bytes_fp16=tokens * per_token_fp16)
 
     def clone(self) -> "PlainCache":
-        """A deep copy (for branching a conversation)."""
-        twin = PlainCache.__new__(PlainCache)
+        """A deep copy (for branching a conversation), of the same class (subclasses keep their type)."""
+        twin = type(self).__new__(type(self))
         twin.__dict__.update(self.__dict__)
         twin._past = {k: v.copy() for k, v in self._past.items()}
         twin._mask = self._mask.copy()

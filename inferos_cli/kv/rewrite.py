@@ -44,7 +44,6 @@ the weights file. Written atomically.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -52,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import save_derived
+from inferos_cli.runtime.derived_graph import save_derived, source_key
 from inferos_cli.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -518,10 +517,7 @@ def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[
 
 def cache_key(info: "ModelInfo", spec: RewriteSpec) -> str:
     """Hash of the source graph (path, size, mtime) and the spec."""
-    src = Path(info.onnx_path).resolve()
-    st = src.stat()
-    text = f"{REWRITE_VERSION}|{src}|{st.st_size}|{st.st_mtime_ns}|{spec.digest()}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return source_key(Path(info.onnx_path), "kv", REWRITE_VERSION, spec.digest())
 
 
 def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:

@@ -1,4 +1,5 @@
-"""Saving a graph derived from a model's ONNX file (KV-boundary rewrite, last-position logits).
+"""Saving a graph derived from a model's ONNX file (KV-boundary rewrite, last-position logits, fused int8
+cache, exact-compute twin), and the key that names it.
 
 A derived graph keeps pointing at the source's external weight files. It is written beside the source
 when that folder is writable; otherwise into a cache folder, with the weight files hard-linked there
@@ -8,12 +9,22 @@ model's folder. Shared read-only model folders are never written to.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from inferos_cli import paths
+
+
+def source_key(src: Path, *parts: object) -> str:
+    """12 hex digits naming a graph derived from ``src``: its resolved path, size and modification time (a
+    changed source gets a new derived graph) plus ``parts`` (the deriving code's version and options)."""
+    src = Path(src).resolve()
+    st = src.stat()
+    text = "|".join(str(p) for p in (src, st.st_size, st.st_mtime_ns, *parts))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def external_files(model: Any) -> set[str]:

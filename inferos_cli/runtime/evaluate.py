@@ -157,18 +157,13 @@ class _Acc:
 
 def load_engines(model: str | None, configs: list[str], threads: int | None,
                  info: "ModelInfo | None" = None,
-                 flags: dict[str, Any] | None = None, exact: bool = False) -> tuple["ModelInfo", list["Engine"]]:
+                 flags: dict[str, Any] | None = None) -> tuple["ModelInfo", list["Engine"]]:
     """One engine per configuration, all on the same resolved model; ``flags`` (nested policy values,
-    e.g. a KV budget) apply to every configuration except ``baseline``. ``exact``: run the model's
-    exact-compute twin (:mod:`inferos_cli.runtime.exact`)."""
+    e.g. a KV budget) apply to every configuration except ``baseline``."""
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.runtime.engine import Engine, resolve_model_info
 
     info = info or resolve_model_info(model, progress=True)
-    if exact:
-        from inferos_cli.runtime.exact import exact_info
-
-        info, _ = exact_info(info)
     engines = []
     for cfg in configs:
         resolved = resolve_settings(profile_of(cfg), param_count=info.param_count,
@@ -271,7 +266,7 @@ def run_eval(
         rss_note = (f"highest RSS sampled after each step of a fresh process running the first window "
                     f"({len(windows[0])} tokens) alone; model loading peaks are excluded")
         for res in results:
-            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads, flags, exact)
+            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads, flags, exact_used)
     return EvalReport(model=info.name, text=str(text), ctx=ctx, prefix=prefix, tokens_scored=total,
                       windows=len(windows), results=results, rss_note=rss_note, exact_matmul=exact_used)
 
@@ -317,8 +312,11 @@ def _probe_main() -> int:
     from inferos_cli.runtime.modelinfo import inspect_folder
 
     info = inspect_folder(Path(args["model"]))
-    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info, flags=args.get("flags"),
-                              exact=bool(args.get("exact")))
+    if args.get("exact"):
+        from inferos_cli.runtime.exact import exact_info
+
+        info, _ = exact_info(info)
+    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info, flags=args.get("flags"))
     eng = engines[0]
     win, prefix = args["window"], int(args["prefix"])
     import psutil

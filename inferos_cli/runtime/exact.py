@@ -13,12 +13,11 @@ configurations on a deterministic function of the cache. The derived graph is ca
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import save_derived
+from inferos_cli.runtime.derived_graph import save_derived, source_key
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.runtime.modelinfo import ModelInfo
@@ -45,8 +44,7 @@ def exact_info(info: "ModelInfo") -> tuple["ModelInfo", bool]:
     import onnx
 
     src = Path(info.onnx_path)
-    st = src.resolve().stat()
-    key = hashlib.sha256(f"{EXACT_VERSION}|{src.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = source_key(src, "exact", EXACT_VERSION)
     beside = src.parent / f"{src.stem}.inferos-exact-{key}.onnx"
     elsewhere = paths.cache_dir() / "exact" / key / src.name
     for candidate in (beside, elsewhere):

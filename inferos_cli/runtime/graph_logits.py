@@ -17,23 +17,16 @@ a .onnx file larger than 64 MiB is left alone (a rewritten copy would duplicate 
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
 from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import external_files, save_derived
+from inferos_cli.runtime.derived_graph import external_files, save_derived, source_key
 
 KEEP_INPUT = "logits_keep"
 VERSION = "3"
 _HEADS = ("MatMul", "MatMulNBits", "FusedMatMul", "Gemm")
 EMBEDDED_LIMIT = 64 * 1024**2  # larger .onnx files without external data are not copied
-
-
-def _digest(src: Path) -> str:
-    st = src.stat()
-    text = f"{VERSION}:{src.resolve()}:{st.st_size}:{st.st_mtime_ns}"
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def rewrite(model: Any) -> bool:
@@ -119,7 +112,7 @@ def last_logits_graph(src: Path | str) -> Path | None:
     import onnx
 
     src = Path(src)
-    digest = _digest(src)
+    digest = source_key(src, "logits", VERSION)
     name = f"{src.stem}.inferos-logits-{digest}.onnx"
     beside = src.parent / name
     cached = paths.cache_dir() / "graphs" / digest / name
