@@ -322,6 +322,54 @@ def test_gguf_plain_attention_matches_the_attention_op(tmp_path: Path) -> None:
     assert np.abs(gguf_logits(plain, TINY_IDS) - ref_forward(hf, cfg, TINY_IDS)).max() < 1e-4
 
 
+def test_gguf_default_is_group_query_attention_and_decodes_like_the_attention_op(tmp_path: Path) -> None:
+    """head_dim 16: the default graph uses GroupQueryAttention (RoPE inside the op from position_ids); its
+    logits match the numpy forward, and the engine decodes in place (shared past/present buffers) to the
+    same greedy tokens and cached-step logits as the ONNX Attention graph."""
+    import onnx
+    from _tiny_gguf import write_tiny_gguf
+    from conftest import make_engine
+
+    from inferos_cli.runtime.convert import convert_gguf
+    from inferos_cli.runtime.sampling import GenerationConfig
+
+    src = tmp_path / "tiny.gguf"
+    hf, cfg = write_tiny_gguf(src, linear="Q4_0")
+    gqa = convert_gguf(src, tmp_path / "gqa", accuracy_level=0)
+    op = convert_gguf(src, tmp_path / "op", accuracy_level=0, attention="op")
+    assert json.loads((gqa / "inferos.json").read_text())["attention"] == "gqa"
+    nodes = onnx.load(str(gqa / "model.onnx"), load_external_data=False).graph.node
+    assert sum(n.op_type == "GroupQueryAttention" for n in nodes) == 2
+    assert not any(n.op_type in ("Attention", "Softmax") for n in nodes)
+    assert np.abs(gguf_logits(gqa, TINY_IDS) - ref_forward(hf, cfg, TINY_IDS)).max() < 1e-4
+    e_gqa, e_op = make_engine(gqa), make_engine(op)
+    assert e_gqa.uses_gqa and not e_op.uses_gqa
+    ids = TINY_IDS[:5]
+    c_gqa, c_op = e_gqa.new_cache(1, capacity=16), e_op.new_cache(1)
+    assert c_gqa.shares_buffers
+    l_gqa = e_gqa.forward(np.asarray([ids]), c_gqa, phase="prefill")
+    l_op = e_op.forward(np.asarray([ids]), c_op, phase="prefill")
+    for tok in TINY_IDS[5:]:
+        assert np.abs(l_gqa[0, -1] - l_op[0, -1]).max() < 1e-4
+        l_gqa = e_gqa.forward(np.asarray([[tok]]), c_gqa, phase="decode")
+        l_op = e_op.forward(np.asarray([[tok]]), c_op, phase="decode")
+    config = GenerationConfig(max_tokens=12)
+
+    def greedy(engine):
+        return [e.token_id for e in engine.generate(ids, config) if e.kind == "token"]
+
+    assert greedy(e_gqa) == greedy(e_op)
+
+
+def test_small_head_dims_keep_the_attention_op(stories_onnx: Path) -> None:
+    """onnxruntime's CPU GroupQueryAttention needs head_dim % 16 == 0: stories260K (head_dim 8) gets the
+    ONNX Attention op."""
+    from inferos_cli.runtime.convert import default_attention
+
+    assert json.loads((stories_onnx / "inferos.json").read_text())["attention"] == "op"
+    assert default_attention(8) == "op" and default_attention(64) == "gqa"
+
+
 def test_gguf_tokenizer_and_chat_template(tmp_path: Path) -> None:
     from _tiny_gguf import write_tiny_gguf
     from tokenizers import Tokenizer

@@ -47,7 +47,7 @@ from inferos_cli.runtime.convert_graph import (
     quantize_rtn,
 )
 
-CONVERTER_VERSION = "2"  # 2: ReduceSum block sums, Gemm(transB) offsets
+CONVERTER_VERSION = "3"  # 2: ReduceSum block sums, Gemm(transB) offsets; 3: GroupQueryAttention by default
 DTYPES = ("fp32", "fp16", "int8", "int4")
 HEAD_BITS = (4, 8)
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
@@ -55,11 +55,19 @@ META_FILE = "inferos.json"
 ProgressFn = Callable[[str, int, int], None]
 
 
-ATTENTION_OP_MIN_ORT = (1, 24)  # ONNX Attention-23 on CPU: 1.23 added it, 1.23.x fixed GQA; be conservative
+ATTENTION_OP_MIN_ORT = (1, 24)  # ONNX Attention-23 and GQA with position_ids on CPU; be conservative
 
 
-def default_attention() -> str:
-    """``"op"`` (ONNX Attention, opset 23) when the installed onnxruntime runs it, else ``"plain"``."""
+def default_attention(head_dim: int = 64) -> str:
+    """``"gqa"`` (onnxruntime's ``GroupQueryAttention``, what onnxruntime-genai's graphs use) when the
+    installed onnxruntime is recent enough and ``head_dim`` is a multiple of 16 (the CPU kernel's
+    requirement), ``"op"`` (ONNX ``Attention``, opset 23) for other head sizes, ``"plain"`` on an old
+    onnxruntime.
+
+    Measured on SmolLM2-135M Q4_1, batch 1, engine A/B in one process (2-core EPYC): against ``"op"``, GQA
+    decodes 6-7 % faster (in-place past/present buffers: 130.9 vs 123.0 tok/s at a 128-token prompt, 112.2
+    vs 104.7 at 512), prefills at the same speed at 128 tokens and 7 % slower at 512, and lets the fused
+    int8/int4 KV caches (:mod:`inferos_cli.kv.fused`) apply."""
     try:
         from importlib.metadata import PackageNotFoundError, version
     except ImportError:  # pragma: no cover
@@ -67,9 +75,12 @@ def default_attention() -> str:
     for dist in ("onnxruntime", "onnxruntime-directml", "onnxruntime-gpu"):
         try:
             parts = version(dist).split(".")[:2]
-            return "op" if tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts) >= ATTENTION_OP_MIN_ORT else "plain"
+            recent = tuple(int("".join(c for c in p if c.isdigit()) or 0) for p in parts) >= ATTENTION_OP_MIN_ORT
         except (PackageNotFoundError, ValueError):
             continue
+        if not recent:
+            return "plain"
+        return "gqa" if head_dim % 16 == 0 else "op"
     return "plain"
 
 
@@ -343,8 +354,9 @@ def convert_hf_folder(src: Path | str, dst: Path | str, dtype: str = "fp32", *, 
     """Convert a Hugging Face safetensors folder to an inferos ONNX folder at ``dst``; returns ``dst``.
 
     ``accuracy_level`` is MatMulNBits' compute precision for int8/int4 (default 4: int8 activations, ORT's
-    fast kernel; 0: fp32 activations, exact against the dequantized weights). ``attention``: "op" (ONNX
-    Attention, opset 23) or "plain" (MatMul/Softmax, opset 17). ``head_bits``: see :func:`store_head`.
+    fast kernel; 0: fp32 activations, exact against the dequantized weights). ``attention``: "gqa"
+    (onnxruntime's GroupQueryAttention, the default), "op" (ONNX Attention, opset 23) or "plain"
+    (MatMul/Softmax, opset 17). ``head_bits``: see :func:`store_head`.
     """
     src, dst = Path(src), Path(dst)
     check_dtype(dtype)
@@ -473,7 +485,7 @@ def write_model_folder(spec: DecoderSpec, weights: DecoderWeights, dst: Path, *,
     """Write the whole converted folder atomically (temp dir + rename) and its manifest."""
     from inferos_cli.paths import atomic_dir
 
-    attention = attention or default_attention()
+    attention = attention or default_attention(spec.head_dim)
     with atomic_dir(dst) as tmp:
         if progress:
             progress("write", 0, 1)

@@ -6,10 +6,13 @@ The graph has the standard decoder I/O that every inferos component relies on::
     past_key_values.{i}.key|value [B, kv_heads, P, head_dim] float32
     -> logits [B, T, vocab] float32, present.{i}.key|value [B, kv_heads, P+T, head_dim] float32
 
-Attention is plain ``MatMul``/``Softmax`` over ``Concat(past, new)`` with an additive mask built once per
-forward from ``attention_mask`` (padding) and the block structure (every cached key is visible to every new
-query, new keys causally), so the KV-boundary rewrite can replace the past inputs and keep true positions:
-RoPE is applied from ``position_ids`` inside the graph (``com.microsoft.RotaryEmbedding`` gathering
+Attention (``DecoderBuilder``'s ``attention``): by default onnxruntime's ``GroupQueryAttention`` (as
+onnxruntime-genai builds it: packed qkv, RoPE inside the op from ``position_ids``, row lengths from
+``attention_mask``, in-place past/present buffers); or the ONNX ``Attention`` op / plain
+``MatMul``/``Softmax`` over ``Concat(past, new)`` with an additive mask built once per forward from
+``attention_mask`` (padding) and the block structure (every cached key is visible to every new query, new
+keys causally), so the KV-boundary rewrite can replace the past inputs and keep true positions. Outside
+GQA, RoPE is applied from ``position_ids`` inside the graph (``com.microsoft.RotaryEmbedding`` gathering
 precomputed cos/sin tables). Norms use ORT's fused ``SimplifiedLayerNormalization`` /
 ``SkipSimplifiedLayerNormalization`` (the residual add folded into the next norm); q/k/v and gate/up are
 fused into one matmul each. Quantized weights use ``com.microsoft.MatMulNBits`` with block size 32.
@@ -314,19 +317,26 @@ def _float_init(writer: GraphWriter, name: str, w: np.ndarray) -> str:
     return writer.init(name, w.astype(np.float32, copy=False))
 
 
+ATTENTION_MODES = ("op", "plain", "gqa")
+
+
 class DecoderBuilder:
     """Emits the decoder graph for a :class:`DecoderSpec` and :class:`DecoderWeights`.
 
     Activations between layers are 2-D ``[B*T, hidden]`` so each block-offset correction is one ``Gemm``
     (``blocksum(x) @ mins^T + y``). ``attention``: ``"op"`` uses the standard ONNX ``Attention`` (opset 23,
     GQA-aware, past/present in the standard layout: one kernel per layer instead of ~15 small ops);
-    ``"plain"`` spells it out as Reshape/Transpose/Concat/MatMul/Softmax/MatMul at opset 17.
+    ``"plain"`` spells it out as Reshape/Transpose/Concat/MatMul/Softmax/MatMul at opset 17; ``"gqa"`` uses
+    onnxruntime's ``com.microsoft.GroupQueryAttention`` the way onnxruntime-genai's builder does (packed qkv,
+    RoPE inside the op from ``position_ids``, each row's length from ``attention_mask``, rows right-padded),
+    which lets the engine decode into preallocated past/present buffers in place and the fused int8 KV cache
+    (:mod:`inferos_cli.kv.fused`) read 8-bit keys and values inside the op.
     """
 
     def __init__(self, spec: DecoderSpec, writer: GraphWriter, *, accuracy_level: int = 0,
                  attention: str = "op") -> None:
-        if attention not in ("op", "plain"):
-            raise ValueError(f"attention must be 'op' or 'plain', not {attention!r}")
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION_MODES)}, not {attention!r}")
         self.spec = spec
         self.w = writer
         self.accuracy_level = accuracy_level
@@ -389,9 +399,9 @@ class DecoderBuilder:
         return self._block_sums[x]
 
     def fused_linear(self, x: str, parts: list[Weight], name: str, biases: list[np.ndarray | None],
-                     reshape: str | None = None) -> list[str]:
+                     reshape: str | None = None, split: bool = True) -> list[str]:
         """One matmul over row-stacked weights, split back (optionally reshaped first, once, before the
-        split); separate matmuls when storages differ."""
+        split; ``split=False`` returns the one stacked output); separate matmuls when storages differ."""
         sizes = [p.shape[0] for p in parts]
         fused = concat_rows(parts)
         if fused is None:
@@ -403,6 +413,8 @@ class DecoderBuilder:
         y = self.linear(x, fused, name, bias)
         if reshape:
             y = self.w.op("Reshape", y, reshape)
+        if not split:
+            return [y]
         return self.w.node("Split", [y, self.w.const(sizes)], n_out=len(parts), axis=-1)
 
     # -- whole graph --------------------------------------------------------------------------------
@@ -429,7 +441,10 @@ class DecoderBuilder:
         cos, sin = rope_tables(spec, spec.context_length)
         self.rope = (w.init("rope.cos", cos), w.init("rope.sin", sin))
         self.bt_shape = w.op("Concat", w.op("Shape", "input_ids"), w.const([-1]), axis=0)  # [B, T, -1]
-        self.mask = self._mask()
+        if self.attention == "gqa":
+            self.lengths = self._gqa_lengths()
+        else:
+            self.mask = self._mask()
         hidden = self._embed(weights.embed)  # [B*T, hidden]
 
         residual: str | None = None
@@ -449,7 +464,7 @@ class DecoderBuilder:
         w.node("Reshape", [logits, self.bt_shape], outputs=["logits"])
 
         graph = helper.make_graph(w.nodes, "inferos_decoder", inputs, outputs, w.initializers)
-        opset = 23 if self.attention == "op" else 17
+        opset = 23 if self.attention == "op" else 17  # GroupQueryAttention is com.microsoft
         model = helper.make_model(graph, producer_name="inferos", opset_imports=[
             helper.make_opsetid("", opset), helper.make_opsetid("com.microsoft", 1)])
         model.ir_version = 10
@@ -459,11 +474,20 @@ class DecoderBuilder:
         """Self-attention of layer ``i`` on the normed 2-D input; returns the 2-D context before o_proj."""
         w, spec = self.w, self.spec
         heads, kvh, d, g = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.groups
+        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+        if self.attention == "gqa":
+            qkv = self.fused_linear(x, [layer.q, layer.k, layer.v], f"layers.{i}.qkv",
+                                    [layer.q_bias, layer.k_bias, layer.v_bias], reshape=self.bt_shape, split=False)
+            q, k, v = qkv if len(qkv) == 3 else (qkv[0], "", "")
+            ctx = w.node("GroupQueryAttention", [q, k, v, past_k, past_v, *self.lengths, *self.rope, "position_ids"],
+                         outputs=[w.fresh("attn"), f"present.{i}.key", f"present.{i}.value"],
+                         domain="com.microsoft", num_heads=heads, kv_num_heads=kvh, scale=1.0 / math.sqrt(d),
+                         do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+            return w.op("Reshape", ctx, w.const([-1, heads * d]))
         q, k, v = self.fused_linear(x, [layer.q, layer.k, layer.v], f"layers.{i}.qkv",
                                     [layer.q_bias, layer.k_bias, layer.v_bias], reshape=self.bt_shape)  # [B, T, n*d]
         q = w.op("RotaryEmbedding", q, "position_ids", *self.rope, domain="com.microsoft")
         k = w.op("RotaryEmbedding", k, "position_ids", *self.rope, domain="com.microsoft")
-        past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
         if self.attention == "op":
             ctx = w.node("Attention", [q, k, v, self.mask, past_k, past_v],
                          outputs=[w.fresh("attn"), f"present.{i}.key", f"present.{i}.value"],
@@ -517,6 +541,15 @@ class DecoderBuilder:
         else:
             allowed = w.op("And", w.op("Unsqueeze", causal, w.const([1, 2])), w.op("Unsqueeze", pad, w.const([1, 2, 3])))
         return w.op("Where", allowed, w.const(0.0, np.float32), w.const(NEG_INF_BIAS, np.float32))
+
+    def _gqa_lengths(self) -> tuple[str, str]:
+        """``GroupQueryAttention``'s ``seqlens_k`` (int32 ``[B]``: each row's real tokens - 1, from the mask)
+        and ``total_sequence_length`` (int32 scalar: the mask's width)."""
+        w = self.w
+        lengths = w.op("ReduceSum", "attention_mask", w.const([1]), keepdims=0)
+        seqlens = w.op("Cast", w.op("Sub", lengths, w.const(1)), to=6)
+        total = w.op("Cast", w.op("Squeeze", w.op("Shape", "attention_mask", start=1, end=2), w.const([0])), to=6)
+        return seqlens, total
 
     def _embed(self, embed: Weight) -> str:
         """Token embeddings ``[B*T, hidden]``; block-quantized tables are dequantized per gathered row."""
