@@ -20,7 +20,7 @@ from inferos_cli.errors import ConfigError
 
 Device = Literal["dml", "npu", "cuda", "cpu"]
 KVMode = Literal["dynamic", "latency_optimized", "throughput_optimized", "quality_optimized", "disabled"]
-KVQuant = Literal["tiered", "int8", "int4", "int4-k8v4", "int8-fused", "int4-fused"]
+KVQuant = Literal["tiered", "int8", "int4", "int4-k8v4", "int8-fused"]
 SchedulerMode = Literal["hybrid", "gpu_only", "npu_only", "cpu"]
 
 _UNITS = {

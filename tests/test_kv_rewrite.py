@@ -132,6 +132,33 @@ def test_oga_rotation_moves_rope_out_of_gqa(oga_dir: Path, tmp_path: Path) -> No
     assert compare_logits(info, tmp_path / "orig.onnx", tmp_path / "rot.onnx", group=32, steps=2) <= 1e-3
 
 
+def test_rewrite_of_an_inferos_gqa_conversion(tmp_path: Path) -> None:
+    """The converter's GroupQueryAttention graph (RoPE from the graph's own position_ids) rewrites like the
+    OGA graph: explicit positions kept, mask bias added, logits equal with every token in full precision,
+    and with keys rotated (RoPE moved out of the op) equal up to rounding."""
+    import onnx
+    from _tiny_gguf import write_tiny_gguf
+
+    from inferos_cli.runtime.convert import convert_gguf
+
+    src = tmp_path / "tiny.gguf"
+    write_tiny_gguf(src)
+    folder = convert_gguf(src, tmp_path / "gqa", accuracy_level=0)
+    info = inspect_folder(folder)
+    assert info.uses_gqa_op and info.has_position_ids
+    prompt = [0, 5, 70, 100, 200, 30, 31, 260]
+    plain = rewritten_graph(info, RewriteSpec(group_size=16, rotate_keys=False))
+    assert plain.positions
+    check(plain.path, folder, full=False)
+    model = onnx.load(str(plain.path), load_external_data=False)
+    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    assert all(n.input[9] == "position_ids" and n.input[10] for n in gqa)  # positions + mask bias
+    assert compare_logits(info, info.onnx_path, plain.path, group=16, prompt=prompt) <= 1e-5
+    rotated = rewritten_graph(info, RewriteSpec(group_size=16, rotate_keys=True))
+    assert rotated.rotation == "qk"
+    assert compare_logits(info, info.onnx_path, rotated.path, group=16, prompt=prompt) <= 1e-4
+
+
 def test_group_must_divide_head_dim(stories_onnx: Path) -> None:
     from inferos_cli.errors import ModelError
 

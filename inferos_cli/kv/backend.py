@@ -122,13 +122,12 @@ def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> 
     ``runtime.pressure``) or a callable; tightens the cache under memory pressure."""
     if not policy.kv.enabled:
         return PlainBackend(info)
-    if policy.kv.quant.endswith("-fused"):
+    if policy.kv.quant == "int8-fused":
         from inferos_cli.kv import fused
 
-        spec = fused.PRESETS[policy.kv.quant]
         if fused.supported(info):
-            return fused.FusedBackend(info, spec)
-        why = (f"{spec.name} needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders, "
-               f"inferos conversions) and onnxruntime >= 1.25: using the segmented int{spec.bits} cache")
+            return fused.FusedBackend(info)
+        why = ("int8-fused needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders, "
+               "inferos conversions) and onnxruntime >= 1.25: using the segmented int8 cache")
         return SegmentedBackend(info, policy, pressure=pressure, note=why)
     return SegmentedBackend(info, policy, pressure=pressure)

@@ -14,18 +14,19 @@ scales are static, so they are calibrated once per model: the original graph pre
 and values is taken, times :data:`MARGIN` (headroom for tokens larger than the calibration's; the
 operator saturates beyond it), and baked into the graph as initializers. One step per channel is coarser
 than the segmented cache's per-token groups, so quality is a little lower (``delta_ppl``, ``kl_mean``).
-4-bit (``kv_cache_bit_width = 4``) was measured too and is not offered: with static scales it lost
-several perplexity points on smollm2-135m.
+4-bit (``kv_cache_bit_width = 4``, uint8 buffers of two codes per byte) was measured too and is not
+offered: with static scales it lost several perplexity points on smollm2-135m (+4.55 on 2,112 wikitext-2
+tokens even with keys and values Hadamard-rotated first, which spreads each channel's range over all
+channels but raises the keys' error: per-channel scales already follow RoPE's uneven channel pairs).
 
-Only graphs that use ``com.microsoft.GroupQueryAttention`` (onnxruntime-genai / Lemonade folders) can
-take it; :func:`inferos_cli.kv.backend.kv_backend` falls back to the segmented ``int8`` cache, with a
+Only graphs that use ``com.microsoft.GroupQueryAttention`` (onnxruntime-genai / Lemonade folders, and
+inferos' own conversions of models with head_dim % 16 == 0) can take it; :func:`inferos_cli.kv.backend.kv_backend` falls back to the segmented ``int8`` cache, with a
 note, for other graphs. The derived graph is cached beside the model (or in the inferos cache when that
 folder is read-only) as ``<stem>.inferos-kvf-<hash>.onnx``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,35 +40,10 @@ from inferos_cli.runtime.events import KVStats
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.runtime.modelinfo import ModelInfo
 
-FUSED_VERSION = "2"  # 2: optional Hadamard rotation of q/k/v, 4-bit
+FUSED_VERSION = "1"
+MARGIN = 2.5
+BITS = 8
 SCALE_FMT = "inferos.kvscale.%d.%s"
-
-
-@dataclass(frozen=True)
-class FusedSpec:
-    """One fused-cache preset: code width, whether keys and values are Hadamard-rotated first, and the
-    calibration margin (static scale = rotated per-channel absmax x ``margin`` / ``qmax``)."""
-
-    name: str
-    bits: int
-    rotate: bool
-    margin: float
-
-    @property
-    def qmax(self) -> int:
-        """Largest code magnitude: symmetric int8 [-128, 127] or int4 [-8, 7]."""
-        return (1 << (self.bits - 1)) - 1
-
-    @property
-    def width_divisor(self) -> int:
-        """Elements per byte of a cache row (two 4-bit codes share a byte)."""
-        return 8 // self.bits
-
-
-PRESETS: dict[str, FusedSpec] = {
-    "int8-fused": FusedSpec("int8-fused", 8, False, 2.5),
-    "int4-fused": FusedSpec("int4-fused", 4, True, 1.0),
-}
 CALIBRATION_TEXT = (
     "The history of the city begins with a small harbour on the river, where traders from the north met "
     "farmers who brought grain, wool and salt. Over three centuries the market grew into a town with a "
@@ -102,13 +78,11 @@ def supported(info: "ModelInfo") -> bool:
     return False
 
 
-def calibrate(info: "ModelInfo", spec: FusedSpec, text: str = CALIBRATION_TEXT) -> dict[str, np.ndarray]:
+def calibrate(info: "ModelInfo", text: str = CALIBRATION_TEXT, margin: float = MARGIN) -> dict[str, np.ndarray]:
     """Static per-channel scales ``[1, kv_heads, 1, head_dim]`` (float32) by past input name: the original
-    graph prefills ``text`` once; scale = absmax over its tokens (of ``x @ H`` when ``spec.rotate``) x
-    ``spec.margin`` / ``spec.qmax``."""
+    graph prefills ``text`` once; scale = absmax over its tokens x ``margin`` / 127."""
     import onnxruntime as ort
 
-    from inferos_cli.kv.quant import hadamard
     from inferos_cli.runtime.tokenizer import Tokenizer
 
     ids = Tokenizer.from_model(info).encode(text)[: info.context_length]
@@ -126,31 +100,22 @@ def calibrate(info: "ModelInfo", spec: FusedSpec, text: str = CALIBRATION_TEXT) 
     if "position_ids" in info.input_names:
         feeds["position_ids"] = np.arange(len(ids), dtype=np.int64)[None, :]
     outs = dict(zip(names, sess.run(None, feeds)))
-    h = hadamard(info.head_dim).astype(np.float32) if spec.rotate else None
     scales: dict[str, np.ndarray] = {}
     for i in range(info.num_layers):
         for past, present in ((info.past_key_fmt % i, info.present_key_fmt % i),
                               (info.past_value_fmt % i, info.present_value_fmt % i)):
-            x = outs[present] if h is None else outs[present] @ h
-            amax = np.abs(x).max(axis=2, keepdims=True)  # [1, H, 1, D]
-            scales[past] = (np.maximum(amax, 1e-6) * spec.margin / spec.qmax).astype(np.float32)
+            amax = np.abs(outs[present]).max(axis=2, keepdims=True)  # [1, H, 1, D]
+            scales[past] = (np.maximum(amax, 1e-6) * margin / 127.0).astype(np.float32)
     return scales
 
 
-def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray], spec: FusedSpec) -> Any:
-    """The original graph (q/k/v rotated when ``spec.rotate``) with quantized past/present (int8, or uint8
-    holding two 4-bit codes per byte) and every ``GroupQueryAttention`` reading them through the
-    per-channel ``scales`` (initializers)."""
+def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
+    """The original graph with int8 past/present and every ``GroupQueryAttention`` reading them through
+    the per-channel ``scales`` (initializers)."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from inferos_cli.errors import ModelError
-    from inferos_cli.kv.rewrite import rotate_gqa_model
-
     model = onnx.load(str(info.onnx_path), load_external_data=False)
-    if spec.rotate and not rotate_gqa_model(model, info):
-        raise ModelError(f"{info.onnx_path}: cannot rotate this graph's GroupQueryAttention inputs",
-                         "use kv.quant int8-fused or int4 (the segmented cache) for this model")
     graph = model.graph
     kv_names = {info.past_key_fmt % i for i in range(info.num_layers)} | \
                {info.past_value_fmt % i for i in range(info.num_layers)}
@@ -158,11 +123,7 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray], spec: FusedSpe
                     {info.present_value_fmt % i for i in range(info.num_layers)}
     for vi in list(graph.input) + list(graph.output):
         if vi.name in kv_names or vi.name in present_names:
-            vi.type.tensor_type.elem_type = TensorProto.INT8 if spec.bits == 8 else TensorProto.UINT8
-            dims = vi.type.tensor_type.shape.dim
-            if spec.bits != 8 and len(dims) == 4:
-                dims[3].Clear()
-                dims[3].dim_value = info.head_dim // spec.width_divisor
+            vi.type.tensor_type.elem_type = TensorProto.INT8
     done = 0
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":
@@ -179,59 +140,55 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray], spec: FusedSpe
         node.input.extend(ins)
         node.attribute.extend([helper.make_attribute("k_quant_type", "PER_CHANNEL"),
                                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
-                               helper.make_attribute("kv_cache_bit_width", spec.bits)])
+                               helper.make_attribute("kv_cache_bit_width", BITS)])
         done += 1
     if done != info.num_layers:
+        from inferos_cli.errors import ModelError
+
         raise ModelError(f"{info.onnx_path}: found {done} GroupQueryAttention layers reading the past, "
                          f"expected {info.num_layers}; use kv.quant int8 (the segmented cache) for this model")
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
-                                        "inferos.kv.fused": f"{spec.name} per-channel margin {spec.margin}"
-                                                            f"{' rotated' if spec.rotate else ''}"})
+                                        "inferos.kv.fused": f"int{BITS} per-channel margin {MARGIN}"})
     return model
 
 
-def fused_graph(info: "ModelInfo", spec: FusedSpec) -> tuple[Path, str]:
+def fused_graph(info: "ModelInfo") -> tuple[Path, str]:
     """The fused graph for ``info`` (from the cache, or calibrated, built and cached atomically now) and a
     note for tables (non-empty when the weights had to be copied)."""
-    key = source_key(Path(info.onnx_path), "kv-fused", FUSED_VERSION, spec.bits, spec.rotate, spec.margin)
+    key = source_key(Path(info.onnx_path), "kv-fused", FUSED_VERSION, MARGIN, BITS)
     src = Path(info.onnx_path)
     beside = src.parent / f"{src.stem}.inferos-kvf-{key}.onnx"
     elsewhere = paths.cache_dir() / "kv" / f"fused-{key}" / src.name
     for candidate in (beside, elsewhere):
         if candidate.is_file():
             return candidate, ""
-    written, copied = save_derived(fused_model(info, calibrate(info, spec), spec), src, beside, elsewhere)
+    written, copied = save_derived(fused_model(info, calibrate(info)), src, beside, elsewhere)
     note = f"model folder is read-only: weights copied to {written.parent}" if copied else ""
     return written, note
 
 
 class FusedCache(PlainCache):
-    """A :class:`PlainCache` (packed GQA layout) whose buffers hold int8 codes (or uint8 pairs of 4-bit
-    codes); the graph's scales turn them back into keys and values inside attention."""
+    """A :class:`PlainCache` (packed GQA layout) whose buffers hold int8 codes; the graph's scales turn
+    them back into keys and values inside attention."""
 
-    def __init__(self, info: "ModelInfo", batch: int, *, capacity: int | None = None,
-                 spec: FusedSpec = PRESETS["int8-fused"]) -> None:
-        super().__init__(info, batch, layout="packed", capacity=capacity,
-                         dtype=np.int8 if spec.bits == 8 else np.uint8,
-                         width=info.head_dim // spec.width_divisor)
-        self.tier = f"int{spec.bits}"
+    def __init__(self, info: "ModelInfo", batch: int, *, capacity: int | None = None) -> None:
+        super().__init__(info, batch, layout="packed", capacity=capacity, dtype=np.int8)
 
     def stats(self) -> KVStats:
-        """Real tokens and resident bytes in the ``int8``/``int4`` tier (preallocated capacity included)."""
+        """Real tokens and resident bytes in the ``int8`` tier (preallocated capacity included)."""
         plain = super().stats()
-        return KVStats(tokens={self.tier: plain.tokens["fp"]}, bytes={self.tier: plain.bytes["fp"]},
+        return KVStats(tokens={"int8": plain.tokens["fp"]}, bytes={"int8": plain.bytes["fp"]},
                        bytes_fp16=plain.bytes_fp16)
 
 
 class FusedBackend:
-    """The fused graph fed by a :class:`FusedCache` (shared past/present buffers when preallocated)."""
+    """The fused-int8 graph fed by a :class:`FusedCache` (shared past/present buffers when preallocated)."""
 
     shared_buffer = True
 
-    def __init__(self, info: "ModelInfo", spec: FusedSpec = PRESETS["int8-fused"]) -> None:
+    def __init__(self, info: "ModelInfo") -> None:
         self.info = info
-        self.spec = spec
-        self.path, self.note = fused_graph(info, spec)
+        self.path, self.note = fused_graph(info)
 
     @property
     def onnx_path(self) -> Path:
@@ -239,13 +196,11 @@ class FusedBackend:
         return self.path
 
     def new_cache(self, batch: int, capacity: int | None = None) -> FusedCache:
-        """An empty cache; ``capacity`` preallocates the shared buffers."""
-        return FusedCache(self.info, batch, capacity=capacity, spec=self.spec)
+        """An empty int8 cache; ``capacity`` preallocates the shared buffers."""
+        return FusedCache(self.info, batch, capacity=capacity)
 
     def describe(self) -> str:
         """One line for tables."""
-        spec = self.spec
-        text = (f"{spec.name}: every token int{spec.bits} in GroupQueryAttention (per-channel static scales, "
-                f"margin {spec.margin}{', keys and values Hadamard-rotated' if spec.rotate else ''}), "
-                f"shared past/present buffer")
+        text = (f"int8-fused: every token int8 in GroupQueryAttention (per-channel static scales, "
+                f"margin {MARGIN}), shared past/present buffer")
         return f"{text}; {self.note}" if self.note else text

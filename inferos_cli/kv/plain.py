@@ -44,14 +44,12 @@ class PlainCache:
         layout: Layout | None = None,
         capacity: int | None = None,
         dtype: "np.dtype | type | None" = None,
-        width: int | None = None,
     ) -> None:
         self.info = info
         self.layout: Layout = layout or ("packed" if info.uses_gqa_op else "concat")
         if capacity is not None and self.layout != "packed":
             raise ValueError("a preallocated (shared-buffer) cache needs the packed layout of GQA graphs")
-        # ``dtype`` overrides the model's float type for caches that hold codes (kv/fused.py: int8, or uint8
-        # with two 4-bit codes per byte and ``width`` = head_dim / 2 bytes per row)
+        # ``dtype`` overrides the model's float type for caches that hold codes (kv/fused.py: int8)
         self.dtype = np.dtype(dtype) if dtype is not None else _NP_DTYPES.get(info.kv_dtype, np.float32)
         self._batch = int(batch)
         self._names = [
@@ -60,7 +58,7 @@ class PlainCache:
         ]
         self.capacity = capacity
         cols = capacity or 0
-        shape = (self._batch, info.num_kv_heads, cols, width or info.head_dim)
+        shape = (self._batch, info.num_kv_heads, cols, info.head_dim)
         self._past: dict[str, np.ndarray] = {}
         for pk, pv, _, _ in self._names:
             self._past[pk] = np.zeros(shape, dtype=self.dtype)

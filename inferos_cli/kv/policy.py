@@ -47,7 +47,7 @@ class TierPlan:
         """The plan for a ``kv.quant`` value."""
         if quant in ("int8", "int8-fused"):  # int8-fused falls back to this when the graph has no GQA
             return cls("int8", ("int8",), {"int8": 8}, {"int8": 8})
-        if quant in ("int4", "int4-fused"):  # int4-fused falls back to this when the graph has no GQA
+        if quant == "int4":
             return cls("int4", ("int4",), {"int4": 4}, {"int4": 4})
         if quant == "int4-k8v4":
             return cls("int4-k8v4", ("k8v4",), {"k8v4": 8}, {"k8v4": 4})

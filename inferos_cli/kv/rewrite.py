@@ -296,11 +296,18 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
         new_outputs.append(helper.make_tensor_value_info(
             out, elem, [dims[0].dim_param or "batch_size", dims[1].dim_value or info.num_kv_heads, "sequence_length", d]))
 
-    _splice(graph, b, pre, before, post)
+    nodes = list(pre)
+    for idx, node in enumerate(graph.node):
+        nodes.extend(before.get(idx, []))
+        nodes.append(node)
+    nodes.extend(post)
+    del graph.node[:]
+    graph.node.extend(nodes)
     del graph.input[:]
     graph.input.extend(new_inputs)
     del graph.output[:]
     graph.output.extend(new_outputs)
+    graph.initializer.extend(b.initializers)
     if model.ir_version > 10:
         model.ir_version = 10
     if not any(i.domain == "com.microsoft" for i in model.opset_import):
@@ -311,42 +318,6 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
     return model, rotation, note
-
-
-def _splice(graph: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], post: list[Any]) -> None:
-    """Put the builder's nodes into ``graph``: ``pre`` first, ``before[i]`` right before original node ``i``,
-    ``post`` last; and its initializers."""
-    nodes = list(pre)
-    for idx, node in enumerate(graph.node):
-        nodes.extend(before.get(idx, []))
-        nodes.append(node)
-    nodes.extend(post)
-    del graph.node[:]
-    graph.node.extend(nodes)
-    graph.initializer.extend(b.initializers)
-
-
-def rotate_gqa_model(model: Any, info: "ModelInfo") -> bool:
-    """Rotate queries, keys *and values* of every ``GroupQueryAttention`` node of ``model`` (in place) by the
-    orthonormal Hadamard matrix ``H`` of the head dim, and the attention output back by ``H^T = H``: the
-    logits are unchanged (``qH . kH = q . k``, ``P (V H) H = P V``) while every cached key and value is
-    ``H``-rotated, which spreads outlier channels over all channels before a static per-channel quantizer
-    sees them (:mod:`inferos_cli.kv.fused`). RoPE moves out of the op (positions from ``position_ids`` when
-    the graph takes them, else from the attention mask). False (model untouched) when the nodes do not
-    have the expected form (rotary inside the op, cos/sin caches) or head_dim is not a power of two."""
-    from inferos_cli.kv.quant import can_rotate, hadamard
-
-    if not can_rotate(info.head_dim):
-        return False
-    b = _Builder("inferos_kvrot")
-    pre: list[Any] = []
-    before: dict[int, list[Any]] = {}
-    h_name = b.const(hadamard(info.head_dim).astype(np.float32), "hadamard")
-    pos = "position_ids" if "position_ids" in info.input_names else None
-    if not _rotate_gqa(model, b, pre, before, h_name, info, pos, values=True):
-        return False
-    _splice(model.graph, b, pre, before, [])
-    return True
 
 
 def _producers(graph: Any) -> dict[str, int]:
@@ -461,7 +432,7 @@ def _gqa_positions_and_mask(model: Any, b: _Builder, pre: list[Any], info: "Mode
     for node in gqa:
         extra = list(node.input[9:])
         if extra and extra[0] == "position_ids" and "position_ids" in names:
-            extra = extra[1:]  # inferos' own GQA graphs already rotate from the graph's position_ids
+            extra = extra[1:]  # inferos' own GQA conversions already rotate from the graph's position_ids
         if any(extra):
             return False  # the graph already feeds other position ids / a bias: leave it alone
     from onnx import TensorProto, helper
@@ -492,11 +463,10 @@ def _gqa_positions_and_mask(model: Any, b: _Builder, pre: list[Any], info: "Mode
 
 
 def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], h_name: str,
-                info: "ModelInfo", pos_name: str | None = None, values: bool = False) -> bool:
+                info: "ModelInfo", pos_name: str | None = None) -> bool:
     """``GroupQueryAttention`` graphs: apply RoPE outside the op, rotate q and k by ``H``, run GQA with
     ``do_rotary=0``. Positions: ``pos_name`` (the graph's ``position_ids``) when given, else GQA's own
-    derivation, ``CumSum(attention_mask) - 1`` at the new tokens. ``values``: rotate v by ``H`` too and the
-    op's output back by ``H`` (nodes placed right after the op)."""
+    derivation, ``CumSum(attention_mask) - 1`` at the new tokens."""
     graph = model.graph
     gqa = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "GroupQueryAttention"]
     if not gqa or "attention_mask" not in info.input_names or "input_ids" not in info.input_names:
@@ -536,13 +506,6 @@ def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[
 
         new_inputs = list(node.input)
         new_inputs[0], new_inputs[1], new_inputs[2] = rope_rot(q), rope_rot(k), v
-        if values:
-            new_inputs[2] = b.node(ins, "Reshape", [b.node(ins, "MatMul", [
-                b.node(ins, "Reshape", [v, heads_shape]), h_name]), merge_shape])
-            after = before.setdefault(idx + 1, [])
-            out, node.output[0] = node.output[0], b.name("gqa_rotated_out")
-            back = b.node(after, "MatMul", [b.node(after, "Reshape", [node.output[0], heads_shape]), h_name])
-            b.node(after, "Reshape", [back, merge_shape], outputs=[out])
         new_inputs[7] = new_inputs[8] = ""
         if len(new_inputs) > 9:
             new_inputs[9] = ""  # RoPE already applied

@@ -26,7 +26,7 @@ PROBE_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 600.0
 
 _CACHE_TYPES = {"int8": ("q8_0", "q8_0"), "int4": ("q4_0", "q4_0"), "int4-k8v4": ("q8_0", "q4_0"),
-                "int8-fused": ("q8_0", "q8_0"), "int4-fused": ("q4_0", "q4_0"), "tiered": ("q8_0", "q8_0")}
+                "int8-fused": ("q8_0", "q8_0"), "tiered": ("q8_0", "q8_0")}
 
 
 def normalize_url(url: str) -> str:
