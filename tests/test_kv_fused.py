@@ -56,20 +56,27 @@ def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:
 
     model = onnx.load(str(eng.backend.onnx_path), load_external_data=False)
     check_graph(eng.backend.onnx_path, eng.backend.onnx_path.parent, full=False)  # OGA graphs fail full shape checks as shipped
-    gqa = [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert not [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+    ifs = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(ifs) == eng.info.num_layers  # first prefill in float, everything else on int8 codes
+    branches = {a.name: a.g for a in ifs[0].attribute}
+    (quant,) = [n for n in branches["else_branch"].node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in quant.attribute}
     assert attrs["kv_cache_bit_width"] == 8 and attrs["k_quant_type"] == b"PER_CHANNEL"
+    (flt,) = [n for n in branches["then_branch"].node if n.op_type == "GroupQueryAttention"]
+    assert not any(a.name == "kv_cache_bit_width" for a in flt.attribute)
     past = [i for i in model.graph.input if i.name.startswith("past_key_values")]
     assert past and all(i.type.tensor_type.elem_type == onnx.TensorProto.INT8 for i in past)
 
 
 def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     """After a prefill, layer 0's codes are round(key / scale) of the baseline's keys (layer 0 sees the same
-    input in both graphs), the cache is one byte per element, and its stats say int8 at 0.5x fp16."""
+    input in both graphs), the cache is one byte per element, and its stats say int8 at 0.5x fp16; a second
+    chunk (the quantized kernel, past read from the codes) appends codes of its keys the same way."""
     base, fz = engines["baseline"], engines["int8-fused"]
     ids = base.tokenizer.encode(PROMPT)
     n = len(ids)
-    c_base, c_fused = base.new_cache(1, capacity=n + 4), fz.new_cache(1, capacity=n + 4)
+    c_base, c_fused = base.new_cache(1, capacity=n + 16), fz.new_cache(1, capacity=n + 16)
     base.forward(np.asarray([ids]), c_base, phase="prefill")
     fz.forward(np.asarray([ids]), c_fused, phase="prefill")
     name = base.info.past_key_fmt % 0
@@ -79,9 +86,15 @@ def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     assert c_fused.feeds()[name].dtype == np.int8
     expected = np.clip(np.round(keys / scales), -128, 127)
     assert np.abs(codes - expected).max() <= 1
+    more = base.tokenizer.encode(" and the lamp was lit again")
+    base.forward(np.asarray([more]), c_base, phase="prefill")
+    fz.forward(np.asarray([more]), c_fused, phase="prefill")
+    m = n + len(more)
+    tail = c_fused.feeds()[name][:, :, n:m].astype(np.int32)
+    assert np.abs(tail - np.clip(np.round(c_base.feeds()[name][:, :, n:m] / scales), -128, 127)).max() <= 1
     stats = c_fused.stats()
-    assert set(stats.tokens) == {"int8"} and stats.tokens["int8"] == n
-    per_elem = stats.bytes["int8"] / (2 * base.info.num_layers * base.info.num_kv_heads * base.info.head_dim * (n + 4))
+    assert set(stats.tokens) == {"int8"} and stats.tokens["int8"] == m
+    per_elem = stats.bytes["int8"] / (2 * base.info.num_layers * base.info.num_kv_heads * base.info.head_dim * (n + 16))
     assert per_elem == 1.0
     twin = c_fused.clone()  # PlainCache.clone keeps the subclass
     assert isinstance(twin, fused.FusedCache) and twin.stats() == stats
