@@ -177,3 +177,28 @@ def test_fused_cache_applies_to_inferos_gqa_conversions(tmp_path: Path) -> None:
     for a, b in ((want, got), (want2, got2)):
         assert np.corrcoef(a, b)[0, 1] > 0.99
     assert len([e for e in eng.generate(prompt, GenerationConfig(max_tokens=3)) if e.kind == "token"]) == 3
+
+
+def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_onnx: Path) -> None:
+    """kv.quant = auto (the default): int8-fused on a GQA graph for the size-class and chat profiles; the
+    tiered segmented cache for the quality profile, the guide's window presets, a KV budget (eviction), and
+    graphs without GQA."""
+    from inferos_cli.kv.backend import auto_fused
+
+    oga = inspect_folder(oga_dir.parent)
+    stories = inspect_folder(stories_onnx)
+
+    def policy(profile: str | None, flags: dict | None = None):
+        return resolve_settings(profile, param_count=135_000_000, use_env=False,
+                                flags={"scheduler": {"mode": "cpu"}, **(flags or {})}).policy
+
+    assert policy(None).kv.quant == "auto"
+    assert auto_fused(oga, policy(None)) and auto_fused(oga, policy("chat"))
+    assert not auto_fused(oga, policy("quality"))  # quality_optimized: max_delta_ppl 0.1
+    assert not auto_fused(oga, policy(None, {"kv": {"budget_bytes": 10_000_000}}))
+    assert not auto_fused(stories, policy(None))
+    for preset in ("conservative", "balanced", "aggressive"):
+        assert policy(preset).kv.quant == "tiered"
+    backend = kv_backend(oga, policy("quality"))
+    assert isinstance(backend, SegmentedBackend) and backend.plan.name == "tiered"
+    assert isinstance(kv_backend(stories, policy(None)), SegmentedBackend)

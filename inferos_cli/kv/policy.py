@@ -51,7 +51,7 @@ class TierPlan:
             return cls("int4", ("int4",), {"int4": 4}, {"int4": 4})
         if quant == "int4-k8v4":
             return cls("int4-k8v4", ("k8v4",), {"k8v4": 8}, {"k8v4": 4})
-        if quant == "tiered":
+        if quant in ("tiered", "auto"):  # auto lands here when the fused cache does not apply
             return cls("tiered", ("int8", "int4"), {"int8": 8, "int4": 4}, {"int8": 8, "int4": 4})
         raise ValueError(f"unknown kv.quant {quant!r}")
 

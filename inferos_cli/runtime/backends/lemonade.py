@@ -25,7 +25,7 @@ DEFAULT_URLS = ("http://localhost:13305/api/v1", "http://localhost:8000/api/v1")
 PROBE_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 600.0
 
-_CACHE_TYPES = {"int8": ("q8_0", "q8_0"), "int4": ("q4_0", "q4_0"), "int4-k8v4": ("q8_0", "q4_0"),
+_CACHE_TYPES = {"auto": ("q8_0", "q8_0"), "int8": ("q8_0", "q8_0"), "int4": ("q4_0", "q4_0"), "int4-k8v4": ("q8_0", "q4_0"),
                 "int8-fused": ("q8_0", "q8_0"), "tiered": ("q8_0", "q8_0")}
 
 
