@@ -121,8 +121,8 @@ def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
     the policy wants speed rather than the last bit of quality (``kv.mode`` is not ``quality_optimized``) and
     nothing asks for eviction (no ``kv.budget_bytes`` / ``kv.max_tokens``, which only the segmented cache
     honours); otherwise the tiered segmented cache. Measured on SmolLM2-135M (README "Measured results"):
-    the fused cache decodes 1.01-1.33x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
-    +0.145; the tiered cache decodes at 0.34-0.72x."""
+    the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
+    +0.17; the tiered cache decodes at 0.33-0.71x."""
     from inferos_cli.kv import fused
 
     kv = policy.kv
