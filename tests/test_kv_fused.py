@@ -197,7 +197,7 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
     assert not auto_fused(oga, policy("quality"))  # quality_optimized: max_delta_ppl 0.1
     assert not auto_fused(oga, policy(None, {"kv": {"budget_bytes": 10_000_000}}))
     assert not auto_fused(stories, policy(None))
-    for preset in ("conservative", "balanced", "aggressive"):
+    for preset in ("tiered", "conservative", "balanced", "aggressive"):
         assert policy(preset).kv.quant == "tiered"
     backend = kv_backend(oga, policy("quality"))
     assert isinstance(backend, SegmentedBackend) and backend.plan.name == "tiered"
