@@ -58,7 +58,7 @@ def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:
     check_graph(eng.backend.onnx_path, eng.backend.onnx_path.parent, full=False)  # OGA graphs fail full shape checks as shipped
     assert not [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     ifs = [n for n in model.graph.node if n.op_type == "If"]
-    assert len(ifs) == eng.info.num_layers  # first prefill in float, everything else on int8 codes
+    assert len(ifs) == eng.info.num_layers  # prefill in float, decode steps on int8 codes
     branches = {a.name: a.g for a in ifs[0].attribute}
     (quant,) = [n for n in branches["else_branch"].node if n.op_type == "GroupQueryAttention"]
     attrs = {a.name: onnx.helper.get_attribute_value(a) for a in quant.attribute}
@@ -72,7 +72,8 @@ def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:
 def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     """After a prefill, layer 0's codes are round(key / scale) of the baseline's keys (layer 0 sees the same
     input in both graphs), the cache is one byte per element, and its stats say int8 at 0.5x fp16; a second
-    chunk (the quantized kernel, past read from the codes) appends codes of its keys the same way."""
+    chunk (float attention over the dequantized codes) appends codes of its keys the same way and leaves the
+    earlier codes as they were."""
     base, fz = engines["baseline"], engines["int8-fused"]
     ids = base.tokenizer.encode(PROMPT)
     n = len(ids)
@@ -87,8 +88,10 @@ def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     expected = np.clip(np.round(keys / scales), -128, 127)
     assert np.abs(codes - expected).max() <= 1
     more = base.tokenizer.encode(" and the lamp was lit again")
+    before = c_fused.feeds()[name][:, :, :n].copy()
     base.forward(np.asarray([more]), c_base, phase="prefill")
     fz.forward(np.asarray([more]), c_fused, phase="prefill")
+    assert np.array_equal(c_fused.feeds()[name][:, :, :n], before)  # re-quantized codes come back unchanged
     m = n + len(more)
     tail = c_fused.feeds()[name][:, :, n:m].astype(np.int32)
     assert np.abs(tail - np.clip(np.round(c_base.feeds()[name][:, :, n:m] / scales), -128, 127)).max() <= 1

@@ -20,16 +20,17 @@ tokens even with keys and values Hadamard-rotated first, which spreads each chan
 channels but raises the keys' error: per-channel scales already follow RoPE's uneven channel pairs).
 
 onnxruntime's quantized-cache kernel prefills at about half the float kernel's speed on long prompts (TTFT 2x
-at 1,024 tokens), so a sequence's *first* prefill (nothing cached yet) takes a float path inside the same graph:
-every layer's attention is an ``If`` whose then-branch runs the float op on an empty past and quantizes the
-presents with the same static scales, and whose else-branch (decode steps, later prefill chunks) is the
-quantized op. No weights are duplicated (the branches hold only the attention op); measured on SmolLM2-135M
-int4 (engine A/B, 1 thread): TTFT 1.00x the baseline at 128 and 512 tokens instead of 1.13x / 1.46x, decode
-unchanged (1.02x / 1.11x the baseline).
+at 1,024 tokens), so prefill (more than one new token) takes a float path inside the same graph: every
+layer's attention is an ``If`` whose then-branch dequantizes the cached codes, runs the float op and
+quantizes the presents with the same static scales, and whose else-branch (decode steps) is the quantized
+op. No weights are duplicated (the branches hold only the attention op). Measured on SmolLM2-135M int4
+(engine A/B, 1 thread): TTFT 1.00-1.01x the baseline at 128 and 512 tokens instead of 1.13x / 1.46x, a
+512-token chunk after 1,024 cached tokens 0.97x the baseline's time, decode unchanged (1.02x / 1.11x).
 
 Only graphs that use ``com.microsoft.GroupQueryAttention`` (onnxruntime-genai / Lemonade folders, and
-inferos' own conversions of models with head_dim % 16 == 0) can take it; :func:`inferos_cli.kv.backend.kv_backend` falls back to the segmented ``int8`` cache, with a
-note, for other graphs. The derived graph is cached beside the model (or in the inferos cache when that
+inferos' own conversions of models with head_dim % 16 == 0) can take it;
+:func:`inferos_cli.kv.backend.kv_backend` falls back to the segmented ``int8`` cache, with a note, for other
+graphs. The derived graph is cached beside the model (or in the inferos cache when that
 folder is read-only) as ``<stem>.inferos-kvf-<hash>.onnx``.
 """
 
@@ -48,7 +49,7 @@ from inferos_cli.runtime.events import KVStats
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.runtime.modelinfo import ModelInfo
 
-FUSED_VERSION = "2"  # 2: first prefill in float (If per layer)
+FUSED_VERSION = "3"  # 2: first prefill in float (If per layer); 3: every prefill in float
 MARGIN = 2.5
 BITS = 8
 SCALE_FMT = "inferos.kvscale.%d.%s"
@@ -151,7 +152,7 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
                                helper.make_attribute("kv_cache_bit_width", BITS)])
         done += 1
     if done == info.num_layers:
-        _float_first_prefill(model)
+        _float_prefill(model)
     if done != info.num_layers:
         from inferos_cli.errors import ModelError
 
@@ -162,23 +163,26 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
     return model
 
 
-def _float_first_prefill(model: Any) -> None:
-    """Route a sequence's first prefill around the quantized kernel: each quantized ``GroupQueryAttention``
-    becomes an ``If`` on "the mask is as wide as the new tokens" (nothing cached yet). Then-branch: the
-    float op on an empty past, its presents quantized with the same static scales (``round(x / scale)``
-    clipped to int8) and zero-padded to the past buffer's width (the shared buffer's capacity); else-branch:
-    the quantized op unchanged (decode steps, later prefill chunks)."""
+def _float_prefill(model: Any) -> None:
+    """Route prefill (more than one new token) around the quantized kernel: each quantized
+    ``GroupQueryAttention`` becomes an ``If`` on "more than one new token". Then-branch: the cached codes
+    (the first ``total - new`` columns) dequantized with the static scales, the float op on them, its
+    presents quantized again (``round(x / scale)`` clipped to int8: the old codes come back unchanged) and
+    zero-padded to the past buffer's width (the shared buffer's capacity); else-branch: the quantized op
+    unchanged (decode steps)."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     pre = [
         helper.make_node("Shape", ["attention_mask"], ["inferos_fp/total"], start=1, end=2),
         helper.make_node("Shape", ["input_ids"], ["inferos_fp/new"], start=1, end=2),
-        helper.make_node("Equal", ["inferos_fp/total", "inferos_fp/new"], ["inferos_fp/first1"]),
-        helper.make_node("Squeeze", ["inferos_fp/first1", "inferos_fp/axis0"], ["inferos_fp/first"]),
+        helper.make_node("Greater", ["inferos_fp/new", "inferos_fp/one1"], ["inferos_fp/prefill1"]),
+        helper.make_node("Squeeze", ["inferos_fp/prefill1", "inferos_fp/axis0"], ["inferos_fp/prefill"]),
+        helper.make_node("Sub", ["inferos_fp/total", "inferos_fp/new"], ["inferos_fp/cached"]),
     ]
     consts = {"inferos_fp/axis0": np.array([0], np.int64), "inferos_fp/axis2": np.array([2], np.int64),
-              "inferos_fp/zero1": np.array([0], np.int64), "inferos_fp/lo": np.array(-128.0, np.float32),
+              "inferos_fp/zero1": np.array([0], np.int64), "inferos_fp/one1": np.array([1], np.int64),
+              "inferos_fp/lo": np.array(-128.0, np.float32),
               "inferos_fp/hi": np.array(127.0, np.float32), "inferos_fp/zero": np.array(0, np.int64),
               "inferos_fp/pads_head": np.zeros(6, np.int64), "inferos_fp/pads_tail": np.zeros(1, np.int64)}
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
@@ -192,14 +196,15 @@ def _float_first_prefill(model: Any) -> None:
         outs = list(node.output)
         attrs = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
         then_nodes = []
-        empty = []
-        for j, past in ((3, ins[3]), (4, ins[4])):
-            sl = helper.make_node("Slice", [past, "inferos_fp/zero1", "inferos_fp/zero1", "inferos_fp/axis2"],
-                                  [p + f"empty{j}i8"])
-            cast = helper.make_node("Cast", [p + f"empty{j}i8"], [p + f"empty{j}"], to=TensorProto.FLOAT)
-            then_nodes += [sl, cast]
-            empty.append(p + f"empty{j}")
-        f_ins = ins[:3] + empty + ins[5:12]
+        cached = []
+        for j, past, scale in ((3, ins[3], ins[12]), (4, ins[4], ins[13])):
+            sl = helper.make_node("Slice", [past, "inferos_fp/zero1", "inferos_fp/cached", "inferos_fp/axis2"],
+                                  [p + f"past{j}i8"])
+            cast = helper.make_node("Cast", [p + f"past{j}i8"], [p + f"past{j}c"], to=TensorProto.FLOAT)
+            scaled = helper.make_node("Mul", [p + f"past{j}c", scale], [p + f"past{j}"])
+            then_nodes += [sl, cast, scaled]
+            cached.append(p + f"past{j}")
+        f_ins = ins[:3] + cached + ins[5:12]
         gqa = helper.make_node("GroupQueryAttention", f_ins, [p + "out", p + "pk", p + "pv"], domain="com.microsoft")
         gqa.attribute.extend(attrs)
         then_nodes.append(gqa)
@@ -232,7 +237,7 @@ def _float_first_prefill(model: Any) -> None:
         then_g = helper.make_graph(then_nodes, p + "then", [], [vi(n, t) for n, t in zip(then_outs, types)])
         else_g = helper.make_graph([else_gqa], p + "else", [],
                                    [vi(n, t) for n, t in zip([p + "qout", p + "qpk", p + "qpv"], types)])
-        nodes.append(helper.make_node("If", ["inferos_fp/first"], outs, name=p + "if",
+        nodes.append(helper.make_node("If", ["inferos_fp/prefill"], outs, name=p + "if",
                                       then_branch=then_g, else_branch=else_g))
     del graph.node[:]
     graph.node.extend(nodes)
@@ -288,5 +293,5 @@ class FusedBackend:
     def describe(self) -> str:
         """One line for tables."""
         text = (f"int8-fused: every token int8 in GroupQueryAttention (per-channel static scales, "
-                f"margin {MARGIN}), shared past/present buffer, first prefill in float")
+                f"margin {MARGIN}), shared past/present buffer, prefill in float")
         return f"{text}; {self.note}" if self.note else text
