@@ -35,6 +35,9 @@ def test_loosen_and_tighten_keep_a_valid_order() -> None:
     p = Policy()
     looser, tighter = loosen(p), tighten(p)
     assert looser.kv.recent_window == 2 * p.kv.recent_window
+    assert p.kv.quant == "auto" and looser.kv.quant == "tiered"  # the segmented cache is the more accurate one
+    assert loosen(Policy(kv={"quant": "int8-fused"})).kv.quant == "tiered"
+    assert loosen(Policy(kv={"quant": "int4"})).kv.quant == "int4"
     assert tighter.kv.recent_window == p.kv.recent_window // 2
     assert looser.kv.level_thresholds.L1_int8 > p.kv.level_thresholds.L1_int8
     assert tighter.kv.level_thresholds.L3_evict < p.kv.level_thresholds.L3_evict
