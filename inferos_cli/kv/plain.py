@@ -2,17 +2,18 @@
 
 Two layouts, chosen from the graph:
 
-- ``concat`` (graphs with ``position_ids``: optimum / inferos exports). ``present`` = past + new columns,
+- ``concat`` (graphs without ``GroupQueryAttention``: optimum exports, inferos conversions with small heads). ``present`` = past + new columns,
   so the cache keeps the session's output arrays as the next past (no host copy) and the mask grows by
   the step's ``new_mask``. Rows may hold masked columns anywhere (left padding, merged rows).
-- ``packed`` (``GroupQueryAttention`` graphs: onnxruntime-genai). GQA derives each row's length from the
+- ``packed`` (``GroupQueryAttention`` graphs: onnxruntime-genai, inferos conversions). GQA derives each row's length from the
   attention-mask row sum and writes new keys right after the row's real past, so every row is
   right-padded: real tokens first, then padding. The mask is rebuilt from row lengths. With
   ``capacity`` set, the past tensors are preallocated to that many columns and the session writes the
   new keys into them in place (GQA's ``past_present_share_buffer``): the engine binds the same buffers
   as past inputs and present outputs, so a decode step copies nothing on the host.
 
-Eviction and left padding cannot be expressed for ``packed`` rows (GQA takes no position ids).
+Eviction and left padding cannot be expressed for ``packed`` rows (GQA places new keys by row length,
+whatever positions RoPE is given).
 """
 
 from __future__ import annotations

@@ -643,7 +643,7 @@ class Engine:
         max_new = max(0, min(config.max_tokens, self.info.context_length - longest))
         states = [_SeqState(i, r, config, self.tokenizer.stream(r)) for i, r in enumerate(rows)]
         if self.uses_gqa:
-            # GQA takes no position ids and right-pads rows: prefill each row alone, merge the caches.
+            # GQA places keys by row length, so rows are right-padded: prefill each row alone, merge the caches.
             cache = None
             last_list = []
             for r in rows:
