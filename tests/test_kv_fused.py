@@ -182,10 +182,13 @@ def test_fused_cache_applies_to_inferos_gqa_conversions(tmp_path: Path) -> None:
     assert len([e for e in eng.generate(prompt, GenerationConfig(max_tokens=3)) if e.kind == "token"]) == 3
 
 
-def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_onnx: Path) -> None:
-    """kv.quant = auto (the default): int8-fused on a GQA graph for the size-class and chat profiles; the
-    tiered segmented cache for the quality profile, the guide's window presets, a KV budget (eviction), and
-    graphs without GQA."""
+def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_onnx: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv.quant = auto (the default): int8-fused on a GQA graph for the size-class and chat profiles when
+    the phases run on the CPU (the 3b profile asks for DirectML, absent here); the tiered segmented cache for
+    the quality profile, the guide's window presets, a KV budget (eviction), graphs without GQA, and when
+    an asked-for GPU provider is installed."""
+    from inferos_cli.kv import backend as kvb
     from inferos_cli.kv.backend import auto_fused
 
     oga = inspect_folder(oga_dir.parent)
@@ -205,3 +208,9 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
     backend = kv_backend(oga, policy("quality"))
     assert isinstance(backend, SegmentedBackend) and backend.plan.name == "tiered"
     assert isinstance(kv_backend(stories, policy(None)), SegmentedBackend)
+    three_b = resolve_settings("3b", param_count=135_000_000, use_env=False).policy  # gpu_only on dml
+    assert auto_fused(oga, three_b)  # DirectML is not installed here: both phases fall back to the CPU
+    import onnxruntime as ort
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["DmlExecutionProvider", "CPUExecutionProvider"])
+    assert not auto_fused(oga, three_b) and auto_fused(oga, policy(None))  # cpu mode stays fused

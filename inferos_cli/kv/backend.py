@@ -120,13 +120,23 @@ def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
     """``kv.quant = auto``: the fused int8 cache when the graph takes it (float32 ``GroupQueryAttention``),
     the policy wants speed rather than the last bit of quality (``kv.mode`` is not ``quality_optimized``) and
     nothing asks for eviction (no ``kv.budget_bytes`` / ``kv.max_tokens``, which only the segmented cache
-    honours); otherwise the tiered segmented cache. Measured on SmolLM2-135M (README "Measured results"):
+    honours), and both phases run on the CPU (asked for, or the asked-for provider is not installed): the
+    quantized-cache kernel and the float-prefill ``If`` were measured on onnxruntime's CPU provider only, and
+    a GPU/NPU provider would hand the attention nodes back to the CPU one by one; otherwise the tiered
+    segmented cache. Measured on SmolLM2-135M (README "Measured results"):
     the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
     +0.17; the tiered cache decodes at 0.33-0.71x."""
     from inferos_cli.kv import fused
 
+    from inferos_cli.runtime.scheduler import phase_devices
+    from inferos_cli.runtime.sessions import available_providers, provider_name
+
     kv = policy.kv
     if kv.mode == "quality_optimized" or kv.budget_bytes is not None or kv.max_tokens is not None:
+        return False
+    installed = set(available_providers())
+    prefill, decode, _ = phase_devices(policy)
+    if any(dev != "cpu" and provider_name(dev) in installed for dev in (prefill, decode)):
         return False
     return fused.supported(info)
 
