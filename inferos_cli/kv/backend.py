@@ -127,7 +127,6 @@ def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
     the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
     +0.17; the tiered cache decodes at 0.33-0.71x."""
     from inferos_cli.kv import fused
-
     from inferos_cli.runtime.scheduler import phase_devices
     from inferos_cli.runtime.sessions import available_providers, provider_name
 

@@ -151,13 +151,12 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
                                helper.make_attribute("v_quant_type", "PER_CHANNEL"),
                                helper.make_attribute("kv_cache_bit_width", BITS)])
         done += 1
-    if done == info.num_layers:
-        _float_prefill(model)
     if done != info.num_layers:
         from inferos_cli.errors import ModelError
 
         raise ModelError(f"{info.onnx_path}: found {done} GroupQueryAttention layers reading the past, "
                          f"expected {info.num_layers}; use kv.quant int8 (the segmented cache) for this model")
+    _float_prefill(model)
     onnx.helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
                                         "inferos.kv.fused": f"int{BITS} per-channel margin {MARGIN}"})
     return model
@@ -183,9 +182,14 @@ def _float_prefill(model: Any) -> None:
     consts = {"inferos_fp/axis0": np.array([0], np.int64), "inferos_fp/axis2": np.array([2], np.int64),
               "inferos_fp/zero1": np.array([0], np.int64), "inferos_fp/one1": np.array([1], np.int64),
               "inferos_fp/lo": np.array(-128.0, np.float32),
-              "inferos_fp/hi": np.array(127.0, np.float32), "inferos_fp/zero": np.array(0, np.int64),
+              "inferos_fp/hi": np.array(127.0, np.float32),
               "inferos_fp/pads_head": np.zeros(6, np.int64), "inferos_fp/pads_tail": np.zeros(1, np.int64)}
     graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    types = (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8)
+
+    def outputs(names: list[str]) -> list[Any]:
+        return [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, types)]
+
     nodes = list(pre)
     for idx, node in enumerate(graph.node):
         if node.op_type != "GroupQueryAttention" or not any(a.name == "kv_cache_bit_width" for a in node.attribute):
@@ -207,6 +211,15 @@ def _float_prefill(model: Any) -> None:
         f_ins = ins[:3] + cached + ins[5:12]
         gqa = helper.make_node("GroupQueryAttention", f_ins, [p + "out", p + "pk", p + "pv"], domain="com.microsoft")
         gqa.attribute.extend(attrs)
+        # pads for the sequence axis up to the past buffer's width (capacity; zero without one): the
+        # presents are ``total`` columns long for keys and values alike
+        then_nodes += [
+            helper.make_node("Shape", [ins[3]], [p + "cap"], start=2, end=3),
+            helper.make_node("Sub", [p + "cap", "inferos_fp/total"], [p + "gap"]),
+            helper.make_node("Max", [p + "gap", "inferos_fp/zero1"], [p + "gap0"]),
+            helper.make_node("Concat", ["inferos_fp/pads_head", p + "gap0", "inferos_fp/pads_tail"], [p + "pads"],
+                             axis=0),
+        ]
         then_nodes.append(gqa)
         then_outs = [p + "out"]
         for kind, scale in (("pk", ins[12]), ("pv", ins[13])):
@@ -216,27 +229,14 @@ def _float_prefill(model: Any) -> None:
                 helper.make_node("Round", [q + "/s"], [q + "/r"]),
                 helper.make_node("Clip", [q + "/r", "inferos_fp/lo", "inferos_fp/hi"], [q + "/c"]),
                 helper.make_node("Cast", [q + "/c"], [q + "/i8"], to=TensorProto.INT8),
-                # pad the sequence axis up to the past buffer's width (capacity); no-op without one
-                helper.make_node("Shape", [ins[3]], [q + "/cap"], start=2, end=3),
-                helper.make_node("Shape", [q + "/i8"], [q + "/len"], start=2, end=3),
-                helper.make_node("Sub", [q + "/cap", q + "/len"], [q + "/gap"]),
-                helper.make_node("Max", [q + "/gap", "inferos_fp/zero1"], [q + "/gap0"]),
-                helper.make_node("Concat", ["inferos_fp/pads_head", q + "/gap0", "inferos_fp/pads_tail"],
-                                 [q + "/pads"], axis=0),
-                helper.make_node("Pad", [q + "/i8", q + "/pads"], [q + "/out"]),
+                helper.make_node("Pad", [q + "/i8", p + "pads"], [q + "/out"]),
             ]
             then_outs.append(q + "/out")
         else_gqa = helper.make_node("GroupQueryAttention", ins, [p + "qout", p + "qpk", p + "qpv"],
                                     domain="com.microsoft")
         else_gqa.attribute.extend(node.attribute)
-
-        def vi(name: str, elem: int) -> Any:
-            return helper.make_tensor_value_info(name, elem, None)
-
-        types = (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8)
-        then_g = helper.make_graph(then_nodes, p + "then", [], [vi(n, t) for n, t in zip(then_outs, types)])
-        else_g = helper.make_graph([else_gqa], p + "else", [],
-                                   [vi(n, t) for n, t in zip([p + "qout", p + "qpk", p + "qpv"], types)])
+        then_g = helper.make_graph(then_nodes, p + "then", [], outputs(then_outs))
+        else_g = helper.make_graph([else_gqa], p + "else", [], outputs([p + "qout", p + "qpk", p + "qpv"]))
         nodes.append(helper.make_node("If", ["inferos_fp/prefill"], outs, name=p + "if",
                                       then_branch=then_g, else_branch=else_g))
     del graph.node[:]
