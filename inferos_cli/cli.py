@@ -15,7 +15,7 @@ import typer
 
 from inferos_cli import __version__
 from inferos_cli.commands import bench, config, doctor, eval as eval_cmd, models, profiles, pull, run, serve
-from inferos_cli.errors import InferosError
+from inferos_cli.errors import InferosError, device_memory_error
 
 app = typer.Typer(
     name="inferos",
@@ -63,6 +63,12 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo(f"error: {exc.strerror or exc}{where} (check the path and permissions; "
                        "INFEROS_DEBUG=1 shows the traceback)", err=True)
             raise typer.Exit(1) from None
+        except Exception as exc:  # onnxruntime's Fail: a full device memory pool is the user's to fix
+            mapped = device_memory_error(exc)
+            if mapped is None or debug_enabled():
+                raise
+            report(mapped)
+            raise typer.Exit(mapped.exit_code) from None
 
     return wrapper
 

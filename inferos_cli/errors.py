@@ -63,3 +63,28 @@ class ContextOverflowError(InferosError):
 
 class BackendError(InferosError):
     """A Lemonade server or GAIA CLI that is missing or answered badly."""
+
+
+class DeviceMemoryError(InferosError):
+    """An execution provider's memory pool could not serve an allocation (a GPU run too big for its cap)."""
+
+
+def device_memory_error(exc: BaseException) -> DeviceMemoryError | None:
+    """The one-line form of an onnxruntime failure caused by a full device memory pool (onnxruntime's
+    ``BFCArena``: "Available memory of A is smaller than requested bytes of R", or a CUDA out-of-memory),
+    else None. The CUDA pool is capped by ``io.dml_pool_bytes`` (its ``gpu_mem_limit``)."""
+    import re
+
+    text = str(exc)
+    if "BFCArena" not in text and "out of memory" not in text.lower():
+        return None
+    node = re.search(r"running (\w+) node", text)
+    sizes = re.search(r"Available memory of (\d+) is smaller than requested bytes of (\d+)", text)
+    where = f" in {node.group(1)}" if node else ""
+    detail = (f": {int(sizes.group(2)) / 2**20:.0f} MiB asked, {int(sizes.group(1)) / 2**20:.0f} MiB left"
+              if sizes else "")
+    return DeviceMemoryError(
+        f"the device ran out of memory{where}{detail}",
+        "raise io.dml_pool_bytes (e.g. INFEROS_IO__DML_POOL_BYTES=16GiB; it caps the CUDA pool), "
+        "or use a smaller batch or prompt",
+    )

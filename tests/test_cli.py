@@ -145,3 +145,31 @@ def test_handler_turns_os_errors_into_one_line(capsys: pytest.CaptureFixture[str
         handle_errors(usage)()
     assert info.value.exit_code == 2
     assert capsys.readouterr().err == "error: bad flags (use --help)\n"
+
+
+def test_a_full_device_memory_pool_is_one_line_with_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
+    """onnxruntime's BFCArena failure (this text is what an H100 run printed with the default 2 GiB
+    io.dml_pool_bytes, batch 4 x 2048 tokens) becomes one error line naming the setting, exit code 1."""
+    import typer
+
+    from inferos_cli.cli import handle_errors
+
+    text = ("[ONNXRuntimeError] : 1 : FAIL : Non-zero status code returned while running Attention node. "
+            "Name:'Attention_164' Status Message: /onnxruntime_src/onnxruntime/core/framework/bfc_arena.cc:360 "
+            "void* onnxruntime::BFCArena::AllocateRawInternal(size_t, bool, onnxruntime::Stream*) Available "
+            "memory of 611244032 is smaller than requested bytes of 1207959552")
+
+    def boom() -> None:
+        raise Exception(text)
+
+    with pytest.raises(typer.Exit) as info:
+        handle_errors(boom)()
+    assert info.value.exit_code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "1152 MiB asked, 583 MiB left" in err and "INFEROS_IO__DML_POOL_BYTES" in err
+
+    def other() -> None:
+        raise Exception("something else")
+
+    with pytest.raises(Exception, match="something else"):  # not a memory failure: not swallowed
+        handle_errors(other)()

@@ -266,8 +266,9 @@ def serve(inp: IO[str], out: IO[str]) -> None:
             else:
                 raise RuntimeError(f"unknown op {op!r}")
         except Exception as exc:  # every failure becomes one line for the parent
-            from inferos_cli.errors import InferosError
+            from inferos_cli.errors import InferosError, device_memory_error
 
+            exc = device_memory_error(exc) or exc
             text = exc.one_line() if isinstance(exc, InferosError) else f"{type(exc).__name__}: {exc}"
             if os.environ.get("INFEROS_DEBUG"):
                 import traceback

@@ -219,12 +219,15 @@ def rope_tables(spec: DecoderSpec, max_positions: int) -> tuple[np.ndarray, np.n
 class GraphWriter:
     """Accumulates nodes and streams initializers into one external data file."""
 
-    def __init__(self, data_path: Path) -> None:
+    def __init__(self, data_path: Path | None, prefix: str = "") -> None:
+        """``data_path`` None: small initializers only (graph rewrites that add shapes and constants);
+        ``prefix`` starts every generated name, to stay clear of the names of a graph being rewritten."""
         import onnx
 
         self.onnx = onnx
         self.data_path = data_path
-        self.handle: BinaryIO = open(data_path, "wb")
+        self.handle: BinaryIO | None = open(data_path, "wb") if data_path is not None else None
+        self.prefix = prefix
         self.nodes: list[Any] = []
         self.initializers: list[Any] = []
         self.names: set[str] = set()
@@ -232,12 +235,13 @@ class GraphWriter:
 
     def close(self) -> None:
         """Close the data file."""
-        self.handle.close()
+        if self.handle is not None:
+            self.handle.close()
 
     def fresh(self, base: str) -> str:
         """A new unique value name."""
         self.counter += 1
-        return f"{base}_{self.counter}"
+        return f"{self.prefix}{base}_{self.counter}"
 
     def init(self, name: str, array: np.ndarray) -> str:
         """Add an initializer; arrays over 1 KiB go to the external data file."""
@@ -246,6 +250,8 @@ class GraphWriter:
         array = np.ascontiguousarray(array)
         if array.nbytes <= 1024:
             self.initializers.append(numpy_helper.from_array(array, name))
+        elif self.handle is None or self.data_path is None:
+            raise ValueError(f"{name}: {array.nbytes} bytes need an external data file, and this writer has none")
         else:
             pad = (-self.handle.tell()) % _ALIGN
             if pad:
@@ -486,13 +492,13 @@ class DecoderBuilder:
             return w.op("Reshape", ctx, w.const([-1, heads * d]))
         q, k, v = self.fused_linear(x, [layer.q, layer.k, layer.v], f"layers.{i}.qkv",
                                     [layer.q_bias, layer.k_bias, layer.v_bias], reshape=self.bt_shape)  # [B, T, n*d]
+        if self.attention == "op":
+            ctx = rope_attention(w, q, k, v, "position_ids", self.rope, self.mask, past_k, past_v,
+                                 (w.fresh("attn"), f"present.{i}.key", f"present.{i}.value"),
+                                 heads=heads, kv_heads=kvh, scale=1.0 / math.sqrt(d))
+            return w.op("Reshape", ctx, w.const([-1, heads * d]))
         q = w.op("RotaryEmbedding", q, "position_ids", *self.rope, domain="com.microsoft")
         k = w.op("RotaryEmbedding", k, "position_ids", *self.rope, domain="com.microsoft")
-        if self.attention == "op":
-            ctx = w.node("Attention", [q, k, v, self.mask, past_k, past_v],
-                         outputs=[w.fresh("attn"), f"present.{i}.key", f"present.{i}.value"],
-                         q_num_heads=heads, kv_num_heads=kvh, scale=1.0 / math.sqrt(d))[0]
-            return w.op("Reshape", ctx, w.const([-1, heads * d]))
         kh = w.op("Transpose", w.op("Reshape", k, w.const([0, 0, kvh, d])), perm=[0, 2, 1, 3])
         vh = w.op("Transpose", w.op("Reshape", v, w.const([0, 0, kvh, d])), perm=[0, 2, 1, 3])
         pk = w.node("Concat", [past_k, kh], outputs=[f"present.{i}.key"], axis=2)[0]
@@ -521,26 +527,8 @@ class DecoderBuilder:
         return normed, total
 
     def _mask(self) -> str:
-        """Additive attention bias from attention_mask (padding) and causality within the new block.
-
-        Every cached key is visible to every new query (the cache only holds earlier tokens, whatever their
-        positions after eviction); new keys are causal. Shape ``[B, 1, T, S]`` for the Attention op,
-        ``[B, T, 1, 1, S]`` for the plain form. Finite (-1e9) so a fully padded row stays a valid softmax.
-        """
-        w = self.w
-        t = w.op("Shape", "input_ids", start=1, end=2)
-        s = w.op("Shape", "attention_mask", start=1, end=2)
-        zero, one = w.const(0), w.const(1)
-        kv_idx = w.op("Range", zero, w.op("Squeeze", s, w.const([0])), one)  # [S]
-        q_idx = w.op("Add", w.op("Range", zero, w.op("Squeeze", t, w.const([0])), one),
-                     w.op("Squeeze", w.op("Sub", s, t), w.const([0])))  # [T] slots of the new tokens
-        causal = w.op("LessOrEqual", w.op("Unsqueeze", kv_idx, w.const([0])), w.op("Unsqueeze", q_idx, w.const([1])))
-        pad = w.op("Cast", "attention_mask", to=9)
-        if self.attention == "op":
-            allowed = w.op("And", causal, w.op("Unsqueeze", pad, w.const([1, 2])))  # [B, 1, T, S]
-        else:
-            allowed = w.op("And", w.op("Unsqueeze", causal, w.const([1, 2])), w.op("Unsqueeze", pad, w.const([1, 2, 3])))
-        return w.op("Where", allowed, w.const(0.0, np.float32), w.const(NEG_INF_BIAS, np.float32))
+        """The additive attention bias of this graph's attention form (:func:`attention_bias`)."""
+        return attention_bias(self.w, "op" if self.attention == "op" else "plain")
 
     def _gqa_lengths(self) -> tuple[str, str]:
         """``GroupQueryAttention``'s ``seqlens_k`` (int32 ``[B]``: each row's real tokens - 1, from the mask)
@@ -587,6 +575,42 @@ class DecoderBuilder:
             return w.op("Gemm", x, self.embed_name, transB=1)
         assert isinstance(weights.embed, QuantWeight)
         return self.nbits(x, weights.embed, self.embed_inits)
+
+
+def attention_bias(w: GraphWriter, form: str) -> str:
+    """Additive attention bias from ``attention_mask`` (padding) and causality within the new block.
+
+    Every cached key is visible to every new query (the cache only holds earlier tokens, whatever their
+    positions after eviction); new keys are causal. Shape ``[B, 1, T, S]`` for the ONNX ``Attention`` op
+    (``form="op"``), ``[B, T, 1, 1, S]`` for the plain form. Finite (-1e9) so a fully padded row stays a
+    valid softmax.
+    """
+    t = w.op("Shape", "input_ids", start=1, end=2)
+    s = w.op("Shape", "attention_mask", start=1, end=2)
+    zero, one = w.const(0), w.const(1)
+    kv_idx = w.op("Range", zero, w.op("Squeeze", s, w.const([0])), one)  # [S]
+    q_idx = w.op("Add", w.op("Range", zero, w.op("Squeeze", t, w.const([0])), one),
+                 w.op("Squeeze", w.op("Sub", s, t), w.const([0])))  # [T] slots of the new tokens
+    causal = w.op("LessOrEqual", w.op("Unsqueeze", kv_idx, w.const([0])), w.op("Unsqueeze", q_idx, w.const([1])))
+    pad = w.op("Cast", "attention_mask", to=9)
+    if form == "op":
+        allowed = w.op("And", causal, w.op("Unsqueeze", pad, w.const([1, 2])))  # [B, 1, T, S]
+    else:
+        allowed = w.op("And", w.op("Unsqueeze", causal, w.const([1, 2])), w.op("Unsqueeze", pad, w.const([1, 2, 3])))
+    return w.op("Where", allowed, w.const(0.0, np.float32), w.const(NEG_INF_BIAS, np.float32))
+
+
+def rope_attention(w: GraphWriter, q: str, k: str, v: str, positions: str, rope: tuple[str, str], bias: str,
+                   past_k: str, past_v: str, outputs: tuple[str, str, str], *, heads: int, kv_heads: int,
+                   scale: float, interleaved: int = 0) -> str:
+    """RoPE on ``q`` and ``k`` (``[B, T, n*d]``, ``com.microsoft.RotaryEmbedding`` from ``positions`` and the
+    cos/sin tables), then the ONNX ``Attention`` op (opset 23) over past + new keys with the additive
+    ``bias``; ``outputs`` names (context ``[B, T, heads*d]``, present key, present value). Returns the
+    context's name."""
+    q = w.op("RotaryEmbedding", q, positions, *rope, domain="com.microsoft", interleaved=interleaved)
+    k = w.op("RotaryEmbedding", k, positions, *rope, domain="com.microsoft", interleaved=interleaved)
+    return w.node("Attention", [q, k, v, bias, past_k, past_v], outputs=list(outputs),
+                  q_num_heads=heads, kv_num_heads=kv_heads, scale=scale)[0]
 
 
 def build_decoder(spec: DecoderSpec, weights: DecoderWeights, folder: Path, *,

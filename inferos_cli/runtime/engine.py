@@ -201,6 +201,8 @@ class Engine:
 
         # memory this engine adds from here on is backed with huge pages (see _settle_huge_pages)
         self._huge_mark: dict[int, int] | None = anonymous_regions() if huge_pages_wanted() else None
+        info, twin_note = _cuda_graph(info, self.policy)
+        self.info = info
         self.backend = kv_backend(info, self.policy, pressure=self.pressure_level)
         graph = Path(self.backend.onnx_path)
         # generation samples only the last position: a graph input lets the LM head skip the others
@@ -211,7 +213,14 @@ class Engine:
             sliced = last_logits_graph(graph)
             self.logits_note = "last position in prefill" if sliced else "all positions (LM head pattern not found)"
             graph = sliced or graph
-        self.plan = _build_plan(graph, self.policy, threads=threads, strict=strict_devices)
+        # a float32 GQA graph prefilling on CUDA: the prefill session runs the Attention-op twin
+        # (graph_attention: onnxruntime's CUDA GQA kernel is fp16/bf16 only), decode keeps the GQA graph
+        twin = _prefill_twin(graph, info, self.backend, self.policy)
+        self.plan = _build_plan(graph, self.policy, threads=threads, strict=strict_devices, prefill_path=twin)
+        self.prefill_twin = twin is not None and not self.plan.shared
+        for note in (twin_note, "prefill graph: GroupQueryAttention -> Attention op (CUDA)" if self.prefill_twin else ""):
+            if note:
+                self.plan.notes.append(note)
         self.telemetry = telemetry
         sess = self.plan.decode.session
         self.input_names = [i.name for i in sess.get_inputs()]
@@ -331,6 +340,11 @@ class Engine:
                 base = past_mask.sum(axis=1)
             pos = np.asarray(base, dtype=np.int64)[:, None] + np.cumsum(new, axis=1) - 1
             small["position_ids"] = np.where(new > 0, pos, 0).astype(np.int64)
+        if phase == "prefill" and self.prefill_twin:
+            out = self._prefill_via_twin(cache, small, new, past, t)
+            if out is not None:
+                return out
+            phase = "decode"  # a ragged batch without shared buffers: the GQA graph's session prefills
         ps = self.plan.prefill if phase == "prefill" else self.plan.decode
         buffers = getattr(cache, "output_buffers", None)
         out_bufs = buffers(t) if buffers is not None else None
@@ -346,6 +360,35 @@ class Engine:
             out = presents.pop("logits")
         cache.append(presents, t, new)
         return out
+
+    def _prefill_via_twin(self, cache: Any, small: dict[str, np.ndarray], new: np.ndarray, past: int,
+                          t: int) -> np.ndarray | None:
+        """Prefill on the Attention-op twin (concat presents) and move the new columns into the packed GQA
+        cache the decode session reads: row ``r``'s real new keys go right after its real past, where
+        GroupQueryAttention would have written them. None when the cache holds neither shared buffers nor
+        rows of one length (the caller then prefills on the decode session)."""
+        past_mask = cache.past_mask()
+        lens = past_mask.sum(axis=1) if past else np.zeros(cache.batch, dtype=np.int64)
+        n_new = new.sum(axis=1)
+        shared = bool(getattr(cache, "shares_buffers", False))
+        if not shared and (np.any(lens != past) or np.any(n_new != t)):
+            return None
+        feeds = dict(small)
+        for name, arr in cache.feeds().items():
+            feeds[name] = np.ascontiguousarray(arr[:, :, :past]) if shared else arr
+        ps = self.plan.prefill
+        names = [o.name for o in ps.session.get_outputs()]
+        res = dict(zip(names, ps.session.run(names, feeds)))
+        logits = res.pop("logits")
+        if shared:
+            bufs = cache.output_buffers(t)
+            for present, buf in bufs.items():
+                src = res[present]
+                for r in range(cache.batch):
+                    n = int(n_new[r])
+                    buf[r, :, int(lens[r]): int(lens[r]) + n] = src[r, :, past: past + n]
+        cache.append(res, t, new)
+        return logits
 
     def _ones_view(self, b: int, width: int) -> np.ndarray:
         """A contiguous read-only all-ones int64 ``[b, width]`` view of the engine's ones buffer (grown
@@ -739,8 +782,47 @@ def resolve_model_info(model: str | None, *, progress: bool = False) -> "ModelIn
     return inspect_folder(path)
 
 
-def _build_plan(onnx_path: Path, policy: "Policy", *, threads: int | None, strict: bool) -> Any:
+def _build_plan(onnx_path: Path, policy: "Policy", *, threads: int | None, strict: bool,
+                prefill_path: Path | None = None) -> Any:
     """Sessions from ``runtime.scheduler.build_sessions``."""
     from inferos_cli.runtime.scheduler import build_sessions
 
-    return build_sessions(onnx_path, policy, threads=threads, strict=strict)
+    return build_sessions(onnx_path, policy, threads=threads, strict=strict, prefill_path=prefill_path)
+
+
+def _float_gqa(info: "ModelInfo") -> bool:
+    return bool(info.uses_gqa_op) and info.kv_dtype == "float32"
+
+
+def _cuda_graph(info: "ModelInfo", policy: "Policy") -> tuple["ModelInfo", str]:
+    """For a one-session plan on CUDA, the model with its float32 GQA graph swapped for the Attention-op
+    twin (every node on CUDA instead of GQA on the CPU; the twin's cache is a plain concat cache) and a
+    note; otherwise ``info`` unchanged."""
+    import dataclasses
+
+    from inferos_cli.runtime.scheduler import cuda_phases, phase_devices
+
+    if not _float_gqa(info) or not phase_devices(policy)[2] or not all(cuda_phases(policy)):
+        return info, ""
+    from inferos_cli.runtime.graph_attention import attention_op_graph
+
+    twin = attention_op_graph(info.onnx_path)
+    if twin is None:
+        return info, ""
+    return (dataclasses.replace(info, onnx_path=twin, uses_gqa_op=False),
+            "graph: GroupQueryAttention -> Attention op (CUDA runs float32 GQA on the CPU)")
+
+
+def _prefill_twin(graph: Path, info: "ModelInfo", backend: Any, policy: "Policy") -> Path | None:
+    """The Attention-op twin of ``graph`` for a CUDA prefill session of a two-session plan, when the KV
+    cache is the plain one on a float32 GQA graph; else None."""
+    from inferos_cli.kv.backend import PlainBackend
+    from inferos_cli.runtime.scheduler import cuda_phases, phase_devices
+
+    if not isinstance(backend, PlainBackend) or not _float_gqa(info) or phase_devices(policy)[2]:
+        return None
+    if not cuda_phases(policy)[0]:
+        return None
+    from inferos_cli.runtime.graph_attention import attention_op_graph
+
+    return attention_op_graph(graph)

@@ -111,10 +111,24 @@ def phase_devices(policy: "Policy") -> tuple[str, str, bool]:
     return sch.prefill_device, sch.decode_device, False
 
 
+def cuda_phases(policy: "Policy") -> tuple[bool, bool]:
+    """(prefill, decode) each True when that phase is asked to run on ``cuda`` and the CUDA provider
+    passes the strict probe here."""
+    from inferos_cli.runtime.sessions import probe_provider
+
+    pre_dev, dec_dev, _ = phase_devices(policy)
+    if "cuda" not in (pre_dev, dec_dev) or not probe_provider("cuda").works:
+        return False, False
+    return pre_dev == "cuda", dec_dev == "cuda"
+
+
 def build_sessions(
-    onnx_path: Path | str, policy: "Policy", *, threads: int | None = None, strict: bool = False
+    onnx_path: Path | str, policy: "Policy", *, threads: int | None = None, strict: bool = False,
+    prefill_path: Path | str | None = None,
 ) -> SessionPlan:
-    """Open the sessions ``policy.scheduler`` asks for on ``onnx_path`` (see the module docstring)."""
+    """Open the sessions ``policy.scheduler`` asks for on ``onnx_path`` (see the module docstring).
+    ``prefill_path``: a twin of the graph for the prefill session of a two-session plan (same inputs,
+    outputs and weights; :mod:`~inferos_cli.runtime.graph_attention`)."""
     onnx_path = Path(onnx_path)
     sch = policy.scheduler
     pre_dev, dec_dev, shared = phase_devices(policy)
@@ -126,8 +140,8 @@ def build_sessions(
         notes.extend(ps.notes)
     else:
         ps_prefill = open_session(
-            onnx_path, policy, "prefill", pre_dev, threads=sch.prefill_threads or threads, strict=strict,
-            allow_spinning=False,
+            Path(prefill_path or onnx_path), policy, "prefill", pre_dev, threads=sch.prefill_threads or threads,
+            strict=strict, allow_spinning=False,
         )
         ps = open_session(
             onnx_path, policy, "decode", dec_dev, threads=sch.decode_threads or threads, strict=strict,
