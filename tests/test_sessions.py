@@ -170,3 +170,18 @@ def test_default_session_options_do_not_spin_and_use_half_the_cores(monkeypatch:
         monkeypatch.setattr(psutil, "cpu_count", lambda logical=True, n=physical: n if not logical else 2 * n)
         assert sessions.default_threads() == expected
         assert sessions.default_threads(batched=True) == physical  # batched decode: every physical core
+
+
+def test_probe_reports_the_cause_from_onnxruntimes_ep_error_banner() -> None:
+    """The banner onnxruntime-gpu 1.31.1 printed on an H100 machine without TensorRT's libraries: the probe
+    keeps the cause, not the later "Conflicting session configuration" of the wrapper's retry."""
+    from inferos_cli.runtime.sessions import _ep_error
+
+    banner = ("*************** EP Error ***************\n"
+              "EP Error /onnxruntime_src/onnxruntime/python/onnxruntime_pybind_state.cc:729 void "
+              "onnxruntime::python::RegisterTensorRTPluginsAsCustomOps(PySessionOptions&, const "
+              "onnxruntime::ProviderOptions&) Please install TensorRT libraries as mentioned in the GPU "
+              "requirements page, make sure they're in the PATH or LD_LIBRARY_PATH, and that your GPU is supported.\n"
+              " when using [('TensorrtExecutionProvider', {})]\nFalling back to ['CPUExecutionProvider'] and retrying.\n")
+    assert _ep_error(banner).startswith("Please install TensorRT libraries")
+    assert _ep_error("nothing printed") == ""

@@ -39,6 +39,8 @@ other systems, or when the kernel refuses, nothing changes.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import sys
 from dataclasses import dataclass, field
@@ -152,19 +154,33 @@ def probe_provider(name: str) -> ProbeResult:
         opts.enable_mem_pattern = False
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     prov_opts: dict[str, str] = {"device_type": "NPU"} if provider == "OpenVINOExecutionProvider" else {}
+    # onnxruntime's Python wrapper prints an "EP Error" banner to stdout and retries on other providers
+    # when a GPU provider fails to initialise (TensorRT without its libraries); keep it off the user's
+    # screen and report its first line, which names the real cause, instead of the retry's error
+    printed = io.StringIO()
     try:
-        sess = ort.InferenceSession(_probe_model_bytes(), sess_options=opts, providers=[(provider, prov_opts)])
+        with contextlib.redirect_stdout(printed):
+            sess = ort.InferenceSession(_probe_model_bytes(), sess_options=opts, providers=[(provider, prov_opts)])
         got = sess.get_providers()
         x = np.arange(4, dtype=np.float32).reshape(1, 4)
         (y,) = sess.run(["y"], {"x": x})
     except Exception as exc:  # any EP failure: driver missing, device absent, unsupported op
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        msg = _ep_error(printed.getvalue()) or (str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         return ProbeResult(provider, True, False, f"{provider} failed to run a one-node model: {msg[:200]}")
     if not got or got[0] != provider:
         return ProbeResult(provider, True, False, f"{provider} was asked for but the session runs on {got}")
     if not np.allclose(y, x + x):
         return ProbeResult(provider, True, False, f"{provider} returned a wrong result on a one-node Add model")
     return ProbeResult(provider, True, True, "")
+
+
+def _ep_error(printed: str) -> str:
+    """The cause from onnxruntime's printed "EP Error" banner (the text after the C++ location), or ''."""
+    for line in printed.splitlines():
+        if line.startswith("EP Error"):
+            text = line.split(")", 1)[1].strip() if ")" in line else line[len("EP Error"):].strip()
+            return text.split(". ")[0].strip().rstrip(".")
+    return ""
 
 
 def probe_all() -> list[ProbeResult]:
