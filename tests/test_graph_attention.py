@@ -151,3 +151,55 @@ def test_one_cuda_session_runs_the_twin_for_both_phases(tiny_gqa: Path, monkeypa
     ids = [7, 8, 9, 100, 101]
     assert ([e.token_id for e in one.generate(ids, cfg) if e.kind == "token"]
             == [e.token_id for e in ref.generate(ids, cfg) if e.kind == "token"])
+
+
+def test_fused_int8_cache_takes_the_twins_prefill(tiny_gqa: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The int8-fused cache behind a CUDA prefill (forced): the twin of the original float graph prefills,
+    the engine quantizes its presents with the fused graph's scales, and the CPU decode reads those codes.
+    The codes equal the fused graph's own float-prefill branch within one step (two float attention
+    kernels), for a first prompt and a second chunk; the decoded tokens are the same."""
+    from inferos_cli.kv.fused import FusedBackend
+    from inferos_cli.runtime import scheduler
+    from inferos_cli.runtime.engine import Engine
+
+    def fused_engine(sched: dict[str, Any]) -> Any:
+        pol = Policy.model_validate({"scheduler": sched, "kv": {"quant": "int8-fused"}})
+        return Engine(inspect_folder(tiny_gqa), Resolved(policy=pol), threads=1)
+
+    ref = fused_engine({"mode": "cpu"})
+    monkeypatch.setattr(scheduler, "cuda_phases", lambda policy: (True, False))
+    hyb = fused_engine({"mode": "hybrid", "prefill_device": "cuda", "decode_device": "cpu"})
+    assert isinstance(hyb.backend, FusedBackend) and hyb.prefill_twin
+    assert "kvf" not in str(hyb.plan.prefill.session._model_path) and "kvf" in str(hyb.plan.decode.session._model_path)
+    ids = [5, 40, 41, 77, 90, 12, 8, 3, 200]
+    caches = []
+    for eng in (ref, hyb):
+        cache = eng.new_cache(1, capacity=64)
+        eng.forward(np.array([ids], np.int64), cache, phase="prefill")
+        eng.forward(np.array([[3, 4, 5]], np.int64), cache, phase="prefill")
+        caches.append(cache)
+    for name, codes in caches[0].feeds().items():
+        other = caches[1].feeds()[name]
+        assert codes.dtype == other.dtype == np.int8
+        assert np.abs(codes[:, :, :12].astype(int) - other[:, :, :12].astype(int)).max() <= 1
+    cfg = GenerationConfig(max_tokens=10, ignore_eos=True)
+    assert ([e.token_id for e in hyb.generate(ids, cfg) if e.kind == "token"]
+            == [e.token_id for e in ref.generate(ids, cfg) if e.kind == "token"])
+
+
+def test_auto_keeps_the_fused_cache_behind_a_cuda_prefill(tiny_gqa: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kv.quant auto with CUDA installed: prefill on CUDA + decode on the CPU keeps int8-fused on a graph
+    the twin can take; decode on CUDA does not."""
+    import onnxruntime as ort
+
+    from inferos_cli.kv.backend import auto_fused
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    info = inspect_folder(tiny_gqa)
+
+    def policy(sched: dict[str, Any]) -> Policy:
+        return Policy.model_validate({"scheduler": sched})
+
+    assert auto_fused(info, policy({"mode": "hybrid", "prefill_device": "cuda", "decode_device": "cpu"}))
+    assert not auto_fused(info, policy({"mode": "gpu_only", "prefill_device": "cuda", "decode_device": "cuda"}))
+    assert not auto_fused(info, policy({"mode": "hybrid", "prefill_device": "cpu", "decode_device": "cuda"}))

@@ -214,3 +214,9 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["DmlExecutionProvider", "CPUExecutionProvider"])
     assert not auto_fused(oga, three_b) and auto_fused(oga, policy(None))  # cpu mode stays fused
+    # CUDA installed, prefill on it, decode on the CPU: fused only where the engine can prefill on the
+    # Attention-op twin (graphs whose GQA reads position_ids); the OGA folder's cannot
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    hybrid = {"scheduler": {"mode": "hybrid", "prefill_device": "cuda", "decode_device": "cpu"}}
+    on_cuda = {"scheduler": {"mode": "gpu_only", "prefill_device": "cuda", "decode_device": "cuda"}}
+    assert not auto_fused(oga, policy(None, hybrid)) and not auto_fused(oga, policy(None, on_cuda))

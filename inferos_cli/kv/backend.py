@@ -120,10 +120,11 @@ def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
     """``kv.quant = auto``: the fused int8 cache when the graph takes it (float32 ``GroupQueryAttention``),
     the policy wants speed rather than the last bit of quality (``kv.mode`` is not ``quality_optimized``) and
     nothing asks for eviction (no ``kv.budget_bytes`` / ``kv.max_tokens``, which only the segmented cache
-    honours), and both phases run on the CPU (asked for, or the asked-for provider is not installed): the
-    quantized-cache kernel and the float-prefill ``If`` were measured on onnxruntime's CPU provider only, and
-    a GPU/NPU provider would hand the attention nodes back to the CPU one by one; otherwise the tiered
-    segmented cache. Measured on SmolLM2-135M (README "Measured results"):
+    honours), and decode runs on the CPU (asked for, or the asked-for provider is not installed), as does
+    prefill unless it is a CUDA prefill on the Attention-op twin (the engine quantizes its float presents
+    with the graph's scales): the quantized-cache kernel and the float-prefill ``If`` were measured on
+    onnxruntime's CPU provider only, and a GPU/NPU provider would hand the attention nodes back to the CPU
+    one by one; otherwise the tiered segmented cache. Measured on SmolLM2-135M (README "Measured results"):
     the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
     +0.17; the tiered cache decodes at 0.33-0.71x."""
     from inferos_cli.kv import fused
@@ -135,9 +136,21 @@ def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
         return False
     installed = set(available_providers())
     prefill, decode, _ = phase_devices(policy)
-    if any(dev != "cpu" and provider_name(dev) in installed for dev in (prefill, decode)):
+    if decode != "cpu" and provider_name(decode) in installed:
+        return False
+    if prefill != "cpu" and provider_name(prefill) in installed and not _twin_prefill(prefill, info):
         return False
     return fused.supported(info)
+
+
+def _twin_prefill(device: str, info: "ModelInfo") -> bool:
+    """True when a prefill on ``device`` runs the float Attention-op twin of the graph and hands int8 codes
+    to the CPU decode (``Engine``; CUDA only, graphs whose GQA reads ``position_ids``)."""
+    if device != "cuda" or not info.uses_gqa_op:
+        return False
+    from inferos_cli.runtime.graph_attention import attention_op_graph
+
+    return attention_op_graph(info.onnx_path) is not None
 
 
 def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "KVBackend":

@@ -280,6 +280,7 @@ class FusedBackend:
     def __init__(self, info: "ModelInfo") -> None:
         self.info = info
         self.path, self.note = fused_graph(info)
+        self._scales: dict[str, np.ndarray] | None = None
 
     @property
     def onnx_path(self) -> Path:
@@ -289,6 +290,33 @@ class FusedBackend:
     def new_cache(self, batch: int, capacity: int | None = None) -> FusedCache:
         """An empty int8 cache; ``capacity`` preallocates the shared buffers."""
         return FusedCache(self.info, batch, capacity=capacity)
+
+    def scales(self) -> dict[str, np.ndarray]:
+        """The graph's static scales ``[1, kv_heads, 1, head_dim]`` by past *and* present name (read once
+        from the fused graph): codes = clip(round(x / scale), -128, 127), x = codes * scale."""
+        if self._scales is None:
+            import onnx
+            from onnx import numpy_helper
+
+            model = onnx.load(str(self.path), load_external_data=False)
+            inits = {t.name: t for t in model.graph.initializer}
+            found: dict[str, np.ndarray] = {}
+            for node in model.graph.node:
+                branches = [a.g for a in node.attribute if a.name == "else_branch"] if node.op_type == "If" else []
+                for gqa in [n for b in branches for n in b.node] + [node]:
+                    if gqa.op_type != "GroupQueryAttention" or len(gqa.input) < 14:
+                        continue
+                    for past, scale in ((gqa.input[3], gqa.input[12]), (gqa.input[4], gqa.input[13])):
+                        if scale in inits:
+                            found[past] = numpy_helper.to_array(inits[scale]).astype(np.float32)
+            info = self.info
+            for i in range(info.num_layers):
+                for past, present in ((info.past_key_fmt % i, info.present_key_fmt % i),
+                                      (info.past_value_fmt % i, info.present_value_fmt % i)):
+                    if past in found:
+                        found[present] = found[past]
+            self._scales = found
+        return self._scales
 
     def describe(self) -> str:
         """One line for tables."""

@@ -207,6 +207,7 @@ class Engine:
         graph = Path(self.backend.onnx_path)
         # generation samples only the last position: a graph input lets the LM head skip the others
         self.logits_note = "all positions (last_logits off)"
+        sliced = None
         if last_logits:
             from inferos_cli.runtime.graph_logits import last_logits_graph
 
@@ -215,7 +216,7 @@ class Engine:
             graph = sliced or graph
         # a float32 GQA graph prefilling on CUDA: the prefill session runs the Attention-op twin
         # (graph_attention: onnxruntime's CUDA GQA kernel is fp16/bf16 only), decode keeps the GQA graph
-        twin = _prefill_twin(graph, info, self.backend, self.policy)
+        twin = _prefill_twin(graph, info, self.backend, self.policy, last_logits=sliced is not None)
         self.plan = _build_plan(graph, self.policy, threads=threads, strict=strict_devices, prefill_path=twin)
         self.prefill_twin = twin is not None and not self.plan.shared
         for note in (twin_note, "prefill graph: GroupQueryAttention -> Attention op (CUDA)" if self.prefill_twin else ""):
@@ -371,11 +372,15 @@ class Engine:
         lens = past_mask.sum(axis=1) if past else np.zeros(cache.batch, dtype=np.int64)
         n_new = new.sum(axis=1)
         shared = bool(getattr(cache, "shares_buffers", False))
-        if not shared and (np.any(lens != past) or np.any(n_new != t)):
+        scales = self.backend.scales() if hasattr(self.backend, "scales") else None  # int8 codes (fused)
+        if (not shared and (np.any(lens != past) or np.any(n_new != t))) or (scales is not None and not shared):
             return None
         feeds = dict(small)
         for name, arr in cache.feeds().items():
-            feeds[name] = np.ascontiguousarray(arr[:, :, :past]) if shared else arr
+            past_cols = arr[:, :, :past] if shared else arr
+            if scales is not None:
+                past_cols = past_cols.astype(np.float32) * scales[name]
+            feeds[name] = np.ascontiguousarray(past_cols)
         ps = self.plan.prefill
         names = [o.name for o in ps.session.get_outputs()]
         res = dict(zip(names, ps.session.run(names, feeds)))
@@ -383,10 +388,12 @@ class Engine:
         if shared:
             bufs = cache.output_buffers(t)
             for present, buf in bufs.items():
-                src = res[present]
+                src = res[present][:, :, past:]
+                if scales is not None:  # the fused graph's own rule: round half to even, clip to int8
+                    src = np.clip(np.rint(src / scales[present]), -128, 127).astype(np.int8)
                 for r in range(cache.batch):
                     n = int(n_new[r])
-                    buf[r, :, int(lens[r]): int(lens[r]) + n] = src[r, :, past: past + n]
+                    buf[r, :, int(lens[r]): int(lens[r]) + n] = src[r, :, :n]
         cache.append(res, t, new)
         return logits
 
@@ -813,16 +820,23 @@ def _cuda_graph(info: "ModelInfo", policy: "Policy") -> tuple["ModelInfo", str]:
             "graph: GroupQueryAttention -> Attention op (CUDA runs float32 GQA on the CPU)")
 
 
-def _prefill_twin(graph: Path, info: "ModelInfo", backend: Any, policy: "Policy") -> Path | None:
-    """The Attention-op twin of ``graph`` for a CUDA prefill session of a two-session plan, when the KV
-    cache is the plain one on a float32 GQA graph; else None."""
+def _prefill_twin(graph: Path, info: "ModelInfo", backend: Any, policy: "Policy", *, last_logits: bool) -> Path | None:
+    """The Attention-op twin for a CUDA prefill session of a two-session plan on a float32 GQA graph, when
+    the KV cache is the plain one (twin of ``graph``) or the fused int8 one (twin of the original float
+    graph, ``logits_keep`` added like ``graph``; the engine quantizes its presents); else None."""
     from inferos_cli.kv.backend import PlainBackend
+    from inferos_cli.kv.fused import FusedBackend
     from inferos_cli.runtime.scheduler import cuda_phases, phase_devices
 
-    if not isinstance(backend, PlainBackend) or not _float_gqa(info) or phase_devices(policy)[2]:
+    if not isinstance(backend, (PlainBackend, FusedBackend)) or not _float_gqa(info) or phase_devices(policy)[2]:
         return None
     if not cuda_phases(policy)[0]:
         return None
     from inferos_cli.runtime.graph_attention import attention_op_graph
 
+    if isinstance(backend, FusedBackend):
+        from inferos_cli.runtime.graph_logits import last_logits_graph
+
+        src = Path(info.onnx_path)
+        graph = (last_logits_graph(src) or src) if last_logits else src
     return attention_op_graph(graph)
