@@ -36,6 +36,7 @@ folder is read-only) as ``<stem>.inferos-kvf-<hash>.onnx``.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -72,19 +73,48 @@ CALIBRATION_TEXT = (
 
 def supported(info: "ModelInfo") -> bool:
     """True when the graph's attention is ``GroupQueryAttention`` in a float32 cache (what the CPU kernel
-    quantizes) and onnxruntime registers a quantized-cache CPU kernel for it."""
+    quantizes) and this onnxruntime's CPU provider runs a quantized-cache GQA (:func:`int8_gqa_kernel`)."""
     if not info.uses_gqa_op or info.kv_dtype != "float32":
         return False
-    try:
-        from onnxruntime.capi import onnxruntime_pybind11_state as C
+    return int8_gqa_kernel()
 
-        for kernel in C.get_all_opkernel_def():
-            if kernel.op_name == "GroupQueryAttention" and kernel.provider == "CPUExecutionProvider":
-                if "tensor(int8)" in kernel.type_constraints.get("T_CACHE", []):
-                    return True
-    except Exception:  # pragma: no cover - other builds
+
+@lru_cache(maxsize=1)
+def int8_gqa_kernel() -> bool:
+    """Run a one-node ``GroupQueryAttention`` with an int8 per-channel cache on the CPU provider (one
+    decode step over 4 cached tokens): True when it loads, runs and returns int8 presents.
+
+    A probe rather than a look at the kernel registry: ``get_all_opkernel_def()`` crashed the process
+    (SIGSEGV) with onnxruntime-gpu 1.31.1 on an H100 machine without TensorRT's libraries."""
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+
+        d = 16
+        vi = helper.make_tensor_value_info
+        node = helper.make_node(
+            "GroupQueryAttention", ["q", "", "", "pk", "pv", "seqlens", "total", "", "", "", "", "", "ks", "vs"],
+            ["out", "k", "v"], domain="com.microsoft", num_heads=1, kv_num_heads=1,
+            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=BITS)
+        scale = np.full((1, 1, 1, d), 0.05, np.float32)
+        graph = helper.make_graph(
+            [node], "inferos_int8_gqa_probe",
+            [vi("q", TensorProto.FLOAT, [1, 1, 3 * d]), vi("pk", TensorProto.INT8, [1, 1, 4, d]),
+             vi("pv", TensorProto.INT8, [1, 1, 4, d]), vi("seqlens", TensorProto.INT32, [1]),
+             vi("total", TensorProto.INT32, [])],
+            [vi("out", TensorProto.FLOAT, None), vi("k", TensorProto.INT8, None), vi("v", TensorProto.INT8, None)],
+            [numpy_helper.from_array(scale, "ks"), numpy_helper.from_array(scale, "vs")])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+        model.ir_version = 10
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 4
+        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        past = np.ones((1, 1, 4, d), np.int8)
+        out, k, _ = sess.run(None, {"q": np.full((1, 1, 3 * d), 0.1, np.float32), "pk": past, "pv": past,
+                                    "seqlens": np.array([4], np.int32), "total": np.array(5, np.int32)})
+        return k.dtype == np.int8 and bool(np.isfinite(out).all())
+    except Exception:  # no such kernel / attributes in this onnxruntime
         return False
-    return False
 
 
 def calibrate(info: "ModelInfo", text: str = CALIBRATION_TEXT, margin: float = MARGIN) -> dict[str, np.ndarray]:
