@@ -219,3 +219,16 @@ def test_sysfs_gpu_and_npu_discovery(tmp_path: Path) -> None:
     (dev / "driver").symlink_to(driver)
     found, _ = diagnose.linux_accel_npus(tmp_path)
     assert found == ["accel0: amdxdna"]
+
+
+def test_two_onnxruntime_packages_are_a_warning_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    """onnxruntime and onnxruntime-gpu both ship the `onnxruntime` module (`pip install 'inferos[gpu]'`
+    installs the second beside the first): doctor says so and how to keep one."""
+    from inferos_cli.runtime import diagnose
+
+    check, providers = diagnose.check_onnxruntime()
+    assert check.status == "ok" and "CPUExecutionProvider" in providers  # this venv: one package
+    monkeypatch.setattr(diagnose, "_distributions_of_ort", lambda: ["onnxruntime 1.31.1", "onnxruntime-gpu 1.31.1"])
+    check, _ = diagnose.check_onnxruntime()
+    assert check.status == "warn" and "2 packages provide the same module" in check.detail
+    assert check.fix == "keep one: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"

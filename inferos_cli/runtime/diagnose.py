@@ -159,14 +159,21 @@ def check_onnxruntime() -> tuple[Check, list[str]]:
             "pip install onnxruntime (Windows: onnxruntime-directml)",
         ), []
     providers = list(ort.get_available_providers())
-    dist = _distribution_of_ort()
-    return Check(
-        "onnxruntime", "ok", f"{ort.__version__} ({dist}); compiled-in providers: {', '.join(providers)}"
-    ), providers
+    dists = _distributions_of_ort()
+    detail = f"{ort.__version__} ({', '.join(dists) or 'package n/a'}); compiled-in providers: {', '.join(providers)}"
+    if len(dists) > 1:
+        # each of these packages ships the same `onnxruntime` module: the files of the last one installed win,
+        # and uninstalling either later breaks the other
+        keep = next((d.split()[0] for d in dists if d.split()[0] != "onnxruntime"), "onnxruntime")
+        return Check("onnxruntime", "warn", f"{detail}; {len(dists)} packages provide the same module",
+                     f"keep one: pip uninstall -y {' '.join(d.split()[0] for d in dists)} && "
+                     f"pip install {keep}"), providers
+    return Check("onnxruntime", "ok", detail), providers
 
 
-def _distribution_of_ort() -> str:
-    """Which pip package provides onnxruntime (onnxruntime, -gpu, -directml, -openvino, -vitisai...)."""
+def _distributions_of_ort() -> list[str]:
+    """The pip packages that provide the onnxruntime module (onnxruntime, -gpu, -directml, -openvino...),
+    as ``name version``."""
     from importlib import metadata
 
     names = []
@@ -176,7 +183,7 @@ def _distribution_of_ort() -> str:
             names.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:
             continue
-    return ", ".join(names) or "package n/a"
+    return names
 
 
 WINDOWS_ONLY = {
