@@ -27,6 +27,16 @@ def source_key(src: Path, *parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def derived_paths(src: Path, infix: str, *parts: object) -> tuple[Path, Path, Path | None]:
+    """Where a graph derived from ``src`` lives: ``<stem>.inferos-<infix>-<key>.onnx`` beside ``src``, or the
+    same name under ``<cache>/graphs/<key>/`` (read-only model folders), and the one already written, if
+    any. ``parts`` (the deriving code's version and options) go into the key with ``infix``."""
+    digest = source_key(src, infix, *parts)
+    name = f"{src.stem}.inferos-{infix}-{digest}.onnx"
+    beside, cached = src.parent / name, paths.cache_dir() / "graphs" / digest / name
+    return beside, cached, next((c for c in (beside, cached) if c.is_file()), None)
+
+
 def external_files(model: Any) -> set[str]:
     """Relative paths of the external data files an ONNX model (loaded without its data) refers to."""
     found: set[str] = set()

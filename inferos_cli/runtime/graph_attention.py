@@ -26,8 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import save_derived, source_key
+from inferos_cli.runtime.derived_graph import derived_paths, save_derived
 
 VERSION = "1"
 _MS = "com.microsoft"
@@ -156,13 +155,9 @@ def attention_op_graph(src: Path | str) -> Path | None:
     import onnx
 
     src = Path(src)
-    digest = source_key(src, "attention-op", VERSION)
-    name = f"{src.stem}.inferos-attn-{digest}.onnx"
-    beside = src.parent / name
-    cached = paths.cache_dir() / "graphs" / digest / name
-    for candidate in (beside, cached):
-        if candidate.is_file():
-            return candidate
+    beside, cached, found = derived_paths(src, "attn", VERSION)
+    if found is not None:
+        return found
     model = onnx.load(str(src), load_external_data=False)
     if not rewrite(model):
         return None

@@ -20,8 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import external_files, save_derived, source_key
+from inferos_cli.runtime.derived_graph import derived_paths, external_files, save_derived
 
 KEEP_INPUT = "logits_keep"
 VERSION = "3"
@@ -112,13 +111,9 @@ def last_logits_graph(src: Path | str) -> Path | None:
     import onnx
 
     src = Path(src)
-    digest = source_key(src, "logits", VERSION)
-    name = f"{src.stem}.inferos-logits-{digest}.onnx"
-    beside = src.parent / name
-    cached = paths.cache_dir() / "graphs" / digest / name
-    for candidate in (beside, cached):
-        if candidate.is_file():
-            return candidate
+    beside, cached, found = derived_paths(src, "logits", VERSION)
+    if found is not None:
+        return found
     if src.stat().st_size > EMBEDDED_LIMIT:
         # weights stored inside the .onnx file itself: a rewritten copy would duplicate them on disk
         probe = onnx.load(str(src), load_external_data=False)
