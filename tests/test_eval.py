@@ -20,13 +20,17 @@ KEYS = {"config", "ppl", "delta_ppl", "kl_mean", "top1_agreement", "kv_bytes", "
 def report(stories_onnx: Path, tinystories_text: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     import os
 
-    os.environ["INFEROS_HOME"] = str(tmp_path_factory.mktemp("eval-home"))
+    home = tmp_path_factory.mktemp("eval-home")
+    os.environ["INFEROS_HOME"] = str(home)
     result = CliRunner().invoke(app, [
         "eval", "--model", str(stories_onnx), "--text", str(tinystories_text), "--ctx", "96", "--prefix", "16",
         "--max-tokens", "240", "--compare", "baseline,int8,int4,int4-k8v4", "--format", "json",
+        "--output", str(home / "eval.json"),
     ])
     assert result.exit_code == 0, result.output
-    return json.loads(result.stdout)
+    data = json.loads(result.stdout)
+    assert json.loads((home / "eval.json").read_text()) == data  # --output holds the same JSON
+    return data
 
 
 def test_eval_json_shape(report: dict, tinystories_text: Path) -> None:

@@ -220,3 +220,21 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
     hybrid = {"scheduler": {"mode": "hybrid", "prefill_device": "cuda", "decode_device": "cpu"}}
     on_cuda = {"scheduler": {"mode": "gpu_only", "prefill_device": "cuda", "decode_device": "cuda"}}
     assert not auto_fused(oga, policy(None, hybrid)) and not auto_fused(oga, policy(None, on_cuda))
+
+
+def test_rope_pair_bound_holds_for_every_rotation() -> None:
+    """The key scale's bound: whatever angle RoPE turns a channel pair by, both channels stay within the
+    largest pair norm of the calibration keys (split-half and interleaved pairings)."""
+    from inferos_cli.kv.fused import rope_pair_bound
+
+    rng = np.random.default_rng(3)
+    keys = rng.normal(size=(1, 2, 12, 8)).astype(np.float32) * np.array([1, 5, 0.1, 2, 3, 1, 1, 4], np.float32)
+    for interleaved in (False, True):
+        bound = rope_pair_bound(keys, interleaved)
+        a, b = (keys[..., 0::2], keys[..., 1::2]) if interleaved else (keys[..., :4], keys[..., 4:])
+        for theta in rng.uniform(0, 2 * np.pi, size=16):
+            ra, rb = a * np.cos(theta) - b * np.sin(theta), a * np.sin(theta) + b * np.cos(theta)
+            turned = (np.stack([ra, rb], -1).reshape(keys.shape) if interleaved
+                      else np.concatenate([ra, rb], axis=-1))
+            assert np.all(np.abs(turned) <= bound + 1e-5)
+        assert np.all(bound >= np.abs(keys).max(axis=2, keepdims=True) - 1e-6)  # never below a channel's own max

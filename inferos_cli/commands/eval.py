@@ -32,11 +32,15 @@ def evaluate(
     kv_budget: KVBudgetOpt = None,
     fmt: FormatOpt = TableFormat.table,
     threads: ThreadsOpt = None,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Also write the JSON result here (written to a temp file, then renamed).",
+        metavar="<path>")] = None,
 ) -> None:
     """Teacher-forced evaluation of KV configurations on the same windows: perplexity, ΔPPL and mean KL vs
     the baseline, top-1 agreement, mean/peak KV bytes and their ratio to fp16, peak RSS.
 
     Example: inferos eval --model smollm2-135m --text wikitext2-raw-test.txt --ctx 512 --compare baseline,int8,int4
+    -o eval.json
     """
     from inferos_cli.runtime.evaluate import run_eval
     from inferos_cli.settings import parse_bytes
@@ -67,6 +71,12 @@ def evaluate(
         report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare, exact=exact,
                           threads=threads, measure_rss=rss, flags=flags)
     snapshot = report.to_json()
+    if output is not None:
+        import json
+
+        from inferos_cli import paths
+
+        paths.atomic_write_text(output, json.dumps(snapshot, indent=2) + "\n")
     if fmt == TableFormat.json:
         print_json(snapshot)
     else:
