@@ -126,7 +126,7 @@ def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
     onnxruntime's CPU provider only, and a GPU/NPU provider would hand the attention nodes back to the CPU
     one by one; otherwise the tiered segmented cache. Measured on SmolLM2-135M (README "Measured results"):
     the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
-    +0.17; the tiered cache decodes at 0.33-0.71x."""
+    +0.12 (KL 0.0036); the tiered cache decodes at 0.33-0.71x."""
     from inferos_cli.kv import fused
     from inferos_cli.runtime.scheduler import phase_devices
     from inferos_cli.runtime.sessions import available_providers, provider_name
