@@ -382,6 +382,8 @@ class Engine:
                 past_cols = past_cols.astype(np.float32) * scales[name]
             feeds[name] = np.ascontiguousarray(past_cols)
         ps = self.plan.prefill
+        takes = {i.name for i in ps.session.get_inputs()}  # a twin without logits_keep returns every position
+        feeds = {k: v for k, v in feeds.items() if k in takes}
         names = [o.name for o in ps.session.get_outputs()]
         res = dict(zip(names, ps.session.run(names, feeds)))
         logits = res.pop("logits")
