@@ -9,20 +9,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from _events import by_row
 from conftest import make_engine
 from inferos_cli.cli import app
 from inferos_cli.kv.plain import PlainCache
 from inferos_cli.runtime.engine import Engine
 from inferos_cli.runtime.sampling import GenerationConfig
 
-
-
-def by_row(events: list) -> dict[int, list[int]]:
-    rows: dict[int, list[int]] = {}
-    for e in events:
-        if e.kind == "token":
-            rows.setdefault(e.seq, []).append(e.token_id)
-    return rows
 
 
 def alone(engine: Engine, prompts: list[list[int]], cfg: GenerationConfig) -> dict[int, list[int]]:

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _events import by_row
 
 from inferos_cli.runtime.modelinfo import inspect_folder
 from inferos_cli.runtime.sampling import GenerationConfig
@@ -116,14 +117,7 @@ def test_engine_prefills_on_the_twin_and_decodes_on_gqa(tiny_gqa: Path, monkeypa
 
     prompts = [[5, 40, 41, 77], [9, 10, 11, 12, 13, 14, 15], [60]]
 
-    def rows(eng: Any) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for ev in eng.generate_batch(prompts, cfg):
-            if ev.kind == "token":
-                out.setdefault(ev.seq, []).append(ev.token_id)
-        return out
-
-    assert rows(hyb) == rows(ref)
+    assert by_row(hyb.generate_batch(prompts, cfg)) == by_row(ref.generate_batch(prompts, cfg))
 
     # prefill chunks into a cache that already holds tokens (shared buffers and a plain packed cache)
     for capacity in (64, None):

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _events import by_row
 
 from inferos_cli.runtime import sessions
 from inferos_cli.runtime.modelinfo import inspect_folder
@@ -71,14 +72,7 @@ def test_hybrid_batch_equals_single_session(stories_onnx: Path) -> None:
     prompts = [single.tokenizer.encode(p) for p in ("Once upon a time", "Tom saw a big dog", "The sun")]
     cfg = GenerationConfig(max_tokens=16, ignore_eos=True)
 
-    def rows(engine: Any) -> dict[int, list[int]]:
-        out: dict[int, list[int]] = {}
-        for ev in engine.generate_batch(prompts, cfg):
-            if ev.kind == "token":
-                out.setdefault(ev.seq, []).append(ev.token_id)
-        return out
-
-    assert rows(hybrid) == rows(single)
+    assert by_row(hybrid.generate_batch(prompts, cfg)) == by_row(single.generate_batch(prompts, cfg))
 
 
 def test_hybrid_handoff_on_gqa_model(oga_dir: Path) -> None:

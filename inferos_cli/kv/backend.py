@@ -148,9 +148,9 @@ def _twin_prefill(device: str, info: "ModelInfo") -> bool:
     to the CPU decode (``Engine``; CUDA only, graphs whose GQA reads ``position_ids``)."""
     if device != "cuda" or not info.uses_gqa_op:
         return False
-    from inferos_cli.runtime.graph_attention import attention_op_graph
+    from inferos_cli.runtime.graph_attention import has_twin
 
-    return attention_op_graph(info.onnx_path) is not None
+    return has_twin(info.onnx_path)
 
 
 def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "KVBackend":

@@ -43,9 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inferos_cli import paths
 from inferos_cli.kv.plain import PlainCache
-from inferos_cli.runtime.derived_graph import save_derived, source_key
+from inferos_cli.runtime.derived_graph import derived_paths, save_derived
 from inferos_cli.runtime.events import KVStats
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -329,13 +328,11 @@ def _float_prefill(model: Any) -> None:
 def fused_graph(info: "ModelInfo") -> tuple[Path, str]:
     """The fused graph for ``info`` (from the cache, or calibrated, built and cached atomically now) and a
     note for tables (non-empty when the weights had to be copied)."""
-    key = source_key(Path(info.onnx_path), "kv-fused", FUSED_VERSION, KEY_MARGIN, VALUE_MARGIN, BITS)
     src = Path(info.onnx_path)
-    beside = src.parent / f"{src.stem}.inferos-kvf-{key}.onnx"
-    elsewhere = paths.cache_dir() / "kv" / f"fused-{key}" / src.name
-    for candidate in (beside, elsewhere):
-        if candidate.is_file():
-            return candidate, ""
+    beside, elsewhere, found = derived_paths(src, "kvf", FUSED_VERSION, KEY_MARGIN, VALUE_MARGIN, BITS,
+                                             tag="kv-fused")
+    if found is not None:
+        return found, ""
     written, copied = save_derived(fused_model(info, calibrate(info)), src, beside, elsewhere)
     note = f"model folder is read-only: weights copied to {written.parent}" if copied else ""
     return written, note

@@ -38,7 +38,7 @@ Key rotation (``rotation`` in :class:`RewriteInfo`):
 
 The rewritten graph is cached beside the model as ``<stem>.inferos-kv-<hash>.onnx`` (its external data
 references stay valid: onnxruntime refuses external data outside the model's folder). When that folder
-is read-only it goes to ``<cache>/kv/<hash>/`` with a hard link to (or, across file systems, a copy of)
+is read-only it goes to ``<cache>/graphs/<hash>/`` with a hard link to (or, across file systems, a copy of)
 the weights file. Written atomically.
 """
 
@@ -50,8 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import save_derived, source_key
+from inferos_cli.runtime.derived_graph import derived_paths, save_derived
 from inferos_cli.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -517,29 +516,20 @@ def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[
     return True
 
 
-def cache_key(info: "ModelInfo", spec: RewriteSpec) -> str:
-    """Hash of the source graph (path, size, mtime) and the spec."""
-    return source_key(Path(info.onnx_path), "kv", REWRITE_VERSION, spec.digest())
-
-
 def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     """The rewritten graph for ``info`` + ``spec``: from the cache, or built now and cached atomically."""
     import onnx
 
-    key = cache_key(info, spec)
     src = Path(info.onnx_path)
-    beside = src.parent / f"{src.stem}.inferos-kv-{key}.onnx"
-    elsewhere = paths.cache_dir() / "kv" / key / src.name
-    for candidate in (beside, elsewhere):
-        if candidate.is_file():
-            meta = {p.key: p.value for p in onnx.load(str(candidate), load_external_data=False).metadata_props}
-            return RewriteInfo(candidate, meta.get("inferos.kv.rotation", "none"), "",
-                               meta.get("inferos.kv.positions", "1") == "1")
+    beside, elsewhere, found = derived_paths(src, "kv", REWRITE_VERSION, spec.digest())
+    if found is not None:
+        meta = {p.key: p.value for p in onnx.load(str(found), load_external_data=False).metadata_props}
+        return RewriteInfo(found, meta.get("inferos.kv.rotation", "none"), "",
+                           meta.get("inferos.kv.positions", "1") == "1")
     model, rotation, note = rewrite_model(info, spec)
     positions = {p.key: p.value for p in model.metadata_props}.get("inferos.kv.positions") == "1"
     written, copied = save_derived(model, src, beside, elsewhere)
-    target = elsewhere.parent
     if copied:
-        extra = f"model folder is read-only: weights copied to {target}"
+        extra = f"model folder is read-only: weights copied to {elsewhere.parent}"
         note = f"{note}; {extra}" if note else extra
     return RewriteInfo(written, rotation, note, positions)

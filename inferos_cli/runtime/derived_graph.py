@@ -27,11 +27,12 @@ def source_key(src: Path, *parts: object) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def derived_paths(src: Path, infix: str, *parts: object) -> tuple[Path, Path, Path | None]:
+def derived_paths(src: Path, infix: str, *parts: object, tag: str | None = None) -> tuple[Path, Path, Path | None]:
     """Where a graph derived from ``src`` lives: ``<stem>.inferos-<infix>-<key>.onnx`` beside ``src``, or the
     same name under ``<cache>/graphs/<key>/`` (read-only model folders), and the one already written, if
-    any. ``parts`` (the deriving code's version and options) go into the key with ``infix``."""
-    digest = source_key(src, infix, *parts)
+    any. ``parts`` (the deriving code's version and options) go into the key with ``tag`` (default
+    ``infix``)."""
+    digest = source_key(src, tag or infix, *parts)
     name = f"{src.stem}.inferos-{infix}-{digest}.onnx"
     beside, cached = src.parent / name, paths.cache_dir() / "graphs" / digest / name
     return beside, cached, next((c for c in (beside, cached) if c.is_file()), None)

@@ -373,7 +373,7 @@ class Engine:
         n_new = new.sum(axis=1)
         shared = bool(getattr(cache, "shares_buffers", False))
         scales = self.backend.scales() if hasattr(self.backend, "scales") else None  # int8 codes (fused)
-        if (not shared and (np.any(lens != past) or np.any(n_new != t))) or (scales is not None and not shared):
+        if not shared and (scales is not None or np.any(lens != past) or np.any(n_new != t)):
             return None
         feeds = dict(small)
         for name, arr in cache.feeds().items():

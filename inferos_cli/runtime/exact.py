@@ -16,8 +16,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inferos_cli import paths
-from inferos_cli.runtime.derived_graph import save_derived, source_key
+from inferos_cli.runtime.derived_graph import derived_paths, save_derived
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.runtime.modelinfo import ModelInfo
@@ -44,12 +43,9 @@ def exact_info(info: "ModelInfo") -> tuple["ModelInfo", bool]:
     import onnx
 
     src = Path(info.onnx_path)
-    key = source_key(src, "exact", EXACT_VERSION)
-    beside = src.parent / f"{src.stem}.inferos-exact-{key}.onnx"
-    elsewhere = paths.cache_dir() / "exact" / key / src.name
-    for candidate in (beside, elsewhere):
-        if candidate.is_file():
-            return dataclasses.replace(info, onnx_path=candidate), True
+    beside, elsewhere, found = derived_paths(src, "exact", EXACT_VERSION)
+    if found is not None:
+        return dataclasses.replace(info, onnx_path=found), True
     model = onnx.load(str(src), load_external_data=False)
     if not _lowered(model):
         return info, False

@@ -74,17 +74,27 @@ def _prune(graph: Any) -> None:
     graph.value_info.extend(infos)
 
 
+def _gqa_nodes(model: Any) -> list[Any] | None:
+    """The model's ``GroupQueryAttention`` nodes when there are some and every one can be translated (and
+    the graph has the inputs the attention bias is built from); else None."""
+    graph = model.graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == _MS]
+    inputs = {i.name for i in graph.input}
+    if not gqa or not all(translatable(n) for n in gqa) or not {"input_ids", "attention_mask"} <= inputs:
+        return None
+    return gqa
+
+
 def rewrite(model: Any) -> bool:
     """Replace every ``GroupQueryAttention`` node of ``model`` in place; False (model untouched) when the
     graph has none or one that cannot be translated (see :func:`translatable`)."""
     from onnx import helper
 
-    from inferos_cli.runtime.convert_graph import GraphWriter, attention_bias
+    from inferos_cli.runtime.convert_graph import GraphWriter, attention_bias, rope_attention
 
     graph = model.graph
-    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention" and n.domain == _MS]
-    inputs = {i.name for i in graph.input}
-    if not gqa or not all(translatable(n) for n in gqa) or not {"input_ids", "attention_mask"} <= inputs:
+    gqa = _gqa_nodes(model)
+    if gqa is None:
         return False
     w = GraphWriter(None, prefix="inferos_attn_")
     bias = attention_bias(w, "op")
@@ -108,8 +118,6 @@ def rewrite(model: Any) -> bool:
         outs = (node.output[0], node.output[1] if len(node.output) > 1 else w.fresh("present_key"),
                 node.output[2] if len(node.output) > 2 else w.fresh("present_value"))
         if a.get("do_rotary", 0):
-            from inferos_cli.runtime.convert_graph import rope_attention
-
             rope_attention(w, q, k, v, ins[9], (ins[7], ins[8]), bias, ins[3], ins[4], outs, heads=heads,
                            kv_heads=kvh, scale=scale if scale is not None else _default_scale(graph, ins[3]),
                            interleaved=int(a.get("rotary_interleaved", 0)))
@@ -149,6 +157,13 @@ def _default_scale(graph: Any, past: str) -> float:
     return 1.0 / float(dim) ** 0.5 if dim else 1.0
 
 
+def has_twin(src: Path | str) -> bool:
+    """True when :func:`attention_op_graph` can derive a twin of ``src`` (reads the graph, writes nothing)."""
+    import onnx
+
+    return _gqa_nodes(onnx.load(str(src), load_external_data=False)) is not None
+
+
 def attention_op_graph(src: Path | str) -> Path | None:
     """The twin of ``src`` with the ONNX ``Attention`` op (written once beside it, or in the cache when its
     folder is read-only), or None when ``src`` has no translatable ``GroupQueryAttention``."""
@@ -165,4 +180,4 @@ def attention_op_graph(src: Path | str) -> Path | None:
     return written
 
 
-__all__ = ["attention_op_graph", "rewrite", "translatable"]
+__all__ = ["attention_op_graph", "has_twin", "rewrite", "translatable"]
