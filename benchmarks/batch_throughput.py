@@ -11,7 +11,7 @@ and, interleaved in the same process (sequential, static, continuous, sequential
 
 - ``sequential``: ``Engine.generate`` on each prompt, one after another (the baseline);
 - ``static``: ``Engine.generate_batch`` (all B rows together, rows retire when done);
-- ``continuous``: :class:`~inferos_cli.runtime.batcher.ContinuousBatcher` with all B submitted at once.
+- ``continuous``: :class:`~inferos_cli.engine.batcher.ContinuousBatcher` with all B submitted at once.
 
 Greedy, ``ignore_eos`` so every row makes exactly ``--new-tokens`` tokens; the outputs of the batched runs
 must equal the sequential ones token for token (checked, reported). Metrics per run:
@@ -116,7 +116,7 @@ def run_static(engine: Any, prompts: list[list[int]], cfg: Any) -> dict[str, Any
 
 
 def run_continuous(engine: Any, prompts: list[list[int]], cfg: Any) -> dict[str, Any]:
-    from inferos_cli.runtime.batcher import ContinuousBatcher
+    from inferos_cli.engine.batcher import ContinuousBatcher
 
     batcher = ContinuousBatcher(engine, max_batch=len(prompts), start=False)  # driven here: no thread hop
     t0 = time.perf_counter()
@@ -155,9 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from inferos_cli.runtime.engine import Engine
-    from inferos_cli.runtime.modelinfo import inspect_folder
-    from inferos_cli.runtime.sampling import GenerationConfig
+    from inferos_cli.engine.engine import Engine
+    from inferos_cli.models.info import inspect_folder
+    from inferos_cli.engine.sampling import GenerationConfig
     from inferos_cli.settings import Policy, Resolved
 
     info = inspect_folder(args.model)

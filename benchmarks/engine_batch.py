@@ -49,9 +49,9 @@ def batched(engine: Any, rows: list[list[int]], cfg: Any) -> tuple[float, dict[i
 def main() -> None:
     sys.path.insert(0, str(REPO))
     from inferos_cli.profiles import resolve_settings
-    from inferos_cli.runtime.engine import Engine
-    from inferos_cli.runtime.modelinfo import inspect_folder
-    from inferos_cli.runtime.sampling import GenerationConfig
+    from inferos_cli.engine.engine import Engine
+    from inferos_cli.models.info import inspect_folder
+    from inferos_cli.engine.sampling import GenerationConfig
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=SHARED / "models" / "smollm2-135m-oga-int4")

@@ -12,7 +12,7 @@ onnxruntime-genai is a peer, not a dependency: it runs in its own interpreter (`
 get a ``genai_config.json`` written into a linked copy so onnxruntime-genai can load the very same graph.
 
 The inferos engine backs its CPU session's weights with transparent huge pages on Linux
-(:func:`inferos_cli.runtime.sessions.back_with_huge_pages`; ``INFEROS_HUGEPAGES=0`` turns that off).
+(:func:`inferos_cli.engine.sessions.back_with_huge_pages`; ``INFEROS_HUGEPAGES=0`` turns that off).
 onnxruntime-genai does not do this by itself; ``--peer-env GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` gives
 the peer glibc's huge-page heap for a like-for-like reference. ``--threads`` sets inferos' intra-op
 threads; the peer uses its own default (half the hardware threads, i.e. 1 on a 2-core machine).
@@ -118,7 +118,7 @@ class Peer:
 
 
 def inferos_run(engine: Any, ids: list[int], n: int) -> dict[str, Any]:
-    from inferos_cli.runtime.sampling import GenerationConfig
+    from inferos_cli.engine.sampling import GenerationConfig
 
     ttft = dec = None
     tokens: list[int] = []
@@ -150,9 +150,9 @@ def prompt_ids(engine: Any, n: int) -> list[int]:
 
 def bench_model(folder: Path, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     from inferos_cli.profiles import resolve_settings
-    from inferos_cli.runtime.engine import Engine
-    from inferos_cli.runtime.modelinfo import inspect_folder
-    from inferos_cli.runtime.sessions import huge_pages_wanted
+    from inferos_cli.engine.engine import Engine
+    from inferos_cli.models.info import inspect_folder
+    from inferos_cli.engine.sessions import huge_pages_wanted
 
     info = inspect_folder(folder)
     resolved = resolve_settings("baseline", param_count=info.param_count, use_env=False,

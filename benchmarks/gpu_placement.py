@@ -113,8 +113,8 @@ def main() -> None:
     import onnxruntime as ort
     import psutil
 
-    from inferos_cli.runtime.benchmark import corpus_ids, default_text, host_record
-    from inferos_cli.runtime.models import resolve_model
+    from inferos_cli.bench.grid import corpus_ids, default_text, host_record
+    from inferos_cli.models.resolve import resolve_model
 
     if args.provider not in ort.get_available_providers():
         sys.exit(f"{args.provider} is not in this onnxruntime (for CUDA: install onnxruntime-gpu)")

@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from inferos_cli.runtime.evaluate import load_engines, profile_of
+    from inferos_cli.quality.eval import load_engines, profile_of
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     info, engines = load_engines(args.model, [c for c in configs], args.threads)

@@ -22,11 +22,11 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import psutil
 
-    from inferos_cli.runtime.evaluate import load_engines, peak_rss_bytes
+    from inferos_cli.quality.eval import load_engines, peak_rss_bytes
 
     proc = psutil.Process()
     if args.no_mem_pattern:  # experiment: ORT's memory-pattern planner off for every session of this run
-        from inferos_cli.runtime import sessions
+        from inferos_cli.engine import sessions
 
         plain = sessions.session_options
 

@@ -33,7 +33,7 @@ class Scorer:
     def __init__(self, folder: Path, threads: int) -> None:
         import onnxruntime as ort
 
-        from inferos_cli.runtime.modelinfo import inspect_folder
+        from inferos_cli.models.info import inspect_folder
 
         self.info = inspect_folder(folder)
         opts = ort.SessionOptions()

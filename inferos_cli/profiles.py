@@ -260,7 +260,7 @@ def parse_param_count(text: str) -> int:
 def param_count_for(model: str | None, params: str | None = None) -> int | None:
     """The parameter count that picks the size class: ``--params``, else the model's, read without loading
     weights from an ONNX folder / .onnx, a .gguf tensor table or safetensors headers; aliases and cached
-    names go through :func:`inferos_cli.runtime.models.resolve_model`."""
+    names go through :func:`inferos_cli.models.resolve.resolve_model`."""
     if params:
         return parse_param_count(params)
     if not model:
@@ -271,14 +271,14 @@ def param_count_for(model: str | None, params: str | None = None) -> int | None:
     if path.is_file() and path.suffix.lower() == ".onnx":
         path = path.parent
     if path.is_dir():
-        from inferos_cli.runtime.modelinfo import find_onnx, inspect_folder
+        from inferos_cli.models.info import find_onnx, inspect_folder
 
         if find_onnx(path) is not None:
             return inspect_folder(path).param_count
         if sorted(path.glob("*.safetensors")):
             return safetensors_param_count(path)
     try:
-        from inferos_cli.runtime.models import resolve_model
+        from inferos_cli.models.resolve import resolve_model
     except ImportError:
         raise ModelNotFoundError(
             f"cannot resolve model {model!r} here", "pass an ONNX folder, or --params 7B to pick the size class"

@@ -51,7 +51,7 @@ def oga_dir() -> Path:
 @pytest.fixture(scope="session")
 def stories_onnx(tmp_path_factory: pytest.TempPathFactory, stories_src: Path) -> Path:
     """stories260K converted once per test session to an fp32 inferos ONNX folder."""
-    from inferos_cli.runtime.convert import convert_hf_folder
+    from inferos_cli.models.convert import convert_hf_folder
 
     out = tmp_path_factory.mktemp("stories260K-onnx") / "model"
     convert_hf_folder(stories_src, out, dtype="fp32")
@@ -73,8 +73,8 @@ def wikitext() -> Path:
 def make_engine(folder: Path):
     """A baseline (plain cache), single-thread CPU engine on an ONNX model folder."""
     from inferos_cli.profiles import resolve_settings
-    from inferos_cli.runtime.engine import Engine
-    from inferos_cli.runtime.modelinfo import inspect_folder
+    from inferos_cli.engine.engine import Engine
+    from inferos_cli.models.info import inspect_folder
 
     info = inspect_folder(folder)
     resolved = resolve_settings(

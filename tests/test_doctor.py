@@ -14,7 +14,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
-from inferos_cli.runtime import diagnose
+from inferos_cli import doctor as diagnose
 from inferos_cli.ui.doctor_table import doctor_lines, doctor_table, summary
 
 runner = CliRunner()
@@ -224,7 +224,7 @@ def test_sysfs_gpu_and_npu_discovery(tmp_path: Path) -> None:
 def test_two_onnxruntime_packages_are_a_warning_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     """onnxruntime and onnxruntime-gpu both ship the `onnxruntime` module (`pip install 'inferos[gpu]'`
     installs the second beside the first): doctor says so and how to keep one."""
-    from inferos_cli.runtime import diagnose
+    from inferos_cli import doctor as diagnose
 
     check, providers = diagnose.check_onnxruntime()
     assert check.status == "ok" and "CPUExecutionProvider" in providers  # this venv: one package

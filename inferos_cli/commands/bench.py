@@ -94,7 +94,7 @@ def bench(
 
     Example: inferos bench --model smollm2-135m --compare baseline,inferos,ort-genai --plot bench.html
     """
-    from inferos_cli.runtime import benchmark as bm
+    from inferos_cli.bench import grid as bm
     from inferos_cli.ui.bench_table import bench_table, quality_table, render_text, skip_lines
     from inferos_cli.ui.output import is_terminal
 

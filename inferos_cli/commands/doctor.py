@@ -13,7 +13,7 @@ def doctor(fmt: FormatOpt = TableFormat.table) -> None:
 
     Example: inferos doctor --format json
     """
-    from inferos_cli.runtime.diagnose import run_checks
+    from inferos_cli.doctor import run_checks
     from inferos_cli.ui.doctor_table import doctor_lines, doctor_table, summary
     from inferos_cli.ui.output import is_terminal, print_json, print_table
 

@@ -42,7 +42,7 @@ def evaluate(
     Example: inferos eval --model smollm2-135m --text wikitext2-raw-test.txt --ctx 512 --compare baseline,int8,int4
     -o eval.json
     """
-    from inferos_cli.runtime.evaluate import run_eval
+    from inferos_cli.quality.eval import run_eval
     from inferos_cli.settings import parse_bytes
     from inferos_cli.errors import UsageError
 

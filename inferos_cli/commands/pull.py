@@ -33,7 +33,7 @@ def pull(
 
     Example: inferos pull smollm2-135m --dtype fp32
     """
-    from inferos_cli.runtime.models import pull as do_pull
+    from inferos_cli.models.resolve import pull as do_pull
     from inferos_cli.ui.models_table import pull_lines, pull_table
     from inferos_cli.ui.output import print_json, print_table
 

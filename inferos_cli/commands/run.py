@@ -79,8 +79,8 @@ def run(
 
     Example: inferos run "Tell me a story" --profile int4 --auto-tune
     """
-    from inferos_cli.runtime.run_app import RunRequest, run_request
-    from inferos_cli.runtime.sampling import GenerationConfig
+    from inferos_cli.ui.run_session import RunRequest, run_request
+    from inferos_cli.engine.sampling import GenerationConfig
 
     if sum(bool(x) for x in (prompt is not None, interactive, prompts_file is not None)) > 1:
         raise UsageError("give one of PROMPT, --interactive or --prompts-file", "see `inferos run --help`")

@@ -47,7 +47,7 @@ def serve(
         typer.echo(install(args, unit_dir))
         return
 
-    from inferos_cli.runtime.service import start_service
+    from inferos_cli.server.service import start_service
 
     service = start_service(model=model, profile=profile, config=config, threads=threads,
                             strict_devices=strict_devices, max_batch=max_batch, auto_tune=auto_tune,

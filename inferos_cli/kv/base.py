@@ -13,7 +13,7 @@ from typing import Protocol, Sequence
 
 import numpy as np
 
-from inferos_cli.runtime.events import KVStats
+from inferos_cli.events import KVStats
 
 
 class KVBackend(Protocol):

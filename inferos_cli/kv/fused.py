@@ -6,7 +6,7 @@ precision, tiers, eviction) for speed: every cached token is stored as int8 with
 (``k_quant_type = v_quant_type = PER_CHANNEL``, ``kv_cache_bit_width = 8``; onnxruntime >= 1.25 CPU).
 Past and present share one preallocated buffer, so a decode step copies nothing on the host and reads a
 quarter of the fp32 cache's bytes: it decodes *faster* than the baseline instead of dequantizing the
-whole past each step as the standard-op rewrite (:mod:`inferos_cli.kv.rewrite`) must.
+whole past each step as the standard-op rewrite (:mod:`inferos_cli.graphs.kv_segments`) must.
 
 What it costs, measured (``benchmarks/kv_decode.py``, ``inferos eval``; README "Measured results"): the
 scales are static, so they are calibrated once per model: the original graph prefills
@@ -30,7 +30,7 @@ op. No weights are duplicated (the branches hold only the attention op). Measure
 
 Only graphs that use ``com.microsoft.GroupQueryAttention`` (onnxruntime-genai / Lemonade folders, and
 inferos' own conversions of models with head_dim % 16 == 0) can take it;
-:func:`inferos_cli.kv.backend.kv_backend` falls back to the segmented ``int8`` cache, with a note, for other
+:func:`inferos_cli.kv.layouts.kv_backend` falls back to the segmented ``int8`` cache, with a note, for other
 graphs. The derived graph is cached beside the model (or in the inferos cache when that
 folder is read-only) as ``<stem>.inferos-kvf-<hash>.onnx``.
 """
@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inferos_cli.kv.plain import PlainCache
-from inferos_cli.runtime.derived_graph import derived_paths, save_derived
-from inferos_cli.runtime.events import KVStats
+from inferos_cli.graphs.naming import derived_paths, save_derived
+from inferos_cli.events import KVStats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.runtime.modelinfo import ModelInfo
+    from inferos_cli.models.info import ModelInfo
 
 FUSED_VERSION = "4"  # 2: first prefill in float (If per layer); 3: every prefill in float; 4: RoPE pair key scales
 KEY_MARGIN = 1.25  # over the RoPE pair bound of the calibration keys (calibrate)
@@ -142,7 +142,7 @@ def calibrate(info: "ModelInfo", text: str = CALIBRATION_TEXT, key_margin: float
     15 % on top. The segmented cache's per-token groups reach KL 0.00004 at int8 (README)."""
     import onnxruntime as ort
 
-    from inferos_cli.runtime.tokenizer import Tokenizer
+    from inferos_cli.models.tokenizer import Tokenizer
 
     ids = Tokenizer.from_model(info).encode(text)[: info.context_length]
     opts = ort.SessionOptions()

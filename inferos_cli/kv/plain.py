@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
 
-from inferos_cli.runtime.events import KVStats
+from inferos_cli.events import KVStats
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.runtime.modelinfo import ModelInfo
+    from inferos_cli.models.info import ModelInfo
 
 Layout = Literal["concat", "packed"]
 _NP_DTYPES = {"float32": np.float32, "float16": np.float16}

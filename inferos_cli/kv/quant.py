@@ -1,6 +1,6 @@
 """Group quantization of KV tensors (numpy): asymmetric int8 / int4 per token, groups along head_dim.
 
-Layout (shared with the graph rewrite in :mod:`inferos_cli.kv.rewrite`, which dequantizes with one
+Layout (shared with the graph rewrite in :mod:`inferos_cli.graphs.kv_segments`, which dequantizes with one
 ``DequantizeLinear`` per segment):
 
 - ``codes``: uint8, ``[..., D]`` for 8 bits, ``[..., D/2]`` for 4 bits. 4-bit codes are packed two per

@@ -12,7 +12,7 @@ from inferos_cli.server.security import DEFAULT_MAX_BODY, error_body
 if TYPE_CHECKING:  # pragma: no cover
     from fastapi import FastAPI
 
-    from inferos_cli.runtime.service import InferenceService
+    from inferos_cli.server.service import InferenceService
 
 
 @dataclass
@@ -34,7 +34,7 @@ def create_app(state: ServerState) -> "FastAPI":
 
     from inferos_cli import __version__
     from inferos_cli.errors import ContextOverflowError, InferosError, ModelNotFoundError
-    from inferos_cli.runtime.service import ServiceBusy
+    from inferos_cli.server.service import ServiceBusy
     from inferos_cli.server import control, lemonade_api
     from inferos_cli.server.prom import PromMetrics
     from inferos_cli.server.security import BodyLimitMiddleware, TokenMiddleware

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from inferos_cli.server.security import error_body
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.runtime.service import InferenceService
+    from inferos_cli.server.service import InferenceService
     from inferos_cli.server.prom import PromMetrics
 
 

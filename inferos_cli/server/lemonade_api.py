@@ -15,7 +15,7 @@ from inferos_cli.server.schemas import ChatRequest, CompletionRequest, LoadReque
 from inferos_cli.server.security import error_body
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.runtime.service import InferenceService
+    from inferos_cli.server.service import InferenceService
 
 RECIPE = "inferos-ort"
 DEFAULT_NEW_TOKENS = 256
@@ -30,7 +30,7 @@ def finish_reason(reason: str | None) -> str:
 
 def generation_config(req: _Sampling, default_tokens: int = DEFAULT_NEW_TOKENS) -> Any:
     """An engine ``GenerationConfig`` from an OpenAI request (greedy unless a temperature is given)."""
-    from inferos_cli.runtime.engine import GenerationConfig
+    from inferos_cli.engine.engine import GenerationConfig
 
     penalty = req.repeat_penalty or req.repetition_penalty or 1.0
     return GenerationConfig(
@@ -146,7 +146,7 @@ def router(service: "InferenceService") -> APIRouter:
 def _catalog(service: "InferenceService") -> list[dict[str, Any]]:
     """Other models inferos knows (cached conversions), for ``?show_all=true``; empty when unavailable."""
     try:
-        from inferos_cli.runtime import models as models_mod
+        from inferos_cli.models import resolve as models_mod
     except ImportError:
         return []
     lister = getattr(models_mod, "list_cached", None) or getattr(models_mod, "cached_models", None)

@@ -280,7 +280,7 @@ CSV_FIELDS_HEAD = ("batch", "seq", "gen_tokens", "config", "status", "reason")
 
 def bench_csv(snapshot: dict[str, Any]) -> str:
     """One CSV row per (batch, seq, config): mean, sd, n and ratio of every metric, providers, samples."""
-    from inferos_cli.runtime.benchmark import METRICS
+    from inferos_cli.bench.grid import METRICS
 
     fields = list(CSV_FIELDS_HEAD)
     for m in METRICS:

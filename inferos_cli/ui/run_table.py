@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.table import Table
 
-from inferos_cli.runtime.events import Event
+from inferos_cli.events import Event
 from inferos_cli.settings import format_bytes
 
 

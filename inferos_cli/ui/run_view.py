@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterator, Literal, TextIO
 from rich.console import Console, Group
 from rich.text import Text
 
-from inferos_cli.runtime.events import Event
+from inferos_cli.events import Event
 from inferos_cli.ui.run_table import RunSnapshot, run_table
 
 Mode = Literal["live", "plain", "json"]

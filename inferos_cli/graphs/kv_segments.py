@@ -1,0 +1,535 @@
+"""The KV-boundary rewrite: a decoder ONNX whose past inputs are quantized segments.
+
+For each layer ``i`` and ``kind`` in (key, value), the graph input ``past_key_values.{i}.{kind}`` is
+replaced by segment inputs (only the quantized tiers the KV plan uses exist), head-major like the
+original past, with codes as 2-D rows and scales as 1-D (free reshapes on the host):
+
+====================  ========  =========================  ==========================================
+input                 dtype     shape                      holds
+====================  ========  =========================  ==========================================
+``<past>.q8``         uint8     ``[B*H*n*D/g, g]``         int8-tier codes, one row per group
+``<past>.q4``         uint8     ``[B*H*n, D/2]``           int4-tier codes (split-half nibbles)
+``<past>.q{8,4}s``    fp16      ``[B*H*n*D/g]``            scale of each group (rounded up to fp16)
+``<past>.q{8,4}z``    uint8     ``[B*H*n*D/g]``            zero point of each group
+``<past>.fp``         model fp  ``[B, H, nf, D]``          sinks + recent window, full precision
+====================  ========  =========================  ==========================================
+
+A few nodes per tier unpack nibbles (``BitwiseAnd``/``BitShift`` + ``Concat``), dequantize with one
+per-row ``DequantizeLinear`` (rows = groups; ORT's blocked ``DequantizeLinear`` is 7x slower on CPU,
+measured) and reshape to ``[B, H, n, D]``; ``Concat([int8 | int4 | fp], axis=2)`` produces the tensor
+with the original past name, so every consumer (the converter's ``Attention`` or onnxruntime-genai's
+``GroupQueryAttention``) is untouched. ORT releases each layer's dequantized past once its layer ran,
+so only about one layer of dequantized past is alive at a time.
+
+Each ``present.{i}.{kind}`` output is replaced by ``kvnew.{i}.{kind}``: a ``Slice`` holding only this
+step's new columns (``[B, H, T, D]``), so the host appends O(new tokens) per step.
+
+Key rotation (``rotation`` in :class:`RewriteInfo`):
+
+- ``qk``: q and k are multiplied by an orthonormal Hadamard ``H`` right after RoPE (``q.k`` is invariant
+  under an orthogonal map), so cached keys are *stored* rotated and never un-rotated. For the inferos
+  converter's graphs this traces ``Concat(past, k) -> (Fused)MatMul(q, k^T)``; for
+  ``GroupQueryAttention`` graphs RoPE is moved out of the op (``com.microsoft.RotaryEmbedding`` with
+  positions from ``CumSum(attention_mask)``, exactly what GQA derives) and GQA runs with ``do_rotary=0``.
+- ``host``: fallback when neither pattern is found: the cache rotates keys on the host when it
+  quantizes them and the graph un-rotates the dequantized int segments with a ``MatMul`` (P*D^2 per head
+  per step: slow, correct).
+- ``none``: rotation off.
+
+The rewritten graph is cached beside the model as ``<stem>.inferos-kv-<hash>.onnx`` (its external data
+references stay valid: onnxruntime refuses external data outside the model's folder). When that folder
+is read-only it goes to ``<cache>/graphs/<hash>/`` with a hard link to (or, across file systems, a copy of)
+the weights file. Written atomically.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inferos_cli.graphs.naming import derived_paths, save_derived
+from inferos_cli.errors import ModelError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.models.info import ModelInfo
+
+REWRITE_VERSION = "6"
+NEW_FMT = "kvnew.%d.%s"
+SEGMENTS = ("q8", "q8s", "q8z", "q4", "q4s", "q4z", "fp")
+_INT64_MAX = 2**63 - 1
+
+
+@dataclass(frozen=True)
+class RewriteSpec:
+    """What the rewritten graph needs to know: the group size, whether keys are rotated, and which
+    quantized segments exist for keys and for values (bits, in feed order; unused ones are left out so
+    the graph carries no dead nodes)."""
+
+    group_size: int = 32
+    rotate_keys: bool = True
+    key_bits: tuple[int, ...] = (8, 4)
+    value_bits: tuple[int, ...] = (8, 4)
+
+    def bits(self, kind: str) -> tuple[int, ...]:
+        """Quantized segments of ``kind`` in feed order (8-bit first)."""
+        return tuple(sorted(self.key_bits if kind == "key" else self.value_bits, reverse=True))
+
+    def digest(self) -> str:
+        """Stable text for the cache hash."""
+        k = "".join(map(str, self.bits("key")))
+        v = "".join(map(str, self.bits("value")))
+        return f"g{self.group_size}-r{int(self.rotate_keys)}-k{k}-v{v}"
+
+
+@dataclass
+class RewriteInfo:
+    """A rewritten graph on disk, how it rotates keys, and whether it takes ``position_ids`` (then masked
+    columns may sit anywhere: eviction and ragged batches work)."""
+
+    path: Path
+    rotation: str  # "qk" | "host" | "none"
+    note: str = ""
+    positions: bool = True
+
+
+def segment_name(info: "ModelInfo", layer: int, kind: str, segment: str) -> str:
+    """Input name of one segment, e.g. ``past_key_values.3.key.q8s``."""
+    fmt = info.past_key_fmt if kind == "key" else info.past_value_fmt
+    return f"{fmt % layer}.{segment}"
+
+
+def new_output_name(layer: int, kind: str) -> str:
+    """Output name holding this step's new columns of one layer, e.g. ``kvnew.3.key``."""
+    return NEW_FMT % (layer, kind)
+
+
+class _Builder:
+    """Collects nodes/initializers with fresh names."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.count = 0
+        self.initializers: list[Any] = []
+
+    def name(self, base: str) -> str:
+        self.count += 1
+        return f"{self.prefix}/{base}_{self.count}"
+
+    def const(self, array: np.ndarray, base: str = "c") -> str:
+        from onnx import numpy_helper
+
+        name = self.name(base)
+        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def node(self, nodes: list[Any], op: str, inputs: list[str], domain: str = "", n_out: int = 1,
+             outputs: list[str] | None = None, **attrs: Any) -> Any:
+        from onnx import helper
+
+        outs = outputs or [self.name(op.lower()) for _ in range(n_out)]
+        nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), domain=domain, **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+
+def _opset(model: Any, domain: str = "") -> int:
+    for imp in model.opset_import:
+        if imp.domain == domain or (domain == "" and imp.domain == "ai.onnx"):
+            return int(imp.version)
+    return 0
+
+
+def _attr(node: Any, name: str, default: Any = None) -> Any:
+    from onnx import helper
+
+    for a in node.attribute:
+        if a.name == name:
+            return helper.get_attribute_value(a)
+    return default
+
+
+def _set_attr(node: Any, name: str, value: Any) -> None:
+    from onnx import helper
+
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(helper.make_attribute(name, value))
+
+
+def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
+    """Build the rewritten ``onnx.ModelProto`` (external data references untouched).
+
+    Returns ``(model, rotation, note)``; see the module docstring for ``rotation``. Whether the graph
+    takes ``position_ids`` (and so honours masked columns anywhere) is in its metadata
+    (``inferos.kv.positions``) and in :func:`graph_takes_positions`.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    from inferos_cli.kv.quant import can_rotate, hadamard
+
+    try:
+        model = onnx.load(str(info.onnx_path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends
+        raise ModelError(f"{info.onnx_path} is not a readable ONNX model: {exc}") from None
+    graph = model.graph
+    d, group = info.head_dim, spec.group_size
+    if d % group:
+        raise ModelError(f"head_dim {d} is not a multiple of kv.group_size {group}", "set kv.group_size to 32")
+    if _opset(model) < 14:
+        raise ModelError(f"{info.onnx_path} uses ONNX opset {_opset(model)} < 14", "re-export with opset >= 14")
+    past_names = {info.past_key_fmt % i: (i, "key") for i in range(info.num_layers)}
+    past_names.update({info.past_value_fmt % i: (i, "value") for i in range(info.num_layers)})
+    inputs_by_name = {vi.name: vi for vi in graph.input}
+    missing = [n for n in past_names if n not in inputs_by_name]
+    if missing:
+        raise ModelError(f"{info.onnx_path} has no input {missing[0]!r}", "the KV rewrite needs standard past inputs")
+    elem = inputs_by_name[next(iter(past_names))].type.tensor_type.elem_type
+    if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16):
+        raise ModelError(f"past inputs of {info.onnx_path} are not float32/float16", "use a float KV model")
+    b = _Builder("inferos_kv")
+    pre: list[Any] = []  # nodes placed before the original ones
+    before: dict[int, list[Any]] = {}  # original node index -> nodes inserted right before it
+    h_mat = hadamard(d) if (spec.rotate_keys and can_rotate(d)) else None
+    note = ""
+    if spec.rotate_keys and h_mat is None:
+        note = f"head_dim {d} is not a power of two: keys are not rotated"
+
+    # --- GQA: masks anywhere + explicit positions (eviction, ragged batches) ------------------------------
+    positions = info.has_position_ids
+    if info.uses_gqa_op:
+        positions = _gqa_positions_and_mask(model, b, pre, info, elem)
+
+    # --- rotation: try the q/k path first -------------------------------------------------------------
+    rotation = "none"
+    if h_mat is not None:
+        rotation = "host"
+        h_name = b.const(h_mat.astype(np.float16 if elem == TensorProto.FLOAT16 else np.float32), "hadamard")
+        if info.uses_gqa_op:
+            if _rotate_gqa(model, b, pre, before, h_name, info, "position_ids" if positions else None):
+                rotation = "qk"
+        elif _rotate_attention(model, b, before, h_name, past_names, d) or _rotate_concat(
+                model, b, before, h_name, past_names):
+            rotation = "qk"
+        if rotation == "host":
+            note = "q/k after RoPE not found: keys are un-rotated per step (slower)"
+
+    # --- segment inputs + dequant subgraph -------------------------------------------------------------
+    # Segments come head-major ([B, H, n, ...], what the attention op reads) with codes as 2-D rows and
+    # scales/zero points as 1-D, so a tier costs 3-7 nodes per layer and kind and no Transpose: ORT's
+    # per-node overhead and a float Transpose of the whole past cost more than the host's contiguous
+    # copy of the (1-byte) codes of a capacity buffer's prefix.
+    scale_cast = elem != TensorProto.FLOAT16
+    shift4 = b.const(np.array(4, dtype=np.uint8), "four")
+    low4 = b.const(np.array(15, dtype=np.uint8), "fifteen")
+    rows_shape = b.const(np.array([-1, group], dtype=np.int64), "rows")
+    bitwise_and = _opset(model) >= 18
+    head_shape: str | None = None
+    new_inputs = []
+    for vi in graph.input:
+        if vi.name not in past_names:
+            new_inputs.append(vi)
+            continue
+        layer, kind = past_names[vi.name]
+        dims = vi.type.tensor_type.shape.dim
+        heads = dims[1].dim_value or info.num_kv_heads
+        batch = dims[0].dim_param or "batch_size"
+        seg = {s: segment_name(info, layer, kind, s) for s in SEGMENTS}
+        if head_shape is None:  # [B, H, -1, D] for every layer, B from the attention mask
+            bsz = b.node(pre, "Shape", ["attention_mask"], start=0, end=1)
+            head_shape = b.node(pre, "Concat", [bsz, b.const(np.array([heads, -1, d], dtype=np.int64), "hd")], axis=0)
+        parts = []
+        for bits in spec.bits(kind):
+            tier = f"q{bits}"
+            rows = f"rows{bits}_{kind}"  # k8v4 stores keys and values in different tiers
+            if bits == 8:
+                new_inputs.append(helper.make_tensor_value_info(seg[tier], TensorProto.UINT8, [rows, group]))
+                codes = seg[tier]
+            else:  # split-half nibbles: low = element j, high = element j + D/2
+                new_inputs.append(helper.make_tensor_value_info(seg[tier], TensorProto.UINT8, [f"heads4_{kind}", d // 2]))
+                hi = b.node(pre, "BitShift", [seg[tier], shift4], direction="RIGHT")
+                if bitwise_and:
+                    lo = b.node(pre, "BitwiseAnd", [seg[tier], low4])
+                else:
+                    lo = b.node(pre, "BitShift", [b.node(pre, "BitShift", [seg[tier], shift4], direction="LEFT"),
+                                                  shift4], direction="RIGHT")
+                codes = b.node(pre, "Reshape", [b.node(pre, "Concat", [lo, hi], axis=-1), rows_shape])
+            new_inputs += [
+                helper.make_tensor_value_info(seg[tier + "s"], TensorProto.FLOAT16, [rows]),
+                helper.make_tensor_value_info(seg[tier + "z"], TensorProto.UINT8, [rows]),
+            ]
+            scale = b.node(pre, "Cast", [seg[tier + "s"]], to=elem) if scale_cast else seg[tier + "s"]
+            deq = b.node(pre, "DequantizeLinear", [codes, scale, seg[tier + "z"]], axis=0)
+            deq = b.node(pre, "Reshape", [deq, head_shape])
+            if kind == "key" and rotation == "host":
+                deq = b.node(pre, "MatMul", [deq, b.const(h_mat.T.astype(np.float32 if scale_cast else np.float16))])
+            parts.append(deq)
+        new_inputs.append(helper.make_tensor_value_info(seg["fp"], elem, [batch, heads, "n_fp", d]))
+        parts.append(seg["fp"])
+        if len(parts) > 1:
+            b.node(pre, "Concat", parts, outputs=[vi.name], axis=2)
+        else:
+            b.node(pre, "Identity", parts, outputs=[vi.name])
+
+    # --- present outputs -> this step's new columns ---------------------------------------------------
+    present = {info.present_key_fmt % i: (i, "key") for i in range(info.num_layers)}
+    present.update({info.present_value_fmt % i: (i, "value") for i in range(info.num_layers)})
+    new_outputs = []
+    post: list[Any] = []
+    axis2 = b.const(np.array([2], dtype=np.int64), "axis2")
+    end = b.const(np.array([_INT64_MAX], dtype=np.int64), "end")
+    start = b.node(post, "Sub", [b.node(post, "Shape", ["attention_mask"], start=1, end=2),
+                                 b.node(post, "Shape", ["input_ids"], start=1, end=2)])
+    for vo in graph.output:
+        if vo.name not in present:
+            new_outputs.append(vo)
+            continue
+        layer, kind = present[vo.name]
+        out = new_output_name(layer, kind)
+        b.node(post, "Slice", [vo.name, start, end, axis2], outputs=[out])
+        dims = vo.type.tensor_type.shape.dim
+        new_outputs.append(helper.make_tensor_value_info(
+            out, elem, [dims[0].dim_param or "batch_size", dims[1].dim_value or info.num_kv_heads, "sequence_length", d]))
+
+    nodes = list(pre)
+    for idx, node in enumerate(graph.node):
+        nodes.extend(before.get(idx, []))
+        nodes.append(node)
+    nodes.extend(post)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    del graph.input[:]
+    graph.input.extend(new_inputs)
+    del graph.output[:]
+    graph.output.extend(new_outputs)
+    graph.initializer.extend(b.initializers)
+    if model.ir_version > 10:
+        model.ir_version = 10
+    if not any(i.domain == "com.microsoft" for i in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    meta = {"inferos.kv.rewrite": REWRITE_VERSION, "inferos.kv.rotation": rotation, "inferos.kv.spec": spec.digest(),
+            "inferos.kv.positions": "1" if positions else "0"}
+    for key, value in meta.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    return model, rotation, note
+
+
+def _producers(graph: Any) -> dict[str, int]:
+    return {out: i for i, node in enumerate(graph.node) for out in node.output}
+
+
+def _consumers(graph: Any) -> dict[str, list[int]]:
+    found: dict[str, list[int]] = {}
+    for i, node in enumerate(graph.node):
+        for name in node.input:
+            found.setdefault(name, []).append(i)
+    return found
+
+
+_PASS_THROUGH = {"Identity", "Expand", "Tile", "Unsqueeze", "Reshape", "Cast"}
+
+
+def _rotate_concat(model: Any, b: _Builder, before: dict[int, list[Any]], h_name: str,
+                   past_names: dict[str, tuple[int, str]]) -> bool:
+    """Converter-style graphs: ``present = Concat(past, k_new)`` feeding ``(Fused)MatMul(q, present^T)``.
+
+    Rotates ``k_new`` and ``q`` by ``H`` (inserting ``MatMul``s) for every layer, or changes nothing and
+    returns False when a layer does not match the pattern."""
+    graph = model.graph
+    consumers = _consumers(graph)
+    plan: list[tuple[int, int, int, int]] = []  # (concat idx, k input slot, score idx, q input slot)
+    for name, (_, kind) in past_names.items():
+        if kind != "key":
+            continue
+        users = consumers.get(name, [])
+        if len(users) != 1 or graph.node[users[0]].op_type != "Concat" or len(graph.node[users[0]].input) != 2:
+            return False
+        ci = users[0]
+        concat = graph.node[ci]
+        if _attr(concat, "axis") not in (2, -2) or concat.input[0] != name:
+            return False
+        # follow the concat output to the score MatMul (k^T side)
+        frontier, score = [concat.output[0]], None
+        seen = 0
+        while frontier and score is None and seen < 16:
+            seen += 1
+            tensor = frontier.pop()
+            for ui in consumers.get(tensor, []):
+                node = graph.node[ui]
+                if node.op_type in ("MatMul", "FusedMatMul") and node.domain in ("", "com.microsoft"):
+                    if node.input[1] == tensor and _attr(node, "transB", 0) == 1 and _attr(node, "transA", 0) == 0:
+                        score = (ui, 0)
+                    elif node.op_type == "MatMul":
+                        continue  # probs @ V-like use; not the score
+                elif node.op_type == "Transpose" and list(_attr(node, "perm", [])) [-2:] == [
+                        len(_attr(node, "perm", [])) - 1, len(_attr(node, "perm", [])) - 2]:
+                    for uj in consumers.get(node.output[0], []):
+                        nj = graph.node[uj]
+                        if (nj.op_type in ("MatMul", "FusedMatMul") and nj.input[1] == node.output[0]
+                                and _attr(nj, "transB", 0) == 0 and _attr(nj, "transA", 0) == 0):
+                            score = (uj, 0)
+                elif node.op_type in _PASS_THROUGH:
+                    frontier.append(node.output[0])
+        if score is None:
+            return False
+        plan.append((ci, 1, score[0], score[1]))
+    for ci, kslot, si, qslot in plan:
+        concat, scorer = graph.node[ci], graph.node[si]
+        rk = b.node(before.setdefault(ci, []), "MatMul", [concat.input[kslot], h_name])
+        concat.input[kslot] = rk
+        rq = b.node(before.setdefault(si, []), "MatMul", [scorer.input[qslot], h_name])
+        scorer.input[qslot] = rq
+    return True
+
+
+def _rotate_attention(model: Any, b: _Builder, before: dict[int, list[Any]], h_name: str,
+                      past_names: dict[str, tuple[int, str]], d: int) -> bool:
+    """ONNX ``Attention`` (opset 23) graphs: ``Attention(Q, K, V, mask, past_key, past_value)`` with Q and K
+    after RoPE. Rotates Q and K by ``H`` (3-D inputs ``[B, S, heads*D]`` are viewed as ``[B, S, heads, D]``)."""
+    graph = model.graph
+    keys = {n for n, (_, kind) in past_names.items() if kind == "key"}
+    nodes = [(i, n) for i, n in enumerate(graph.node)
+             if n.op_type == "Attention" and n.domain in ("", "ai.onnx") and len(n.input) > 4 and n.input[4] in keys]
+    if len(nodes) != len(keys):
+        return False
+    heads_shape = b.const(np.array([0, 0, -1, d], dtype=np.int64), "heads")
+    merge_shape = b.const(np.array([0, 0, -1], dtype=np.int64), "merge")
+    for idx, node in nodes:
+        ins = before.setdefault(idx, [])
+        three_d = _attr(node, "q_num_heads") is not None
+        for slot in (0, 1):
+            x = node.input[slot]
+            if three_d:
+                r = b.node(ins, "MatMul", [b.node(ins, "Reshape", [x, heads_shape]), h_name])
+                r = b.node(ins, "Reshape", [r, merge_shape])
+            else:
+                r = b.node(ins, "MatMul", [x, h_name])
+            node.input[slot] = r
+    return True
+
+
+def _gqa_positions_and_mask(model: Any, b: _Builder, pre: list[Any], info: "ModelInfo", elem: int) -> bool:
+    """Make ``GroupQueryAttention`` graphs honour masked columns anywhere and explicit positions.
+
+    GQA normally derives each row's length from the attention-mask row sum (so every row must be
+    right-padded, and evicting a token would shift the positions of later ones). Here every GQA node gets
+    ``seqlens_k = total - 1`` for all rows (new keys land in the last columns, like a concat), an
+    ``attention_bias`` of 0 / -inf built from ``attention_mask`` (padding and evicted columns anywhere),
+    and the graph gains a ``position_ids`` input that GQA's rotary embedding uses (the engine feeds each
+    row's true positions). Checked on onnxruntime 1.31 CPU: a masked column in the middle of the past
+    with explicit positions gives the same output as the past without it (max error 1.2e-7)."""
+    graph = model.graph
+    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
+    names = {i.name for i in graph.input}
+    if not gqa or "attention_mask" not in names or "input_ids" not in names:
+        return False
+    for node in gqa:
+        extra = list(node.input[9:])
+        if extra and extra[0] == "position_ids" and "position_ids" in names:
+            extra = extra[1:]  # inferos' own GQA conversions already rotate from the graph's position_ids
+        if any(extra):
+            return False  # the graph already feeds other position ids / a bias: leave it alone
+    from onnx import TensorProto, helper
+
+    if "position_ids" not in names:
+        graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64,
+                                                         ["batch_size", "sequence_length"]))
+    total = b.node(pre, "Shape", ["attention_mask"], start=1, end=2)
+    bsz = b.node(pre, "Shape", ["attention_mask"], start=0, end=1)
+    seqlen = b.node(pre, "Shape", ["input_ids"], start=1, end=2)
+    one = b.const(np.array([1], dtype=np.int64), "one1")
+    seqlens = b.node(pre, "Cast", [b.node(pre, "Expand", [b.node(pre, "Sub", [total, one]), bsz])], to=TensorProto.INT32)
+    np_float = np.float16 if elem == TensorProto.FLOAT16 else np.float32
+    allowed = b.node(pre, "Cast", ["attention_mask"], to=TensorProto.BOOL)
+    bias = b.node(pre, "Where", [allowed, b.const(np.array(0, dtype=np_float), "zero_f"),
+                                 b.const(np.array(np.finfo(np_float).min, dtype=np_float), "neg_f")])
+    bias = b.node(pre, "Unsqueeze", [bias, b.const(np.array([1, 2], dtype=np.int64), "axes12")])
+    shape = b.node(pre, "Concat", [bsz, one, seqlen, total], axis=0)
+    bias = b.node(pre, "Expand", [bias, shape])  # [B, 1, T, total]
+    for node in gqa:
+        ins = list(node.input) + [""] * max(0, 11 - len(node.input))
+        ins[5] = seqlens
+        ins[9] = "position_ids" if _attr(node, "do_rotary", 0) == 1 else ""
+        ins[10] = bias
+        del node.input[:]
+        node.input.extend(ins)
+    return True
+
+
+def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], h_name: str,
+                info: "ModelInfo", pos_name: str | None = None) -> bool:
+    """``GroupQueryAttention`` graphs: apply RoPE outside the op, rotate q and k by ``H``, run GQA with
+    ``do_rotary=0``. Positions: ``pos_name`` (the graph's ``position_ids``) when given, else GQA's own
+    derivation, ``CumSum(attention_mask) - 1`` at the new tokens."""
+    graph = model.graph
+    gqa = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "GroupQueryAttention"]
+    if not gqa or "attention_mask" not in info.input_names or "input_ids" not in info.input_names:
+        return False
+    for _, node in gqa:
+        if _attr(node, "do_rotary", 0) != 1 or len(node.input) < 9 or not node.input[7] or not node.input[8]:
+            return False
+        if pos_name is None and len(node.input) > 9 and node.input[9]:
+            return False  # explicit position_ids: leave it alone
+    d = info.head_dim
+    if pos_name is not None:
+        pos = pos_name
+    else:  # positions of the new tokens: CumSum(mask)-1, last T columns, clamped at 0
+        cum = b.node(pre, "CumSum", ["attention_mask", b.const(np.array(1, dtype=np.int64), "axis1")])
+        pos_all = b.node(pre, "Sub", [cum, b.const(np.array(1, dtype=np.int64), "one")])
+        neg_t = b.node(pre, "Neg", [b.node(pre, "Shape", ["input_ids"], start=1, end=2)])
+        pos = b.node(pre, "Slice", [pos_all, neg_t, b.const(np.array([_INT64_MAX], dtype=np.int64), "end"),
+                                    b.const(np.array([1], dtype=np.int64), "axis1v")])
+        pos = b.node(pre, "Max", [pos, b.const(np.array(0, dtype=np.int64), "zero")])
+    heads_shape = b.const(np.array([0, 0, -1, d], dtype=np.int64), "heads")
+    merge_shape = b.const(np.array([0, 0, -1], dtype=np.int64), "merge")
+    for idx, node in gqa:
+        ins = before.setdefault(idx, [])
+        nh, kvh = int(_attr(node, "num_heads")), int(_attr(node, "kv_num_heads"))
+        inter = int(_attr(node, "rotary_interleaved", 0))
+        if node.input[1]:
+            q, k, v = node.input[0], node.input[1], node.input[2]
+        else:
+            split = b.const(np.array([nh * d, kvh * d, kvh * d], dtype=np.int64), "split")
+            q, k, v = b.node(ins, "Split", [node.input[0], split], n_out=3, axis=-1)
+        cos, sin = node.input[7], node.input[8]
+
+        def rope_rot(x: str) -> str:
+            r = b.node(ins, "RotaryEmbedding", [x, pos, cos, sin], domain="com.microsoft", interleaved=inter)
+            r = b.node(ins, "MatMul", [b.node(ins, "Reshape", [r, heads_shape]), h_name])
+            return b.node(ins, "Reshape", [r, merge_shape])
+
+        new_inputs = list(node.input)
+        new_inputs[0], new_inputs[1], new_inputs[2] = rope_rot(q), rope_rot(k), v
+        new_inputs[7] = new_inputs[8] = ""
+        if len(new_inputs) > 9:
+            new_inputs[9] = ""  # RoPE already applied
+        while new_inputs and not new_inputs[-1]:
+            new_inputs.pop()
+        del node.input[:]
+        node.input.extend(new_inputs)
+        _set_attr(node, "do_rotary", 0)
+    return True
+
+
+def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
+    """The rewritten graph for ``info`` + ``spec``: from the cache, or built now and cached atomically."""
+    import onnx
+
+    src = Path(info.onnx_path)
+    beside, elsewhere, found = derived_paths(src, "kv", REWRITE_VERSION, spec.digest())
+    if found is not None:
+        meta = {p.key: p.value for p in onnx.load(str(found), load_external_data=False).metadata_props}
+        return RewriteInfo(found, meta.get("inferos.kv.rotation", "none"), "",
+                           meta.get("inferos.kv.positions", "1") == "1")
+    model, rotation, note = rewrite_model(info, spec)
+    positions = {p.key: p.value for p in model.metadata_props}.get("inferos.kv.positions") == "1"
+    written, copied = save_derived(model, src, beside, elsewhere)
+    if copied:
+        extra = f"model folder is read-only: weights copied to {elsewhere.parent}"
+        note = f"{note}; {extra}" if note else extra
+    return RewriteInfo(written, rotation, note, positions)

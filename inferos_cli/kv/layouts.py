@@ -1,0 +1,176 @@
+"""Pick the graph and cache type for a model and policy.
+
+``kv_backend(info, policy)`` returns a :class:`~inferos_cli.kv.base.KVBackend`: :class:`PlainBackend`
+(original graph, full-precision cache) when ``kv.mode = disabled``, else :class:`SegmentedBackend`
+(the KV-boundary-rewritten graph of :mod:`inferos_cli.graphs.kv_segments` + the segmented, quantized cache of
+:mod:`inferos_cli.kv.segmented`), or, for ``kv.quant = int8-fused`` on ``GroupQueryAttention`` graphs,
+:class:`~inferos_cli.kv.fused.FusedBackend` (int8 codes read inside the attention operator).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from inferos_cli.kv.plain import PlainCache
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.kv.base import KVBackend
+    from inferos_cli.kv.segmented import SegmentedCache
+    from inferos_cli.models.info import ModelInfo
+    from inferos_cli.settings import Policy
+
+
+class PlainBackend:
+    """The original ONNX graph fed by a :class:`PlainCache`."""
+
+    def __init__(self, info: "ModelInfo", *, note: str = "", shared_buffer: bool | None = None) -> None:
+        self.info = info
+        self.note = note
+        # GQA graphs can decode in place into preallocated past buffers (see kv/plain.py)
+        self.shared_buffer = info.uses_gqa_op if shared_buffer is None else (shared_buffer and info.uses_gqa_op)
+
+    @property
+    def onnx_path(self) -> Path:
+        """The original graph."""
+        return Path(self.info.onnx_path)
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> PlainCache:
+        """An empty plain cache; ``capacity`` preallocates shared past/present buffers (GQA graphs)."""
+        cap = capacity if (self.shared_buffer and self.info.uses_gqa_op and capacity) else None
+        return PlainCache(self.info, batch, capacity=cap)
+
+    def describe(self) -> str:
+        """e.g. ``plain float32`` (+ a note when a requested policy is not applied)."""
+        text = f"plain {self.info.kv_dtype}"
+        if self.shared_buffer:
+            text += " (shared past/present buffer)"
+        return f"{text}; {self.note}" if self.note else text
+
+
+class SegmentedBackend:
+    """The KV-boundary-rewritten graph fed by a :class:`~inferos_cli.kv.segmented.SegmentedCache`."""
+
+    def __init__(self, info: "ModelInfo", policy: "Policy", *, pressure: Any = None, note: str = "") -> None:
+        from inferos_cli.kv.segmented import CacheConfig
+        from inferos_cli.kv.tiers import TierPlan
+        from inferos_cli.kv.quant import can_rotate
+        from inferos_cli.graphs.kv_segments import RewriteSpec, rewritten_graph
+
+        kv = policy.kv
+        self.info = info
+        self.plan = TierPlan.from_quant(kv.quant)
+        # keys are rotated when asked and some tier stores 4-bit keys (int8 keys need no rotation)
+        four_bit_keys = any(b == 4 for b in self.plan.key_bits.values())
+        rotate = bool(kv.rotate_keys and four_bit_keys and can_rotate(info.head_dim))
+        # tiny heads (stories260K: head_dim 8) get one group per head
+        group = int(kv.group_size) if info.head_dim >= int(kv.group_size) else info.head_dim
+        self.spec = RewriteSpec(group_size=group, rotate_keys=rotate,
+                                key_bits=tuple(sorted(set(self.plan.key_bits.values()), reverse=True)),
+                                value_bits=tuple(sorted(set(self.plan.value_bits.values()), reverse=True)))
+        self.rewrite = rewritten_graph(info, self.spec)
+        self.note = "; ".join(n for n in (note, self.rewrite.note) if n)
+        level = None
+        if pressure is not None:
+            level = pressure.level if hasattr(pressure, "level") else pressure
+        self.config = CacheConfig(
+            plan=self.plan,
+            sinks=int(kv.sink_tokens),
+            window=int(kv.recent_window),
+            group=group,
+            rotation=self.rewrite.rotation,
+            l1_int8=float(kv.level_thresholds.L1_int8),
+            l3_evict=float(kv.level_thresholds.L3_evict),
+            budget_bytes=kv.budget_bytes,
+            max_tokens=kv.max_tokens,
+            pressure=level,
+            positions=self.rewrite.positions,
+        )
+
+    @property
+    def onnx_path(self) -> Path:
+        """The rewritten graph (cached beside the model or in the inferos cache)."""
+        return self.rewrite.path
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> "SegmentedCache":
+        """An empty segmented cache; ``capacity`` preallocates single-tier storage."""
+        from inferos_cli.kv.segmented import SegmentedCache
+
+        cache = SegmentedCache(self.info, batch, self.config)
+        if capacity:
+            cache.reserve(capacity)
+        return cache
+
+    def describe(self) -> str:
+        """e.g. ``int4 (keys rotated qk), group 32, window 64 + 4 sinks``."""
+        c = self.config
+        rot = {"qk": "keys Hadamard-rotated (q,k after RoPE)", "host": "keys Hadamard-rotated (un-rotated per step)",
+               "none": "keys not rotated"}[c.rotation]
+        text = f"{self.plan.name} segmented, group {c.group}, window {c.window} + {c.sinks} sinks, {rot}"
+        if c.budget_bytes is not None:
+            text += f", budget {c.budget_bytes} B"
+        if c.max_tokens is not None:
+            text += f", max {c.max_tokens} tokens"
+        if not self.rewrite.positions:
+            text += ", no eviction (graph takes no position_ids)"
+        return f"{text}; {self.note}" if self.note else text
+
+
+def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
+    """``kv.quant = auto``: the fused int8 cache when the graph takes it (float32 ``GroupQueryAttention``),
+    the policy wants speed rather than the last bit of quality (``kv.mode`` is not ``quality_optimized``) and
+    nothing asks for eviction (no ``kv.budget_bytes`` / ``kv.max_tokens``, which only the segmented cache
+    honours), and decode runs on the CPU (asked for, or the asked-for provider is not installed), as does
+    prefill unless it is a CUDA prefill on the Attention-op twin (the engine quantizes its float presents
+    with the graph's scales): the quantized-cache kernel and the float-prefill ``If`` were measured on
+    onnxruntime's CPU provider only, and a GPU/NPU provider would hand the attention nodes back to the CPU
+    one by one; otherwise the tiered segmented cache. Measured on SmolLM2-135M (README "Measured results"):
+    the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
+    +0.12 (KL 0.0036); the tiered cache decodes at 0.33-0.71x."""
+    from inferos_cli.kv import fused
+    from inferos_cli.engine.scheduler import phase_devices
+    from inferos_cli.engine.sessions import available_providers, provider_name
+
+    kv = policy.kv
+    if kv.mode == "quality_optimized" or kv.budget_bytes is not None or kv.max_tokens is not None:
+        return False
+    installed = set(available_providers())
+    prefill, decode, _ = phase_devices(policy)
+    if decode != "cpu" and provider_name(decode) in installed:
+        return False
+    if prefill != "cpu" and provider_name(prefill) in installed and not _twin_prefill(prefill, info):
+        return False
+    return fused.supported(info)
+
+
+def _twin_prefill(device: str, info: "ModelInfo") -> bool:
+    """True when a prefill on ``device`` runs the float Attention-op twin of the graph and hands int8 codes
+    to the CPU decode (``Engine``; CUDA only, graphs whose GQA reads ``position_ids``)."""
+    if device != "cuda" or not info.uses_gqa_op:
+        return False
+    from inferos_cli.graphs.attention import has_twin
+
+    return has_twin(info.onnx_path)
+
+
+def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "KVBackend":
+    """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); ``int8-fused`` on a
+    GQA graph: :class:`~inferos_cli.kv.fused.FusedBackend`; otherwise the rewritten graph + :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` (e.g.
+    ``runtime.pressure``) or a callable; tightens the cache under memory pressure."""
+    if not policy.kv.enabled:
+        return PlainBackend(info)
+    if policy.kv.quant == "auto":
+        from inferos_cli.kv import fused
+
+        if auto_fused(info, policy):
+            return fused.FusedBackend(info)
+        return SegmentedBackend(info, policy, pressure=pressure)
+    if policy.kv.quant == "int8-fused":
+        from inferos_cli.kv import fused
+
+        if fused.supported(info):
+            return fused.FusedBackend(info)
+        why = ("int8-fused needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders, "
+               "inferos conversions) and onnxruntime >= 1.25: using the segmented int8 cache")
+        return SegmentedBackend(info, policy, pressure=pressure, note=why)
+    return SegmentedBackend(info, policy, pressure=pressure)

@@ -1,1 +1,0 @@
-"""Model resolution, conversion, sessions, the engine, the scheduler and telemetry."""
