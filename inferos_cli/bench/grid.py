@@ -211,9 +211,9 @@ def resolve_info(model: str | None, *, dtype: str | None = None) -> "ModelInfo":
             raise UsageError("--dtype needs the model registry (inferos_cli.models.resolve)",
                              "pass an already converted ONNX folder") from None
         return resolve_model(model, dtype=dtype, progress=True)
-    from inferos_cli.engine.engine import resolve_model_info
+    from inferos_cli.models.resolve import resolve_model
 
-    return resolve_model_info(model, progress=True)
+    return resolve_model(model, progress=True)
 
 
 # ---------------------------------------------------------------------------------------------- prompts

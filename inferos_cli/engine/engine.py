@@ -260,8 +260,9 @@ class Engine:
         """Resolve ``model`` (alias, folder, file; default model when None), resolve the settings once,
         open the sessions."""
         from inferos_cli.profiles import resolve_settings
+        from inferos_cli.models.resolve import resolve_model
 
-        info = resolve_model_info(model, progress=progress)
+        info = resolve_model(model, progress=progress)
         resolved = resolve_settings(profile, param_count=info.param_count, config_path=config, flags=flags)
         return cls(info, resolved, threads=threads, strict_devices=strict_devices)
 
@@ -768,27 +769,6 @@ def _raw_cpu_device() -> Any:
         return C.OrtDevice(C.OrtDevice.cpu(), C.OrtDevice.default_memory(), 0)
     except Exception:  # pragma: no cover - private API moved
         return None
-
-
-def resolve_model_info(model: str | None, *, progress: bool = False) -> "ModelInfo":
-    """``runtime.models.resolve_model`` when present (aliases, GGUF, conversion), else an ONNX folder."""
-    try:
-        from inferos_cli.models.resolve import resolve_model
-    except ImportError:
-        resolve_model = None  # type: ignore[assignment]
-    if resolve_model is not None:
-        return resolve_model(model, progress=progress)
-    from inferos_cli.errors import ModelNotFoundError
-    from inferos_cli.models.info import inspect_folder
-
-    if model is None:
-        raise ModelNotFoundError("no --model given and the model registry is not available", "pass --model FOLDER")
-    path = Path(model)
-    if path.suffix == ".onnx":
-        path = path.parent
-    if not path.is_dir():
-        raise ModelNotFoundError(f"model {model!r} not found", "pass an ONNX model folder")
-    return inspect_folder(path)
 
 
 def _build_plan(onnx_path: Path, policy: "Policy", *, threads: int | None, strict: bool,

@@ -161,9 +161,10 @@ def load_engines(model: str | None, configs: list[str], threads: int | None,
     """One engine per configuration, all on the same resolved model; ``flags`` (nested policy values,
     e.g. a KV budget) apply to every configuration except ``baseline``."""
     from inferos_cli.profiles import resolve_settings
-    from inferos_cli.engine.engine import Engine, resolve_model_info
+    from inferos_cli.engine.engine import Engine
+    from inferos_cli.models.resolve import resolve_model
 
-    info = info or resolve_model_info(model, progress=True)
+    info = info or resolve_model(model, progress=True)
     engines = []
     for cfg in configs:
         resolved = resolve_settings(profile_of(cfg), param_count=info.param_count,
@@ -199,10 +200,10 @@ def run_eval(
     ``exact`` (default): score on the exact-compute twin of the graph, so the KV cache's own error is not
     buried under int8-activation rounding noise (:mod:`inferos_cli.graphs.exact`)."""
     configs = parse_compare(compare)
-    from inferos_cli.engine.engine import resolve_model_info
+    from inferos_cli.models.resolve import resolve_model
     from inferos_cli.graphs.exact import exact_info
 
-    info = resolve_model_info(model, progress=True)
+    info = resolve_model(model, progress=True)
     info, exact_used = exact_info(info) if exact else (info, False)
     info, engines = load_engines(model, configs, threads, info=info, flags=flags)
     if ctx > info.context_length:

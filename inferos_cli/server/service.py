@@ -392,9 +392,9 @@ class InferenceService:
     def load(self, model_name: str, ctx_size: int | None = None) -> dict[str, Any]:
         """Lemonade ``/load``: the served model stays; another model name is resolved and swapped in."""
         if model_name not in (self.info.name, str(self.info.path)):
-            from inferos_cli.engine.engine import resolve_model_info
+            from inferos_cli.models.resolve import resolve_model
 
-            info = resolve_model_info(model_name, progress=False)
+            info = resolve_model(model_name, progress=False)
             with self._lock:
                 self.info = info
                 self._engines.clear()
@@ -757,9 +757,9 @@ def start_service(
 ) -> InferenceService:
     """Resolve the model and the settings once, load the engine, start the workers (and the tuner)."""
     from inferos_cli.profiles import resolve_settings
-    from inferos_cli.engine.engine import resolve_model_info
+    from inferos_cli.models.resolve import resolve_model
 
-    info = resolve_model_info(model, progress=True)
+    info = resolve_model(model, progress=True)
     resolved = resolve_settings(profile, param_count=info.param_count, config_path=config, flags=flags)
     service = InferenceService(info, resolved, profile=profile, max_batch=max_batch, use_batcher=use_batcher,
                                threads=threads, strict_devices=strict_devices)

@@ -72,10 +72,11 @@ def _tuned_engine(req: RunRequest, *, progress: bool, quiet: bool) -> tuple[Any,
     (``autotune.tune_for_run``), then load the engine with the tuned policy."""
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.quality.autotune import summary, tune_for_run
-    from inferos_cli.engine.engine import Engine, resolve_model_info
+    from inferos_cli.engine.engine import Engine
+    from inferos_cli.models.resolve import resolve_model
     from inferos_cli.settings import Resolved
 
-    info = resolve_model_info(req.model, progress=progress)
+    info = resolve_model(req.model, progress=progress)
     resolved = resolve_settings(req.profile, param_count=info.param_count, config_path=req.config)
     if not quiet:
         _err("auto-tune: measuring the KV policy against the baseline on the calibration text ...")
