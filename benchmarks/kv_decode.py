@@ -30,10 +30,13 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from inferos_cli.quality.eval import load_engines, profile_of
+    from inferos_cli.bench.configs import profile_of
+    from inferos_cli.models.resolve import resolve_model
+    from inferos_cli.quality.eval import load_engines, resolve_configs
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    info, engines = load_engines(args.model, [c for c in configs], args.threads)
+    info = resolve_model(args.model)
+    engines = load_engines(info, resolve_configs(configs, info), args.threads)
     text = Path(args.text).read_text(encoding="utf-8")
     ids = engines[0].tokenizer.encode(text, add_bos=False)
     out = {"model": info.name, "steps": args.steps, "rounds": args.rounds, "results": []}

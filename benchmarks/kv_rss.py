@@ -22,7 +22,9 @@ def child(args: argparse.Namespace) -> None:
     import numpy as np
     import psutil
 
-    from inferos_cli.quality.eval import load_engines, peak_rss_bytes
+    from inferos_cli.machine.rss import process_peak_rss as peak_rss_bytes
+    from inferos_cli.models.resolve import resolve_model
+    from inferos_cli.quality.eval import load_engines, resolve_configs
 
     proc = psutil.Process()
     if args.no_mem_pattern:  # experiment: ORT's memory-pattern planner off for every session of this run
@@ -36,7 +38,8 @@ def child(args: argparse.Namespace) -> None:
             return opts
 
         sessions.session_options = no_pattern
-    info, engines = load_engines(args.model, [args.config], args.threads)
+    info = resolve_model(args.model)
+    engines = load_engines(info, resolve_configs([args.config], info), args.threads)
     eng = engines[0]
     ids = eng.tokenizer.encode(Path(args.text).read_text(encoding="utf-8")[: args.ctx * 12], add_bos=False)
     ids = ids[: args.ctx + args.steps]

@@ -2,10 +2,13 @@
 
 Errors: an :class:`~inferos_cli.errors.InferosError` prints ``error: <message> (<fix>)`` on stderr and
 exits with its code (1, or 2 for usage); Ctrl-C exits 130; ``INFEROS_DEBUG=1`` re-raises for a traceback.
+A reader that closes stdout early (``inferos doctor | head -1``) ends the command quietly with exit 0, as
+Unix tools do.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -14,7 +17,7 @@ from typing import Any, Callable
 import typer
 
 from inferos_cli import __version__
-from inferos_cli.commands import bench, config, doctor, eval as eval_cmd, models, profiles, pull, run, serve
+from inferos_cli.commands import bench, config, doctor, eval as eval_cmd, models, profiles, pull, run, serve, top
 from inferos_cli.errors import InferosError, device_memory_error
 
 app = typer.Typer(
@@ -39,6 +42,12 @@ def report(exc: InferosError) -> None:
     typer.echo(f"error: {exc.one_line()}", err=True)
 
 
+class OutputClosed(Exception):
+    """stdout's reader went away (a pipe closed early): :func:`main` ends quietly with exit 0.
+
+    Not an ``OSError``, so Typer passes it through to :func:`main` instead of exiting 1 itself."""
+
+
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command so user errors become one line and an exit code, never a traceback."""
 
@@ -57,6 +66,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             typer.echo("interrupted", err=True)
             raise typer.Exit(130) from None
         except OSError as exc:  # disk full, permission denied, file vanished: the environment, not a bug
+            if exc.errno == errno.EPIPE:
+                raise OutputClosed from None
             if debug_enabled():
                 raise
             where = f": {exc.filename}" if getattr(exc, "filename", None) else ""
@@ -99,6 +110,7 @@ command("pull", pull.pull)
 command("models", models.list_models)
 command("doctor", doctor.doctor)
 command("serve", serve.serve)
+command("top", top.top)
 
 profiles_app = typer.Typer(help="List and inspect profiles (size classes, use cases, KV presets).", no_args_is_help=True)
 command("list", profiles.list_profiles, profiles_app)
@@ -114,9 +126,24 @@ app.add_typer(config_app, name="config")
 def main() -> None:
     """Console-script entry point."""
     try:
-        app()
+        try:
+            app()
+        finally:  # flush here, where a closed pipe can still be handled, not at interpreter exit
+            if sys.stdout is not None:
+                sys.stdout.flush()
     except InferosError as exc:  # raised outside a command (e.g. in a callback)
         if debug_enabled():
             raise
         report(exc)
         sys.exit(exc.exit_code)
+    except (OutputClosed, BrokenPipeError):
+        quiet_exit()
+
+
+def quiet_exit() -> None:
+    """Exit 0 after stdout's reader went away: what is still buffered goes to the null device, so the
+    interpreter's own flush at exit cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    sys.exit(0)

@@ -9,19 +9,16 @@ resolve) decides the exit code; everything else (GPU, NPU, DirectML, VitisAI, GA
 from __future__ import annotations
 
 import json
-import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from inferos_cli.machine import host
+
 Status = Literal["ok", "warn", "fail"]
-LEMONADE_DEFAULT_URLS = ("http://localhost:13305/api/v1", "http://localhost:8000/api/v1")
-SUBPROCESS_TIMEOUT_S = 10.0
 HTTP_TIMEOUT_S = 1.5
 LOW_DISK_BYTES = 2 * 1024**3
 LOW_RAM_BYTES = 2 * 1024**3
@@ -67,25 +64,13 @@ def _human(n: float | None) -> str:
     return format_bytes(n)
 
 
-def _run(argv: list[str], timeout: float = SUBPROCESS_TIMEOUT_S) -> tuple[int | None, str]:
-    """Run a program (no shell); (exit code or None when it could not run, its output or the error)."""
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, errors="replace", timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        return None, f"`{' '.join(argv)}` did not answer within {timeout:.0f} s"
-    except OSError as exc:
-        return None, f"`{' '.join(argv)}` could not start: {exc.strerror or exc}"
-    out = (proc.stdout or "").strip() or (proc.stderr or "").strip()
-    return proc.returncode, out
-
-
 # --------------------------------------------------------------------------------------------- host
 
 
 def check_python() -> Check:
     """Interpreter version and path."""
-    version = platform.python_version()
-    ok = sys.version_info >= (3, 11)
+    version = host.python_version()
+    ok = host.python_ok()
     return Check(
         "python", "ok" if ok else "fail", f"Python {version} ({sys.executable})",
         "" if ok else "inferos needs Python >= 3.11: install it and recreate the venv",
@@ -94,54 +79,21 @@ def check_python() -> Check:
 
 def check_os() -> Check:
     """Operating system and architecture."""
-    detail = f"{platform.system()} {platform.release()} ({platform.machine()}); {platform.platform()}"
-    return Check("os", "ok", detail)
-
-
-def cpu_model() -> str | None:
-    """The CPU's marketing name, read from the OS (None when it says nothing)."""
-    system = platform.system()
-    if system == "Linux":
-        try:
-            text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-        except OSError:
-            text = ""
-        for key in ("model name", "Hardware", "Processor", "cpu model"):
-            match = re.search(rf"^{key}\s*:\s*(.+)$", text, re.MULTILINE)
-            if match:
-                return match.group(1).strip()
-    elif system == "Darwin":
-        code, out = _run(["sysctl", "-n", "machdep.cpu.brand_string"])
-        if code == 0 and out:
-            return out
-    elif system == "Windows":
-        try:  # the registry holds the marketing name; platform.processor() only has the family string
-            import winreg  # type: ignore[import-not-found]
-
-            with winreg.OpenKey(winreg.HKEY_LOCAL_MACHINE, r"HARDWARE\DESCRIPTION\System\CentralProcessor\0") as key:
-                return str(winreg.QueryValueEx(key, "ProcessorNameString")[0]).strip()
-        except OSError:
-            pass
-    return platform.processor() or None
+    return Check("os", "ok", host.os_description())
 
 
 def check_cpu() -> Check:
     """CPU model and core counts."""
-    import psutil
-
-    physical = psutil.cpu_count(logical=False)
-    logical = psutil.cpu_count(logical=True)
-    model = cpu_model() or "model n/a (the OS does not report it)"
+    physical, logical = host.cpu_cores()
+    model = host.cpu_model() or "model n/a (the OS does not report it)"
     return Check("cpu", "ok", f"{model}; {physical or 'n/a'} physical / {logical or 'n/a'} logical cores")
 
 
 def check_ram() -> Check:
     """Total and available memory."""
-    import psutil
-
-    mem = psutil.virtual_memory()
-    detail = f"{_human(mem.total)} total, {_human(mem.available)} available"
-    if mem.available < LOW_RAM_BYTES:
+    total, available = host.memory()
+    detail = f"{_human(total)} total, {_human(available)} available"
+    if available < LOW_RAM_BYTES:
         return Check("ram", "warn", detail, "close other programs or use a smaller model / tighter KV profile")
     return Check("ram", "ok", detail)
 
@@ -203,10 +155,8 @@ WINDOWS_ONLY = {
 
 def check_providers(compiled: list[str]) -> list[Check]:
     """A strict probe per provider: every compiled-in one, plus DirectML and VitisAI rows always."""
-    try:
-        from inferos_cli.engine.sessions import INSTALL_HINTS, probe_provider
-    except Exception as exc:  # the sessions module failed to import: say so, don't guess
-        return [Check("provider probe", "fail", f"cannot load the probe: {exc}", "reinstall inferos")]
+    from inferos_cli.engine.sessions import INSTALL_HINTS, probe_provider
+
     names = list(compiled)
     for name in ("DmlExecutionProvider", "VitisAIExecutionProvider"):
         if name not in names:
@@ -266,96 +216,23 @@ def _provider_check(name: str, compiled: list[str], probe_provider: Callable[[st
 # ---------------------------------------------------------------------------------------- GPU / NPU
 
 
-def nvidia_gpus() -> tuple[list[str] | None, str]:
-    """NVIDIA GPU names via NVML (nvidia-ml-py) or ``nvidia-smi -L``; (None, why) when neither can look."""
-    try:
-        import pynvml  # type: ignore[import-not-found]
-
-        pynvml.nvmlInit()
-        try:
-            names = []
-            for i in range(pynvml.nvmlDeviceGetCount()):
-                name = pynvml.nvmlDeviceGetName(pynvml.nvmlDeviceGetHandleByIndex(i))
-                names.append(name.decode() if isinstance(name, bytes) else str(name))
-            return names, "NVML"
-        finally:
-            pynvml.nvmlShutdown()
-    except ImportError:
-        pass
-    except Exception as exc:  # NVML present but no driver / no device
-        return [], f"NVML: {str(exc)[:120]}"
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return None, "no NVIDIA driver tools (nvidia-smi not on PATH, nvidia-ml-py not installed)"
-    code, out = _run([smi, "-L"])
-    if code != 0:
-        return [], f"nvidia-smi: {out[:120] or 'failed'}"
-    return [line.split(" (UUID")[0] for line in out.splitlines() if line.startswith("GPU")], "nvidia-smi"
-
-
-def linux_drm_gpus(sysroot: Path = Path("/")) -> tuple[list[str] | None, str]:
-    """GPUs the Linux DRM subsystem lists (vendor id, and whether a busy counter exists)."""
-    root = sysroot / "sys" / "class" / "drm"
-    if not root.is_dir():
-        return None, f"{root} is absent (no DRM GPU driver visible, e.g. in a container or VM)"
-    vendors = {"0x1002": "AMD", "0x10de": "NVIDIA", "0x8086": "Intel"}
-    found = []
-    for card in sorted(root.glob("card[0-9]*")):
-        if "-" in card.name:
-            continue
-        vendor_file = card / "device" / "vendor"
-        try:
-            vendor = vendor_file.read_text().strip()
-        except OSError:
-            continue
-        busy = (card / "device" / "gpu_busy_percent").is_file()
-        found.append(f"{card.name}: {vendors.get(vendor, vendor)}" + (" (utilisation counter present)" if busy else ""))
-    return found, str(root)
-
-
-def linux_accel_npus(sysroot: Path = Path("/")) -> tuple[list[str] | None, str]:
-    """NPUs under /sys/class/accel (amdxdna for Ryzen AI, intel_vpu for Intel)."""
-    root = sysroot / "sys" / "class" / "accel"
-    if not root.is_dir():
-        return None, f"{root} is absent (no NPU driver such as amdxdna or intel_vpu loaded)"
-    found = []
-    for dev in sorted(root.glob("accel*")):
-        driver = dev / "device" / "driver"
-        name = driver.resolve().name if driver.exists() else "unknown driver"
-        found.append(f"{dev.name}: {name}")
-    return found, str(root)
-
-
-def windows_devices(pattern: str | None, cls: str) -> tuple[list[str] | None, str]:
-    """Windows PnP devices of class ``cls``, or (with ``pattern``) whose name matches it (PowerShell CIM)."""
-    shell = shutil.which("powershell") or shutil.which("pwsh")
-    if shell is None:
-        return None, "PowerShell not found, cannot list devices"
-    where = f"$_.PNPClass -eq '{cls}'" + (f" -or $_.Name -match '{pattern}'" if pattern else "")
-    query = f"Get-CimInstance Win32_PnPEntity | Where-Object {{ {where} }} | ForEach-Object {{ $_.Name }}"
-    code, out = _run([shell, "-NoProfile", "-NonInteractive", "-Command", query], timeout=20)
-    if code != 0:
-        return None, f"PowerShell device query failed: {out[:120]}"
-    return [line.strip() for line in out.splitlines() if line.strip()], "Win32_PnPEntity"
-
-
 def check_gpu() -> Check:
     """GPU presence as the OS or a vendor tool sees it; n/a with the reason when nothing can look."""
     seen: list[str] = []
     reasons: list[str] = []
-    nv, how = nvidia_gpus()
+    nv, how = host.nvidia_gpus()
     if nv:
         seen += [f"{n} ({how})" for n in nv]
     else:
         reasons.append(how)
     if sys.platform.startswith("linux"):
-        drm, how = linux_drm_gpus()
+        drm, how = host.linux_drm_gpus()
         if drm:
             seen += [f"{d} ({how})" for d in drm]
         else:
             reasons.append(how if drm is None else "no GPU in /sys/class/drm")
     elif sys.platform == "win32":
-        win, how = windows_devices(None, "Display")
+        win, how = host.windows_devices(None, "Display")
         if win:
             seen += [f"{d} ({how})" for d in win]
         else:
@@ -371,9 +248,9 @@ def check_gpu() -> Check:
 def check_npu() -> Check:
     """NPU presence as the OS sees it; n/a with the reason when it cannot look."""
     if sys.platform.startswith("linux"):
-        found, how = linux_accel_npus()
+        found, how = host.linux_accel_npus()
     elif sys.platform == "win32":
-        found, how = windows_devices(r"\bNPU\b|Neural|\bIPU\b", "ComputeAccelerator")
+        found, how = host.windows_devices(r"\bNPU\b|Neural|\bIPU\b", "ComputeAccelerator")
     else:
         found, how = None, f"no NPU probe for {platform.system()}"
     if found:
@@ -387,10 +264,8 @@ def check_npu() -> Check:
 
 def check_counters() -> Check:
     """Which utilisation counters the telemetry monitors can really read here (one sample each)."""
-    try:
-        from inferos_cli.machine.telemetry import default_monitors, merge_readings
-    except Exception as exc:
-        return Check("utilisation counters", "warn", f"n/a: telemetry unavailable ({exc})", "reinstall inferos")
+    from inferos_cli.machine.telemetry import default_monitors, merge_readings
+
     readings = []
     for group in default_monitors().values():
         for monitor in group:
@@ -415,7 +290,7 @@ def check_counters() -> Check:
 
 
 def _failed_reading(name: str, exc: Exception) -> Any:
-    from inferos_cli.machine.telemetry import Reading
+    from inferos_cli.machine.monitors import Reading
 
     reading = Reading()
     for key in ("gpu", "npu"):
@@ -442,7 +317,7 @@ def check_gaia() -> Check:
         path = shutil.which(exe)
         if path is None:
             continue
-        code, out = _run([path, "--version"])
+        code, out = host.run_program([path, "--version"])
         version = out.splitlines()[-1].strip() if out else "no version printed"
         if impostor and not amd:
             return Check(
@@ -462,38 +337,13 @@ def check_gaia() -> Check:
     )
 
 
-def lemonade_urls() -> list[str]:
-    """Where to look for Lemonade: ``LEMONADE_BASE_URL``, else :13305 (v10.1+), else :8000 (older)."""
-    env = os.environ.get("LEMONADE_BASE_URL", "").strip()
-    return [env.rstrip("/")] if env else list(LEMONADE_DEFAULT_URLS)
-
-
-def http_get_json(url: str, timeout: float = HTTP_TIMEOUT_S) -> tuple[int | None, Any, str]:
-    """GET ``url``: (status or None, parsed JSON or text, error). urllib only, no proxy for localhost."""
-    import urllib.error
-    import urllib.request
-
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(urllib.request.Request(url, headers={"Accept": "application/json"}), timeout=timeout) as resp:
-            body = resp.read(65536).decode("utf-8", errors="replace")
-            status = resp.status
-    except urllib.error.HTTPError as exc:
-        return exc.code, None, f"HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return None, None, str(reason)
-    try:
-        return status, json.loads(body), ""
-    except json.JSONDecodeError:
-        return status, body.strip()[:200], ""
-
-
 def check_lemonade() -> Check:
     """The Lemonade server's ``/health`` answer at the first URL that answers."""
+    from inferos_cli.backends.lemonade import candidate_urls, probe_json
+
     tried = []
-    for url in lemonade_urls():
-        status, body, err = http_get_json(f"{url}/health")
+    for url in candidate_urls():
+        status, body, err = probe_json(f"{url}/health", timeout=HTTP_TIMEOUT_S)
         if status == 200:
             shown = json.dumps(body, separators=(",", ":")) if not isinstance(body, str) else body
             return Check("lemonade", "ok", f"{url}/health answered: {shown[:200]}")
@@ -592,11 +442,9 @@ def check_settings() -> Check:
 
 def device_fallbacks(prefill: str, decode: str) -> list[str]:
     """``prefill dml -> cpu (reason)`` for each phase whose device's provider does not work here."""
+    from inferos_cli.engine.sessions import probe_provider
+
     out = []
-    try:
-        from inferos_cli.engine.sessions import probe_provider
-    except Exception:
-        return out
     quiet_ort_logs(True)
     try:
         for phase, device in (("prefill", prefill), ("decode", decode)):

@@ -7,6 +7,8 @@ and exits with ``exit_code`` (1 for errors, 2 for usage); a traceback only with 
 
 from __future__ import annotations
 
+from inferos_cli.units import MiB
+
 
 class InferosError(Exception):
     """Base of every user-facing error: a one-line message, an optional one-line fix, an exit code."""
@@ -81,7 +83,7 @@ def device_memory_error(exc: BaseException) -> DeviceMemoryError | None:
     node = re.search(r"running (\w+) node", text)
     sizes = re.search(r"Available memory of (\d+) is smaller than requested bytes of (\d+)", text)
     where = f" in {node.group(1)}" if node else ""
-    detail = (f": {int(sizes.group(2)) / 2**20:.0f} MiB asked, {int(sizes.group(1)) / 2**20:.0f} MiB left"
+    detail = (f": {int(sizes.group(2)) / MiB:.0f} MiB asked, {int(sizes.group(1)) / MiB:.0f} MiB left"
               if sizes else "")
     return DeviceMemoryError(
         f"the device ran out of memory{where}{detail}",

@@ -5,8 +5,9 @@ Metric definitions (same as Lemonade's bench; ``docs/architecture.md`` has the f
 - ``ttft_s``: prompt handed to the engine -> first generated token available (prefill + first sampling).
 - ``prefill_tps`` = prompt tokens / TTFT.
 - ``decode_tps`` = (generated - 1) / (t_last - t_first); None until two tokens exist.
-- ``kv_bytes``: resident bytes per tier (sum of the cache arrays' ``nbytes``); ``kv_bytes_fp16``: the
-  same tokens in fp16. ``rss_bytes``: the process RSS at the event. ``util``: a real counter or None.
+- ``kv_bytes``: bytes per tier that hold tokens (tokens held x that tier's bytes per token, per-token
+  scales included); ``kv_bytes_fp16``: the same tokens in fp16; ``reserved``: bytes per tier the cache
+  allocated (preallocated capacity and batch padding included), at least the held bytes. ``rss_bytes``: the process RSS at the event. ``util``: a real counter or None.
 Values that cannot be measured are None, never a guess.
 """
 
@@ -21,21 +22,28 @@ EventKind = Literal["prefill", "token", "done"]
 
 @dataclass(slots=True)
 class KVStats:
-    """A snapshot of the KV cache: tokens and resident bytes per tier, and the fp16 reference."""
+    """A snapshot of the KV cache: tokens and the bytes holding them per tier, the fp16 reference, and the
+    bytes allocated per tier (``reserved``)."""
 
     tokens: dict[str, int] = field(default_factory=dict)
     bytes: dict[str, int] = field(default_factory=dict)
     bytes_fp16: int = 0
     evicted: int = 0
+    reserved: dict[str, int] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
-        """Sum of resident bytes over tiers."""
+        """Bytes holding tokens, all tiers."""
         return sum(self.bytes.values())
 
     @property
+    def reserved_bytes(self) -> int:
+        """Bytes allocated, all tiers (never less than :attr:`total_bytes`)."""
+        return max(sum(self.reserved.values()), self.total_bytes)
+
+    @property
     def ratio_vs_fp16(self) -> float | None:
-        """Resident bytes / fp16 bytes of the same tokens, None for an empty cache."""
+        """Held bytes / fp16 bytes of the same tokens, None for an empty cache."""
         return self.total_bytes / self.bytes_fp16 if self.bytes_fp16 else None
 
 
@@ -62,10 +70,11 @@ class Event:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        """Plain data for ``--json`` lines and the server; KV stats flattened with their ratio."""
+        """Plain data for ``--json`` lines and the server; KV stats flattened with their totals and ratio."""
         data = asdict(self)
         if self.kv is not None:
             data["kv"]["total_bytes"] = self.kv.total_bytes
+            data["kv"]["reserved_bytes"] = self.kv.reserved_bytes
             data["kv"]["ratio_vs_fp16"] = self.kv.ratio_vs_fp16
         return data
 
@@ -174,6 +183,12 @@ class RunStats:
         ttft = self.ttft_s
         if self.engine_prefill_tps is not None and self.rows == 1:
             return self.engine_prefill_tps
+        return self.prompt_tokens / ttft if ttft and self.prompt_tokens else None
+
+    @property
+    def measured_prefill_tps(self) -> float | None:
+        """Prompt tokens / :attr:`measured_ttft_s` (the consumer's clock, e.g. the bench worker's)."""
+        ttft = self.measured_ttft_s
         return self.prompt_tokens / ttft if ttft and self.prompt_tokens else None
 
     @property

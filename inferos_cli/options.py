@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -70,4 +71,27 @@ KVBudgetOpt = Annotated[
     typer.Option("--kv-budget", help="Cap on resident KV bytes (e.g. 64MiB): int8 tokens are demoted to int4, "
                  "then low-importance tokens evicted (models with position_ids). Sets kv.budget_bytes.",
                  show_default=False),
+]
+
+
+_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "'": "'", '"': '"', "\\": "\\"}
+_ESCAPE = re.compile(r"\\([nrt'\"\\]|x[0-7][0-9a-fA-F])")
+
+
+def unescape(text: str) -> str:
+    """C-style escapes as llama.cpp reads them (``--escape``, on by default): ``\\n \\r \\t \\' \\" \\\\``
+    and ``\\xHH`` (ASCII) become the characters; any other backslash stays as typed. A shell passes
+    ``--stop "\\n\\n"`` as backslash-n, so without this the stop string could never match."""
+    return _ESCAPE.sub(lambda m: chr(int(m[1][1:], 16)) if m[1][0] == "x" else _ESCAPES[m[1]], text)
+
+
+def unescape_all(values: Optional[list[str]]) -> Optional[list[str]]:
+    """:func:`unescape` over a repeatable option's values (None stays None)."""
+    return None if values is None else [unescape(v) for v in values]
+
+
+StopOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--stop", callback=unescape_all, show_default=False,
+                 help='Stop string (repeatable); \\n, \\t, \\\\ and \\" are understood, e.g. --stop "\\n\\n".'),
 ]

@@ -13,12 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from inferos_cli import paths
-from inferos_cli.errors import ConfigError, ModelError, ModelNotFoundError, ProfileError, UsageError
+from inferos_cli.errors import ConfigError, ProfileError
+from inferos_cli.models.params import SIZE_CLASSES, size_class
 from inferos_cli.settings import Resolved, env_layer, resolve
 
 BUILTIN_DIR = Path(__file__).with_name("profiles")
 META_KEYS = ("kind", "description")
-SIZE_CLASSES = ("3b", "7b", "13b", "20b")
 
 
 def available() -> dict[str, Path]:
@@ -67,20 +67,6 @@ def policy_part(table: dict[str, Any]) -> dict[str, Any]:
 def split_names(spec: str | None) -> list[str]:
     """``"7b, chat"`` -> ``["7b", "chat"]``; None or empty -> []."""
     return [n.strip() for n in (spec or "").split(",") if n.strip()]
-
-
-def size_class(param_count: int | None) -> str | None:
-    """Profile name for a model's parameter count: 3b (<= ~3.5B), 7b (<= ~10B), 13b (<= ~16B), else 20b."""
-    if not param_count:
-        return None
-    billions = param_count / 1e9
-    if billions <= 3.5:
-        return "3b"
-    if billions <= 10:
-        return "7b"
-    if billions <= 16:
-        return "13b"
-    return "20b"
 
 
 def read_config(path: Path) -> dict[str, Any]:
@@ -242,74 +228,3 @@ def policy_snapshot(resolved: Resolved, *, param_count: int | None = None) -> di
         "policy": resolved.as_dict(),
         "sources": dict(resolved.sources),
     }
-
-
-_COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
-
-
-def parse_param_count(text: str) -> int:
-    """``7B`` / ``135M`` / ``1.5b`` / ``13e9`` / ``7000000000`` -> an integer parameter count."""
-    import re
-
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?(?:e[0-9]+)?)\s*([kmbgt]?)\s*", text.lower())
-    if not match:
-        raise UsageError(f"--params {text!r} is not a parameter count", "use e.g. 7B, 135M or 13e9")
-    return int(float(match.group(1)) * _COUNT_UNITS[match.group(2)])
-
-
-def param_count_for(model: str | None, params: str | None = None) -> int | None:
-    """The parameter count that picks the size class: ``--params``, else the model's, read without loading
-    weights from an ONNX folder / .onnx, a .gguf tensor table or safetensors headers; aliases and cached
-    names go through :func:`inferos_cli.models.resolve.resolve_model`."""
-    if params:
-        return parse_param_count(params)
-    if not model:
-        return None
-    path = Path(model).expanduser()
-    if path.is_file() and path.suffix.lower() == ".gguf":
-        return gguf_param_count(path)
-    if path.is_file() and path.suffix.lower() == ".onnx":
-        path = path.parent
-    if path.is_dir():
-        from inferos_cli.models.info import find_onnx, inspect_folder
-
-        if find_onnx(path) is not None:
-            return inspect_folder(path).param_count
-        if sorted(path.glob("*.safetensors")):
-            return safetensors_param_count(path)
-    try:
-        from inferos_cli.models.resolve import resolve_model
-    except ImportError:
-        raise ModelNotFoundError(
-            f"cannot resolve model {model!r} here", "pass an ONNX folder, or --params 7B to pick the size class"
-        ) from None
-    return resolve_model(model, progress=False).param_count
-
-
-def gguf_param_count(path: Path) -> int:
-    """Parameter count of a GGUF file from its tensor table (memory-mapped header; no weights are read)."""
-    try:
-        from gguf import GGUFReader
-
-        reader = GGUFReader(str(path))
-        return int(sum(int(t.n_elements) for t in reader.tensors))
-    except Exception as exc:  # malformed or truncated file
-        raise ModelError(f"{path} is not a readable GGUF file: {str(exc)[:160]}") from None
-
-
-def safetensors_param_count(folder: Path) -> int:
-    """Parameter count of a Hugging Face folder from its ``*.safetensors`` headers (no weights are read)."""
-    import json
-    import math
-    import struct
-
-    total = 0
-    for file in sorted(folder.glob("*.safetensors")):
-        try:
-            with file.open("rb") as handle:
-                (size,) = struct.unpack("<Q", handle.read(8))
-                header = json.loads(handle.read(size))
-        except (OSError, struct.error, ValueError) as exc:
-            raise ModelError(f"{file} has no readable safetensors header: {exc}") from None
-        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
-    return total

@@ -301,9 +301,11 @@ def allowed_values(loc: tuple[Any, ...] | list[Any]) -> str | None:
     return kind
 
 
-def validate_policy(merged: dict[str, Any], sources: dict[str, str] | None = None) -> Policy:
+def validate_policy(merged: dict[str, Any], sources: dict[str, str] | None = None,
+                    order: list[str] | None = None) -> Policy:
     """Validate a nested dict into a :class:`Policy`, turning the first error into a one-line ConfigError
-    that names the key, the value, what is allowed and (given ``sources``) the layer that set it."""
+    that names the key, the value, what is allowed and (given ``sources``) the layer that set it; ``order``
+    lists the layer names from lowest to highest precedence (it picks the layer to blame for a group)."""
     try:
         return Policy.model_validate(merged)
     except ValidationError as exc:
@@ -311,7 +313,7 @@ def validate_policy(merged: dict[str, Any], sources: dict[str, str] | None = Non
         loc = tuple(err["loc"])
         key = ".".join(str(p) for p in loc) or "policy"
         value = err.get("input")
-        origin = _origin(key, sources or {})
+        origin = _origin(key, sources or {}, order or [])
         if err.get("type") == "extra_forbidden":
             parent = field_info(loc[:-1])
             sub = _submodel(Policy, str(loc[0])) if len(loc) == 2 else None
@@ -331,12 +333,15 @@ def validate_policy(merged: dict[str, Any], sources: dict[str, str] | None = Non
         raise ConfigError(f"invalid setting {key}{shown}{origin}: {msg}", fix) from None
 
 
-def _origin(key: str, sources: dict[str, str]) -> str:
-    """`` (from env)`` for the layer that set ``key`` (or a key below it), else empty."""
+def _origin(key: str, sources: dict[str, str], order: list[str]) -> str:
+    """`` (from env)`` for the layer that set ``key``, else empty. For a group of keys checked together
+    (``kv.level_thresholds``) it is the highest-precedence layer that set one of them: the values it
+    overrides come from defaults and profiles, which are valid on their own."""
     found = sources.get(key)
     if found is None or found == "default":
         below = [v for k, v in sources.items() if k.startswith(key + ".") and v != "default"]
-        found = below[-1] if below else None
+        rank = {name: i for i, name in enumerate(order)}
+        found = max(below, key=lambda name: rank.get(name, -1)) if below else None
     return f" (from {found})" if found and found != "default" else ""
 
 
@@ -344,6 +349,7 @@ def resolve(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
     """Merge ``(source_name, nested_dict)`` layers in order (later wins) into a validated policy."""
     merged: dict[str, Any] = {}
     sources = {key: "default" for key in flatten(Policy().model_dump())}
+    order: list[str] = []
     for name, layer in layers:
         if not layer:
             continue
@@ -355,6 +361,7 @@ def resolve(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
                 f"use one of: {', '.join(POLICY_SECTIONS)}",
             )
         merged = deep_merge(merged, layer)
+        order.append(name)
         for key in flatten(layer):
             sources[key] = name
-    return Resolved(policy=validate_policy(merged, sources), sources=sources)
+    return Resolved(policy=validate_policy(merged, sources, order), sources=sources)

@@ -1,7 +1,7 @@
 """An independent numpy forward of a Llama-family decoder (HF weight layout), the reference for the converter.
 
 Written straight from the HF modeling code (rotate_half RoPE, repeat_kv GQA, RMSNorm, SwiGLU); it shares
-nothing with inferos_cli.models.builder.
+nothing with inferos_cli.models.builders.
 """
 
 from __future__ import annotations

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from inferos_cli.cli import app
 from inferos_cli import doctor as diagnose
+from inferos_cli.machine import host
 from inferos_cli.ui.doctor_table import doctor_lines, doctor_table, summary
 
 runner = CliRunner()
@@ -131,8 +132,10 @@ def test_lemonade_absent_is_a_warning_with_fix(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_lemonade_default_urls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inferos_cli.backends.lemonade import candidate_urls
+
     monkeypatch.delenv("LEMONADE_BASE_URL", raising=False)
-    assert diagnose.lemonade_urls() == ["http://localhost:13305/api/v1", "http://localhost:8000/api/v1"]
+    assert candidate_urls() == ["http://localhost:13305/api/v1", "http://localhost:8000/api/v1"]
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="builds a POSIX executable script on PATH")
@@ -204,20 +207,20 @@ def test_optional_packages_read_from_metadata() -> None:
 
 @pytest.mark.skipif(sys.platform == "win32", reason="sysfs layout with symlinks (Linux)")
 def test_sysfs_gpu_and_npu_discovery(tmp_path: Path) -> None:
-    assert diagnose.linux_drm_gpus(tmp_path)[0] is None  # no /sys/class/drm at all: n/a with the reason
+    assert host.linux_drm_gpus(tmp_path)[0] is None  # no /sys/class/drm at all: n/a with the reason
     card = tmp_path / "sys/class/drm/card0/device"
     card.mkdir(parents=True)
     (card / "vendor").write_text("0x1002\n")
     (card / "gpu_busy_percent").write_text("3\n")
     (tmp_path / "sys/class/drm/card0-eDP-1").mkdir()  # a connector, not a GPU
-    found, how = diagnose.linux_drm_gpus(tmp_path)
+    found, how = host.linux_drm_gpus(tmp_path)
     assert found == ["card0: AMD (utilisation counter present)"] and how.endswith("sys/class/drm")
     driver = tmp_path / "sys/bus/pci/drivers/amdxdna"
     driver.mkdir(parents=True)
     dev = tmp_path / "sys/class/accel/accel0/device"
     dev.mkdir(parents=True)
     (dev / "driver").symlink_to(driver)
-    found, _ = diagnose.linux_accel_npus(tmp_path)
+    found, _ = host.linux_accel_npus(tmp_path)
     assert found == ["accel0: amdxdna"]
 
 

@@ -11,14 +11,9 @@ from typer.testing import CliRunner
 
 from inferos_cli.cli import app
 from inferos_cli.errors import ConfigError, ProfileError, UsageError
-from inferos_cli.profiles import (
-    available,
-    param_count_for,
-    parse_param_count,
-    profile_list_snapshot,
-    resolve_settings,
-    size_class,
-)
+from inferos_cli.models.params import parse_param_count, size_class
+from inferos_cli.models.resolve import param_count_for
+from inferos_cli.profiles import available, profile_list_snapshot, resolve_settings
 from inferos_cli.ui.profile_table import policy_lines, policy_table, policy_toml, profile_list_table
 
 runner = CliRunner()
@@ -299,3 +294,16 @@ def test_param_count_of_hf_folder_and_gguf_without_loading(stories_src: Path, tm
     bad.write_bytes(b"not a gguf")
     with pytest.raises(Exception, match="not a readable GGUF"):
         param_count_for(str(bad))
+
+
+def test_env_value_that_breaks_a_profile_group_is_blamed_on_env(inferos_home: Path) -> None:
+    """Issue 17 item 10a through the real CLI: an env threshold under the 3b profile names the env layer."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "INFEROS_HOME": str(inferos_home), "INFEROS_KV__LEVEL_THRESHOLDS__L1_INT8": "0.1"}
+    done = subprocess.run([sys.executable, "-m", "inferos_cli", "config", "show", "--profile", "3b"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "kv.level_thresholds (from env)" in done.stderr and "profile:3b" not in done.stderr

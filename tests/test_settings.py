@@ -131,3 +131,16 @@ def test_ignores_non_policy_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INFEROS_DEBUG", "1")
     monkeypatch.setenv("INFEROS_CONFIG", "/nowhere.toml")
     assert env_layer() == {}
+
+
+def test_group_error_names_the_layer_that_broke_it() -> None:
+    """Issue 17 item 10a: the thresholds are checked as a group; a profile sets all three, the environment
+    one; the error names the environment (the layer whose value broke the order), not the profile."""
+    profile = ("profile:3b (size class)", {"kv": {"level_thresholds": {"L1_int8": 0.8, "L2_int4": 0.6,
+                                                                        "L3_evict": 0.4}}})
+    env = ("env", {"kv": {"level_thresholds": {"L1_int8": "0.1"}}})
+    with pytest.raises(ConfigError, match=r"kv.level_thresholds \(from env\)"):
+        resolve([profile, env])
+    config = ("config:my.toml", {"kv": {"level_thresholds": {"L2_int4": 0.9}}})
+    with pytest.raises(ConfigError, match=r"kv.level_thresholds \(from config:my.toml\)"):
+        resolve([profile, config])

@@ -1,5 +1,6 @@
 """The AMD GAIA CLI as a backend: ``gaia llm "PROMPT" --model M --base-url URL --max-tokens N --stats``
-run as a subprocess (no shell), its answer streamed from stdout.
+run as a subprocess (no shell), its answer streamed from stdout. Without a model, ``M`` is the model the
+server has loaded (:func:`loaded_model`), not GAIA's own default.
 
 GAIA prints status lines (log records, ``🔄 Loading model``, ``✅ Model loaded``) around the model's
 text after the ``gaia:`` marker; those are filtered out. Timings: GAIA's own ``--stats`` output when it
@@ -20,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterator
 
+from inferos_cli.backends.lemonade import PROBE_TIMEOUT_S, get_json, resolve_url
 from inferos_cli.errors import BackendError
-from inferos_cli.events import Event
+from inferos_cli.events import Event, RunStats
 
 EXE_ENV = "INFEROS_GAIA_EXE"
 MARKER = "gaia:"
@@ -69,6 +71,20 @@ def is_status_line(line: str) -> bool:
     return bool(_LOG_LINE.match(stripped)) or stripped.startswith(_STATUS_PREFIXES)
 
 
+def loaded_model(url: str) -> str | None:
+    """The model the server at ``url`` has loaded (``/health``'s ``model_loaded``), or None.
+
+    Without ``--model`` GAIA asks for its own default model, which ``inferos serve`` (one model) does not
+    hold; the server's loaded model is what a user running ``inferos run --backend gaia`` means. None (no
+    answer, nothing loaded) leaves GAIA's default to a Lemonade server that can load it."""
+    try:
+        health = get_json(url + "/health", timeout=PROBE_TIMEOUT_S)
+    except BackendError:
+        return None
+    loaded = health.get("model_loaded") if isinstance(health, dict) else None
+    return str(loaded) if loaded else None
+
+
 class GaiaBackend:
     """Run prompts through the GAIA CLI against a Lemonade-compatible server."""
 
@@ -76,11 +92,9 @@ class GaiaBackend:
 
     def __init__(self, *, model: str | None, url: str | None = None, exe: str | None = None,
                  timeout_s: float = 600.0) -> None:
-        from inferos_cli.backends.lemonade import resolve_url
-
         self.exe = find_gaia(exe)
         self.url = resolve_url(url)
-        self.model = model
+        self.model = model or loaded_model(self.url)
         self.timeout_s = timeout_s
 
     def describe(self) -> dict[str, Any]:
@@ -178,8 +192,6 @@ class GaiaBackend:
         stats = parse_stats(full + "\n" + err)
         source = "gaia --stats output" if stats else None
         if not stats:
-            from inferos_cli.backends.lemonade import get_json
-
             try:
                 server = get_json(self.url + "/stats", timeout=10)
                 stats = {k: server[k] for k in ("time_to_first_token", "tokens_per_second", "input_tokens",
@@ -187,16 +199,18 @@ class GaiaBackend:
                 source = "server /stats"
             except BackendError:
                 stats, source = {}, None
-        ttft = stats.get("time_to_first_token")
-        prompt_tokens = int(stats.get("input_tokens") or 0)
-        yield Event(
-            kind="done", t=time.perf_counter(), prompt_tokens=prompt_tokens,
-            generated=int(stats.get("output_tokens") or chunks), ttft_s=ttft,
-            prefill_tps=(prompt_tokens / ttft) if ttft and prompt_tokens else None,
+        done = Event(
+            kind="done", t=time.perf_counter(), prompt_tokens=int(stats.get("input_tokens") or 0),
+            generated=int(stats.get("output_tokens") or chunks), ttft_s=stats.get("time_to_first_token"),
             decode_tps=stats.get("tokens_per_second"), provider=provider, finish_reason="stop",
             extra={"stats_source": source, "first_text_s": (t_first - t0) if t_first else None,
                    "wall_s": time.perf_counter() - t0, "text": full.strip()},
         )
+        # only the reported figures are folded: the client's time to first text includes GAIA's start-up
+        folded = RunStats(t0=t0)
+        folded.add(done)
+        done.prefill_tps = folded.prefill_tps
+        yield done
 
     def close(self) -> None:
         """Nothing held between prompts."""

@@ -7,12 +7,13 @@ onnxruntime-genai runs in a bench worker (:mod:`inferos_cli.bench.worker`). It l
 ``model.onnx`` as the engine.
 
 The server peer streams ``POST {url}/completions`` (falling back to ``/chat/completions`` when the server
-has no text-completion route) with ``stream_options.include_usage`` and times the SSE chunks itself:
-TTFT = request sent -> first chunk with text; decode tok/s = (completion tokens - 1) / (last text chunk -
-first text chunk), completion tokens from the server's usage chunk when it sends one, else the number of
-text chunks. A batch of B is B concurrent streams; aggregate decode tok/s = all decode tokens / (latest
-last chunk - earliest first chunk); TTFT = the slowest stream's first chunk. ``GET {url}/stats`` is
-recorded after each run when the server has it. Only the standard library is used (``urllib``).
+has no text-completion route) through the one Lemonade client and URL rule
+(:mod:`inferos_cli.backends.lemonade`) and times the text chunks as they arrive. A batch of B is B
+concurrent streams; each stream's first and last text chunk are folded as token events
+(:class:`inferos_cli.events.RunStats`), with the completion tokens from the server's usage chunk when it
+sends one, else the number of text chunks: aggregate decode tok/s = all decode tokens / (latest last
+chunk - earliest first chunk). TTFT = request sent -> the slowest stream's first text chunk (every row
+has started). ``GET {url}/stats`` is recorded after each run when the server has it.
 """
 
 from __future__ import annotations
@@ -21,17 +22,15 @@ import json
 import os
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import TYPE_CHECKING, Any
 
+from inferos_cli.backends.lemonade import ServerHTTPError, default_url, get_json, stream_completion
+from inferos_cli.bench.runner import Runner
 from inferos_cli.errors import BackendError
-from inferos_cli.bench.grid import Runner
+from inferos_cli.events import Event, RunStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
-
-DEFAULT_LEMONADE_URL = "http://localhost:13305/api/v1"
 
 
 def genai_skip_reason(info: "ModelInfo") -> str | None:
@@ -117,33 +116,22 @@ def genai_folder(info: "ModelInfo") -> "Path":
     return target
 
 
-def default_url() -> str:
-    """``LEMONADE_BASE_URL`` or Lemonade's default base URL."""
-    return os.environ.get("LEMONADE_BASE_URL") or DEFAULT_LEMONADE_URL
-
-
-def _get_json(url: str, timeout: float) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - user-given local URL
-        return json.loads(resp.read().decode("utf-8"))
-
-
 def server_models(url: str, timeout: float = 5.0) -> list[str]:
     """Model ids a server lists at ``GET {url}/models`` (OpenAI ``{"data": [{"id"}]}`` shape)."""
-    data = _get_json(url.rstrip("/") + "/models", timeout)
+    data = get_json(url.rstrip("/") + "/models", timeout)
     items = data.get("data", []) if isinstance(data, dict) else data
     return [str(m.get("id")) for m in items if isinstance(m, dict) and m.get("id")]
 
 
 def lemonade_skip_reason(url: str | None, timeout: float = 5.0) -> str | None:
     """Why the server peer cannot run (unreachable, no models), or None when it answers ``/models``."""
-    base = (url or default_url()).rstrip("/")
+    base = default_url(url)
     try:
         models = server_models(base, timeout)
-    except urllib.error.HTTPError as exc:
-        return f"server at {base} answered /models with HTTP {exc.code}"
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        return f"no Lemonade/OpenAI-compatible server at {base} ({reason}); start one or pass --url"
+    except ServerHTTPError as exc:
+        return f"server at {base} answered /models with HTTP {exc.status}"
+    except BackendError as exc:
+        return f"no Lemonade/OpenAI-compatible server at {base} ({exc.message}); start one or pass --url"
     if not models:
         return f"server at {base} lists no models at /models"
     return None
@@ -156,7 +144,7 @@ class LemonadePeer(Runner):
                  timeout: float = 600.0) -> None:
         from inferos_cli.models.tokenizer import Tokenizer
 
-        self.url = (url or default_url()).rstrip("/")
+        self.url = default_url(url)
         self.info = info
         self.model = server_model
         self.timeout = timeout
@@ -167,8 +155,8 @@ class LemonadePeer(Runner):
         t0 = time.perf_counter()
         try:
             models = server_models(self.url)
-        except (urllib.error.URLError, OSError, ValueError) as exc:
-            raise BackendError(f"server at {self.url} did not answer /models: {exc}", "check --url") from None
+        except BackendError as exc:
+            raise BackendError(f"server at {self.url} did not answer /models: {exc.message}", "check --url") from None
         if self.model is None:
             if not models:
                 raise BackendError(f"server at {self.url} lists no models", "load one or pass --server-model")
@@ -201,22 +189,27 @@ class LemonadePeer(Runner):
         if errors or any(r is None for r in results):
             raise BackendError(f"server at {self.url}: {errors[0] if errors else 'no answer'}")
         rows = [r for r in results if r is not None]
+        stats = RunStats(t0=t0)
+        tokens: list[tuple[float, Event]] = []
+        for row, (prompt, r) in enumerate(zip(prompts, rows)):
+            stats.add(Event("prefill", t=t0, seq=row, prompt_tokens=len(prompt)))
+            if r["t_first"] is not None:
+                tokens.append((r["t_first"], Event("token", t=r["t_first"], seq=row, generated=1)))
+                if r["tokens"] > 1:
+                    tokens.append((r["t_last"], Event("token", t=r["t_last"], seq=row, generated=r["tokens"])))
+        for _, ev in sorted(tokens, key=lambda item: item[0]):
+            stats.add(ev)
         firsts = [r["t_first"] for r in rows if r["t_first"] is not None]
-        lasts = [r["t_last"] for r in rows if r["t_last"] is not None]
-        counts = [r["tokens"] for r in rows]
-        decode_tokens = sum(max(0, c - 1) for c in counts)
-        span = (max(lasts) - min(firsts)) if firsts and lasts else 0.0
         ttft = (max(firsts) - t0) if len(firsts) == len(rows) else None
-        prompt_tokens = sum(len(p) for p in prompts)
         return {
             "ttft_ms": ttft * 1e3 if ttft is not None else None,
-            "prefill_tps": prompt_tokens / ttft if ttft else None,
-            "decode_tps": decode_tokens / span if span > 0 and decode_tokens else None,
+            "prefill_tps": stats.prompt_tokens / ttft if ttft else None,
+            "decode_tps": stats.aggregate_decode_tps,
             "e2e_ms": (t_end - t0) * 1e3,
             "peak_rss_mb": None, "kv_bytes": None, "kv_ratio_vs_fp16": None,
             "kv_note": "the server's KV cache is not visible to a client",
             "rss_method": "n/a for a server peer (another process, measured client-side)",
-            "generated_per_row": counts,
+            "generated_per_row": [r["tokens"] for r in rows],
             "server_prompt_tokens": [r["prompt_tokens"] for r in rows],
             "endpoint": self.endpoint,
             "server_stats": self._stats(),
@@ -227,52 +220,30 @@ class LemonadePeer(Runner):
         """The server's ``GET /stats`` after a run (two tries, 15 s each), None when it has none."""
         for _ in range(2):
             try:
-                data = _get_json(self.url + "/stats", 15.0)
-            except urllib.error.HTTPError:
+                data = get_json(self.url + "/stats", 15.0)
+            except ServerHTTPError:
                 return None
-            except (urllib.error.URLError, OSError, ValueError):
+            except BackendError:
                 continue
             return data if isinstance(data, dict) else None
         return None
 
     def _stream(self, text: str, gen_tokens: int) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "model": self.model, "max_tokens": gen_tokens, "temperature": 0.0, "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        if self.endpoint == "/completions":
-            body["prompt"] = text
-        else:
-            body["messages"] = [{"role": "user", "content": text}]
-        req = urllib.request.Request(
-            self.url + self.endpoint, data=json.dumps(body).encode("utf-8"),
-            headers={"Content-Type": "application/json", "Accept": "text/event-stream"}, method="POST",
-        )
+        """One streamed completion through the Lemonade client: its first and last text chunk times, the
+        completion tokens (the server's usage, else the chunks) and the prompt tokens the server counted."""
+        request: dict[str, Any] = ({"prompt": text} if self.endpoint == "/completions"
+                                   else {"messages": [{"role": "user", "content": text}]})
         try:
-            resp = urllib.request.urlopen(req, timeout=self.timeout)  # noqa: S310 - user-given local URL
-        except urllib.error.HTTPError as exc:
-            if exc.code in (404, 405) and self.endpoint == "/completions":
+            stream = stream_completion(self.url, self.model, max_tokens=gen_tokens, temperature=0.0,
+                                       timeout=self.timeout, **request)
+        except ServerHTTPError as exc:
+            if exc.status in (404, 405) and self.endpoint == "/completions":
                 self.endpoint = "/chat/completions"
                 return self._stream(text, gen_tokens)
-            raise BackendError(f"{self.endpoint} answered HTTP {exc.code}") from None
+            raise BackendError(f"{self.endpoint} answered HTTP {exc.status}") from None
         t_first = t_last = None
-        chunks = 0
-        usage: dict[str, Any] = {}
-        from inferos_cli.backends.lemonade import sse_lines
-
-        with resp:
-            for data in sse_lines(resp):
-                if isinstance(data.get("usage"), dict):
-                    usage = data["usage"]
-                for choice in data.get("choices") or []:
-                    piece = choice.get("text")
-                    if piece is None:
-                        piece = (choice.get("delta") or {}).get("content")
-                    if piece:
-                        now = time.perf_counter()
-                        chunks += 1
-                        t_first = t_first or now
-                        t_last = now
-        tokens = int(usage.get("completion_tokens") or chunks)
-        return {"t_first": t_first, "t_last": t_last, "tokens": tokens, "chunks": chunks,
-                "prompt_tokens": usage.get("prompt_tokens")}
+        for chunk in stream:
+            t_first = t_first or chunk.t
+            t_last = chunk.t
+        return {"t_first": t_first, "t_last": t_last, "tokens": stream.completion_tokens, "chunks": stream.chunks,
+                "prompt_tokens": stream.prompt_tokens}

@@ -94,25 +94,28 @@ def bench(
 
     Example: inferos bench --model smollm2-135m --compare baseline,inferos,ort-genai --plot bench.html
     """
-    from inferos_cli.bench import grid as bm
+    from inferos_cli.bench.configs import build_configs, parse_compare, parse_int_list
+    from inferos_cli.bench.grid import Grid, default_text, resolve_info
+    from inferos_cli.bench.run import quality_compare, quality_for, run_bench
     from inferos_cli.ui.bench_table import bench_table, quality_table, render_text, skip_lines
     from inferos_cli.ui.output import is_terminal
 
-    names = bm.parse_compare(compare)
+    names = parse_compare(compare)
     if (backend == BenchBackend.lemonade or url) and "lemonade" not in names:
         names.append("lemonade")
-    grid = bm.Grid(
-        batch_sizes=bm.parse_int_list(batch_sizes, "--batch-sizes"),
-        seq_lengths=bm.parse_int_list(seq_lengths, "--seq-lengths"),
+    grid = Grid(
+        batch_sizes=parse_int_list(batch_sizes, "--batch-sizes"),
+        seq_lengths=parse_int_list(seq_lengths, "--seq-lengths"),
         gen_tokens=gen_tokens, repeats=repeats, warmup=warmup, threads=threads,
     )
     if plot is not None:
         from inferos_cli.ui.plot import check_plot_path
 
         check_plot_path(plot)
-    text_path = text or bm.default_text()
-    info = bm.resolve_info(model, dtype=dtype)
-    configs = bm.build_configs(names, info, profile=profile, config_path=config, url=url, server_model=server_model)
+    text_path = text or default_text()
+    info = resolve_info(model, dtype=dtype)
+    # every config's settings are resolved here, once; the workers get them resolved
+    configs = build_configs(names, info, profile=profile, config_path=config, url=url, server_model=server_model)
     for line in skip_lines({"skipped": [{"config": c.name, "reason": c.skip_reason} for c in configs if c.skip_reason]}):
         typer.echo(line, err=True)
     from inferos_cli import paths
@@ -125,12 +128,15 @@ def bench(
             paths.atomic_write_text(output, render_text(partial.to_json(), out_fmt))
 
     with _progress() as on_progress:
-        result = bm.run_bench(info, grid, configs, text_path=text_path, config_path=config,
-                              strict_devices=strict_devices, on_progress=on_progress, on_cell=save_partial)
+        result = run_bench(info, grid, configs, text_path=text_path, config_path=config,
+                           strict_devices=strict_devices, on_progress=on_progress, on_cell=save_partial)
     if quality:
+        from inferos_cli.quality.eval import resolve_configs
+
         typer.echo(f"bench: scoring quality on {quality_tokens} tokens of {text_path.name}", err=True)
-        result.quality = bm.quality_for(info, configs, text_path=text_path, config_path=config,
-                                        max_tokens=quality_tokens, threads=threads)
+        scored = resolve_configs(quality_compare(info, configs), info)  # the eval's configs, baseline first
+        result.quality = quality_for(info, configs, scored, text_path=text_path, max_tokens=quality_tokens,
+                                     threads=threads)
     snapshot = result.to_json()
     if fmt == BenchFormat.table and is_terminal():
         from rich.console import Console

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from inferos_cli.commands.profiles import ParamsOpt, SizeModelOpt, emit_policy
+from inferos_cli.commands.profiles import ParamsOpt, SizeModelOpt, emit_policy, size_param_count
 from inferos_cli.options import ConfigOpt, PolicyFormat, PolicyFormatOpt, ProfileOpt
 
 
@@ -41,8 +41,8 @@ def show(
 
     Example: inferos config show --profile chat --format json
     """
-    from inferos_cli.profiles import param_count_for, policy_snapshot, resolve_settings
+    from inferos_cli.profiles import policy_snapshot, resolve_settings
 
-    count = param_count_for(model, params)
+    count = size_param_count(model, params)
     resolved = resolve_settings(profile, param_count=count, config_path=config)
     emit_policy(policy_snapshot(resolved, param_count=count), fmt)

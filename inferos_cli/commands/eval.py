@@ -42,9 +42,11 @@ def evaluate(
     Example: inferos eval --model smollm2-135m --text wikitext2-raw-test.txt --ctx 512 --compare baseline,int8,int4
     -o eval.json
     """
-    from inferos_cli.quality.eval import run_eval
-    from inferos_cli.settings import parse_bytes
+    from inferos_cli.bench.configs import parse_compare
     from inferos_cli.errors import UsageError
+    from inferos_cli.models.resolve import resolve_model
+    from inferos_cli.quality.eval import BASELINE, resolve_configs, run_eval
+    from inferos_cli.settings import parse_bytes
 
     flags = None
     if kv_budget is not None:
@@ -52,6 +54,9 @@ def evaluate(
             flags = {"kv": {"budget_bytes": parse_bytes(kv_budget)}}
         except ValueError as exc:
             raise UsageError(f"--kv-budget: {exc}", "e.g. --kv-budget 64MiB") from None
+    names = parse_compare(compare, reference=BASELINE, example="baseline,int8,int4")
+    info = resolve_model(model, progress=True)
+    configs = resolve_configs(names, info, flags)  # the settings of every configuration, resolved once here
     from inferos_cli.ui.eval_table import eval_lines, eval_table
     from inferos_cli.ui.output import is_terminal, print_json, print_table
 
@@ -65,11 +70,11 @@ def evaluate(
             def tick(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare, exact=exact,
-                              threads=threads, measure_rss=rss, progress=tick, flags=flags)
+            report = run_eval(info, configs, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, exact=exact,
+                              threads=threads, measure_rss=rss, progress=tick)
     else:
-        report = run_eval(model, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, compare=compare, exact=exact,
-                          threads=threads, measure_rss=rss, flags=flags)
+        report = run_eval(info, configs, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, exact=exact,
+                          threads=threads, measure_rss=rss)
     snapshot = report.to_json()
     if output is not None:
         import json

@@ -18,7 +18,7 @@ def list_models(
     Example: inferos models --format json
     """
     from inferos_cli import paths
-    from inferos_cli.models.convert import check_manifest
+    from inferos_cli.models.manifest import check_manifest
     from inferos_cli.models.resolve import list_cached
     from inferos_cli.models.registry import load_registry
     from inferos_cli.ui.models_table import aliases_table, models_lines, models_table

@@ -49,12 +49,25 @@ def show(
 
     Example: inferos profiles show chat --params 7B --format toml
     """
-    from inferos_cli.profiles import param_count_for, policy_snapshot
-    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.profiles import policy_snapshot, resolve_settings
 
-    count = param_count_for(model, params)
+    count = size_param_count(model, params)
     resolved = resolve_settings(names, param_count=count, use_env=False, use_config=False)
     emit_policy(policy_snapshot(resolved, param_count=count), fmt)
+
+
+def size_param_count(model: str | None, params: str | None) -> int | None:
+    """The parameter count that picks the size class: ``--params``, else ``--model``'s (resolved here, in the
+    command: read from the model's files, an alias or cached name resolved first), else None."""
+    if params:
+        from inferos_cli.models.params import parse_param_count
+
+        return parse_param_count(params)
+    if not model:
+        return None
+    from inferos_cli.models.resolve import param_count_for
+
+    return param_count_for(model)
 
 
 def emit_policy(snapshot: dict[str, Any], fmt: PolicyFormat) -> None:

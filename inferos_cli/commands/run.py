@@ -13,6 +13,9 @@ from inferos_cli.errors import UsageError
 from inferos_cli.options import ConfigOpt, ModelOpt, ProfileOpt, StrictDevicesOpt, ThreadsOpt
 
 
+NO_PROMPT_HINT = 'pass a prompt, e.g. inferos run "Tell me a story", or use --interactive'
+
+
 class RunBackend(str, Enum):
     """Where `inferos run` generates: in process, or through a server / the GAIA CLI."""
 
@@ -79,18 +82,21 @@ def run(
 
     Example: inferos run "Tell me a story" --profile int4 --auto-tune
     """
-    from inferos_cli.ui.run_session import RunRequest, run_request
     from inferos_cli.engine.sampling import GenerationConfig
+    from inferos_cli.profiles import resolve_settings
+    from inferos_cli.ui.run_session import RunRequest, run_request
 
     if sum(bool(x) for x in (prompt is not None, interactive, prompts_file is not None)) > 1:
         raise UsageError("give one of PROMPT, --interactive or --prompts-file", "see `inferos run --help`")
+    if prompt is not None and not prompt.strip():
+        raise UsageError("the prompt is empty", NO_PROMPT_HINT)  # as an empty stdin below
     if prompt is None and not interactive and prompts_file is None:
         if sys.stdin is not None and not sys.stdin.isatty():
             prompt = sys.stdin.read().strip()
         if not prompt:
-            raise UsageError("no prompt given", 'pass a prompt, e.g. inferos run "Tell me a story", or use --interactive')
-    code = run_request(RunRequest(
-        prompt=prompt, model=model, profile=profile, config=config, interactive=interactive,
+            raise UsageError("no prompt given", NO_PROMPT_HINT)
+    req = RunRequest(
+        prompt=prompt, model=model, profile=profile, interactive=interactive,
         json_lines=json_lines, chat=chat, system=system,
         generation=GenerationConfig(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -99,6 +105,15 @@ def run(
         ),
         prompts_file=prompts_file, threads=threads, strict_devices=strict_devices,
         backend=backend.value, url=url, auto_tune=auto_tune or target_tps is not None, target_tps=target_tps,
-    ))
+    )
+    req.check()
+    # the model and the settings, resolved once, here (a server backend resolves its own model)
+    info = None
+    if req.local:
+        from inferos_cli.models.resolve import resolve_model
+
+        info = resolve_model(model, progress=req.progress)
+    resolved = resolve_settings(profile, param_count=info.param_count if info else None, config_path=config)
+    code = run_request(req, resolved, info)
     if code:
         raise typer.Exit(code)

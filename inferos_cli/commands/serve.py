@@ -47,11 +47,15 @@ def serve(
         typer.echo(install(args, unit_dir))
         return
 
+    from inferos_cli.models.resolve import resolve_model
+    from inferos_cli.profiles import resolve_settings
     from inferos_cli.server.service import start_service
 
-    service = start_service(model=model, profile=profile, config=config, threads=threads,
-                            strict_devices=strict_devices, max_batch=max_batch, auto_tune=auto_tune,
-                            target_tps=target_tps)
+    # the model and the settings, resolved once, here
+    info = resolve_model(model, progress=True)
+    resolved = resolve_settings(profile, param_count=info.param_count, config_path=config)
+    service = start_service(info, resolved, profile=profile, threads=threads, strict_devices=strict_devices,
+                            max_batch=max_batch, auto_tune=auto_tune, target_tps=target_tps)
     try:
         import uvicorn
 

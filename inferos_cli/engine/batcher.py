@@ -43,8 +43,9 @@ from inferos_cli.events import Event
 from inferos_cli.engine.sampling import GenerationConfig, sample
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.kv.base import KVCache
     from inferos_cli.engine.engine import Engine
+    from inferos_cli.engine.generate import Sequence as SeqState
+    from inferos_cli.kv.base import KVCache
 
 _IDS = itertools.count()
 _END = object()
@@ -60,7 +61,7 @@ class _Request:
     t_submit: float
     out: "queue.Queue[Any]" = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
-    state: Any = None
+    state: "SeqState | None" = None
     max_new: int = 0
     pending: int | None = None  # sampled, not yet accepted token
     feed: int = 0  # the last accepted token: the next decode step's input
@@ -116,10 +117,6 @@ class ContinuousBatcher:
             self._wake.notify()
         return self._events(req)
 
-    def generate(self, prompt_ids: Sequence[int], config: GenerationConfig | None = None) -> Iterator[Event]:
-        """Alias of :meth:`submit` (the Engine.generate shape)."""
-        return self.submit(prompt_ids, config)
-
     def close(self, timeout: float = 30.0) -> None:
         """Stop: the worker ends after its current step; unfinished requests get a UsageError."""
         with self._wake:
@@ -135,6 +132,11 @@ class ContinuousBatcher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def cache(self) -> "KVCache | None":
+        """The shared cache of the active rows (None while none is active)."""
+        return self._cache
 
     def stats(self) -> dict[str, Any]:
         """Rows active and waiting (a request being prefilled for admission counts as waiting, and as
@@ -203,8 +205,6 @@ class ContinuousBatcher:
 
     def _admit(self) -> None:
         """Prefill waiting requests in their own caches and merge them into the shared cache."""
-        from inferos_cli.engine.engine import _SeqState
-
         eng = self.engine
         while True:
             with self._lock:
@@ -223,17 +223,17 @@ class ContinuousBatcher:
                 room = eng.info.context_length - len(req.prompt)
                 req.max_new = max(0, min(cfg.max_tokens, room))
                 # row 0, as Engine.generate: a seeded request samples exactly as it would alone
-                req.state = _SeqState(0, req.prompt, cfg, eng.tokenizer.stream(req.prompt))
+                req.state = eng.new_sequence(req.prompt, cfg)
                 try:
                     part = eng.new_cache(1, capacity=len(req.prompt) + req.max_new + 1)
-                    last = eng._prefill(np.asarray([req.prompt], dtype=np.int64), part, cfg.prefill_chunk)
+                    last = eng.prefill(np.asarray([req.prompt], dtype=np.int64), part, cfg.prefill_chunk)
                 except Exception as exc:  # this request fails alone; the running rows go on
                     with self._lock:
                         self._admitting = None
                     req.out.put(exc if isinstance(exc, InferosError) else RuntimeError(f"prefill failed: {exc!r}"))
                     continue
                 req.pending = sample(last[0], cfg, req.state.rng, req.prompt) if req.max_new > 0 else None
-                ev = eng._prefill_event(req.state, part, req.t_submit, time.perf_counter())
+                ev = eng.prefill_event(req.state, part, req.t_submit, time.perf_counter())
                 req.admitted_at_step = self.steps
                 ev.extra["batcher"] = self._extra(req, len(self._active) + 1)
                 req.out.put(ev)
@@ -280,7 +280,7 @@ class ContinuousBatcher:
                 st.finish = st.finish or "length"
             else:
                 req.feed = int(req.pending)
-                ev = eng._accept(st, req.feed, now, cache, req.config, req.max_new)
+                ev = eng.accept(st, req.feed, now, cache, req.config, req.max_new)
                 req.pending = None
                 if ev is not None:
                     with self._lock:
@@ -291,7 +291,7 @@ class ContinuousBatcher:
                 keep.append(pos)
             else:
                 if st.finish != "cancelled":
-                    done = eng._done(st, cache, st.finish, {"batcher": self._extra(req)})
+                    done = eng.finish(st, cache, st.finish, {"batcher": self._extra(req)})
                     req.out.put(done)
                 req.out.put(_END)
         if len(keep) != len(self._active):
@@ -309,8 +309,7 @@ class ContinuousBatcher:
         step = np.asarray([[r.feed] for r in self._active], dtype=np.int64)
         logits = eng.forward(step, self._cache, phase="decode")
         for pos, req in enumerate(self._active):
-            st, cfg = req.state, req.config
-            previous = (req.prompt + st.generated) if cfg.repetition_penalty != 1.0 else ()
-            req.pending = sample(logits[pos, -1], cfg, st.rng, previous)
+            st = req.state
+            req.pending = sample(logits[pos, -1], req.config, st.rng, st.seen)
         with self._lock:
             self.steps += 1

@@ -41,8 +41,7 @@ class Conversation:
         """Tokens held by the cache."""
         if self.cache is None:
             return 0
-        seen = getattr(self.cache, "seen_tokens", None)
-        return int(seen[0]) if seen is not None else int(self.cache.past_len)
+        return int(self.cache.seen_tokens[0])
 
     def _new_ids(self, user: str) -> tuple[list[int], str, bool]:
         """(ids to prefill, template text the cache will hold, whether the cache must be dropped)."""

@@ -14,32 +14,30 @@ Device aliases (the ``scheduler.*_device`` values):
 
 ``Policy.io`` mapping (what each provider really supports):
 
-- ``io.enable_iobinding``: :meth:`PhaseSession.run` binds inputs/outputs with an ``IOBinding``.
+- ``io.enable_iobinding``: the plan (:mod:`inferos_cli.engine.plan`) lets a step bind the cache's shared
+  past/present buffers in place; off, every step is a plain ``session.run``.
 - ``io.dml_pool_bytes``: CUDA's ``gpu_mem_limit``. DirectML has no memory-limit option (its provider
   options are ``device_id``, ``performance_preference``, ``device_filter``), so the value is not applied
   there and :func:`provider_spec` says so in its notes.
-- ``io.host_pool_bytes``: the reference of the memory-pressure feedback (``runtime.pressure``). It is not
+- ``io.host_pool_bytes``: the reference of the memory-pressure feedback (``machine.pressure``). It is not
   an onnxruntime cap: a CPU arena registered with ``OrtArenaCfg(max_mem)`` and used through
-  ``session.use_env_allocators=1`` was checked on onnxruntime 1.31 and does not enforce its limit (a
-  1 MB cap served 250 MB of allocations), so inferos does not pretend it does.
+  ``session.use_env_allocators=1`` does not enforce its limit (checked on onnxruntime 1.31), so inferos
+  does not pretend it does.
 - DirectML's required session options: ``enable_mem_pattern=False`` and ``ORT_SEQUENTIAL`` execution.
 
 Huge pages for the weights (Linux, CPU sessions): onnxruntime keeps a model's (prepacked) weights in
 ordinary 4 KiB heap pages, and batch-1 decoding streams all of them once per token, so the TLB misses of
-~100 MB of weights are a visible share of a step. :func:`back_with_huge_pages` asks the kernel to back the
+the weights are a visible share of a step. :func:`back_with_huge_pages` asks the kernel to back the
 memory a session creation added with transparent huge pages (``MADV_HUGEPAGE`` + ``MADV_COLLAPSE``,
-Linux >= 6.1; with THP ``madvise`` or ``always``). Measured on SmolLM2-135M int4, 1 thread, 2-core AMD
-EPYC (Zen 5) VM, separate processes alternated: decode CPU per token 0.87-0.90x (106 MB collapsed in
-about 0.27 s of load time, RSS unchanged); collapsing as well what the first generation added (the
-session's arena, the KV cache: ``Engine`` does this after each generation that grew the heap, 44 MB in
-0.13 s the first time) gave another 0.94-0.97x. glibc's own ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``
-gave 0.82-0.86x but can only be set before the process starts. ``INFEROS_HUGEPAGES=0`` turns it off; on
-other systems, or when the kernel refuses, nothing changes.
+Linux >= 6.1; with THP ``madvise`` or ``always``); ``Engine`` does the same after each generation that
+grew the heap (the session's arena, the KV cache). ``INFEROS_HUGEPAGES=0`` turns it off; on other
+systems, or when the kernel refuses, nothing changes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import sys
@@ -51,7 +49,6 @@ from typing import TYPE_CHECKING, Any, Literal
 from inferos_cli.errors import ProviderError
 
 if TYPE_CHECKING:  # pragma: no cover
-    import numpy as np
     import onnxruntime as ort
 
     from inferos_cli.settings import Policy
@@ -183,11 +180,6 @@ def _ep_error(printed: str) -> str:
     return ""
 
 
-def probe_all() -> list[ProbeResult]:
-    """Probe every known device's provider (for ``inferos doctor``)."""
-    return [probe_provider(dev) for dev in DEVICE_PROVIDERS]
-
-
 HOST_POOL_NOTE = (
     "io.host_pool_bytes is the memory-pressure reference, not an onnxruntime cap: a CPU arena registered "
     "with max_mem (OrtArenaCfg + session.use_env_allocators) was checked not to enforce the limit in "
@@ -203,22 +195,15 @@ def default_threads(batched: bool = False) -> int:
     """Intra-op threads when neither ``--threads`` nor the profile sets them: half the physical cores
     (psutil; else half the logical cores), at least 1, at most 8.
 
-    Why half, measured interleaved on SmolLM2-135M int4 (1 vs 2 threads on a shared 2-core machine, load
-    about 9): 1 thread decoded 1.08x (128-token prompt) and 1.13x (512) faster than 2 threads, with
-    12-18 % less CPU per token, and its 512-token TTFT was 0.86x of 2 threads'. Batch-1 decode is
-    memory-bound and made of ~200 small ops per token; every extra pool thread costs a wake-up per op, and a core
-    busy with something else (the user's other programs, the other helpers of CI) stalls each op
-    until its slice of the work is done. On the same machine lightly loaded (load ~1.5), 1 and 2 threads
-    decoded at the same speed (paired ratios 0.98-1.07 either order) while 2 threads spent 1.3-1.4x the CPU
-    per token; 2 threads prefilled 128 tokens in 0.70-0.94x the time. Leaving half the cores free keeps
-    a laptop responsive and keeps decode fast under load; onnxruntime-genai's own default (half the
-    logical cores) is the same number on machines with SMT. More threads pay off for long prefills on
-    an idle machine: set ``--threads`` or ``scheduler.prefill_threads`` / ``decode_threads`` in a profile.
+    Why half: batch-1 decode is memory-bound and made of a few hundred small ops per token; every extra
+    pool thread costs a wake-up per op, and a core busy with something else (the user's other programs)
+    stalls each op until its slice of the work is done. Leaving half the cores free keeps a laptop
+    responsive and keeps decode fast under load; onnxruntime-genai's own default (half the logical cores)
+    is the same number on machines with SMT. More threads pay off for long prefills on an idle machine:
+    set ``--threads`` or ``scheduler.prefill_threads`` / ``decode_threads`` in a profile.
 
-    ``batched=True`` (``run --prompts-file``, ``serve``): every physical core. Decoding 8 rows at once is
-    compute-bound, not wake-up-bound: on the idle 2-core machine, batch 8 x 128-token prompts, 64 new
-    tokens, SmolLM2-135M int4 decoded 340 tok/s with 1 thread and 482-489 tok/s with 2 (3.3x the
-    sequential runs, outputs identical; `benchmarks/batch_throughput.py`)."""
+    ``batched=True`` (``run --prompts-file``, ``serve``): every physical core. Decoding several rows at
+    once is compute-bound, not wake-up-bound (``benchmarks/batch_throughput.py``)."""
     try:
         import psutil
 
@@ -244,10 +229,8 @@ def session_options(
     ``threads`` None means :func:`default_threads`.
 
     Spinning is off by default (``session.intra_op.allow_spinning=0``): idle pool threads sleep instead of
-    busy-waiting for the next op. Measured interleaved (SmolLM2-135M int4, 2 threads, shared 2-core
-    machine): spinning halved decode tokens/s (0.47-0.51x of 1 thread, vs 0.88-0.92x without spinning)
-    and nearly doubled the CPU per token, because a spinning thread takes the core the op's other
-    half needs; a second session (hybrid scheduling) would spin while the other phase runs."""
+    busy-waiting for the next op. A spinning thread takes the core the op's other half needs, and a
+    second session (hybrid scheduling) would spin while the other phase runs."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -329,8 +312,10 @@ class PhaseSession:
     fallback_reason: str | None = None
     requested: str | None = None
     threads: int | None = None
-    iobinding: bool = False
+    iobinding: bool = False  # set by the plan: this phase's steps bind shared past/present buffers
     notes: list[str] = field(default_factory=list)
+    asked_by: str | None = None  # the settings layer that named ``requested`` (None: a policy given whole)
+    preferred: bool = False  # ``requested`` is a profile's preference: a fallback is reported, not warned
 
     def label(self) -> str:
         """``cpu``, or ``npu -> cpu (VitisAIExecutionProvider not available)`` after a fallback."""
@@ -338,41 +323,24 @@ class PhaseSession:
             return f"{self.requested} -> {self.device} ({self.fallback_reason})"
         return self.device
 
-    def run(
-        self,
-        output_names: list[str] | None,
-        feeds: dict[str, "np.ndarray"],
-        out_buffers: dict[str, "np.ndarray"] | None = None,
-    ) -> list["np.ndarray"]:
-        """Run the session; outputs as numpy arrays in ``output_names`` order.
-
-        With ``io.enable_iobinding`` (or when ``out_buffers`` is given) inputs and outputs are bound with
-        an ``IOBinding``; an output named in ``out_buffers`` is written straight into that preallocated,
-        C-contiguous host array (e.g. a shared past/present KV buffer) and returned as that array."""
-        names = output_names or [o.name for o in self.session.get_outputs()]
-        if not self.iobinding and not out_buffers:
-            return self.session.run(names, feeds)
-        binding = self.session.io_binding()
-        for name, value in feeds.items():
-            binding.bind_cpu_input(name, value)
-        out_buffers = out_buffers or {}
-        for name in names:
-            buf = out_buffers.get(name)
-            if buf is None:
-                binding.bind_output(name, "cpu")
-            else:
-                binding.bind_output(name, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
-        self.session.run_with_iobinding(binding)
-        produced = binding.copy_outputs_to_cpu()
-        return [out_buffers[n] if n in out_buffers else arr for n, arr in zip(names, produced)]
-
     def to_json(self) -> dict[str, Any]:
         """Plain data for tables and bench records."""
         return {
             "phase": self.phase, "device": self.device, "provider": self.provider, "requested": self.requested,
             "fallback_reason": self.fallback_reason, "threads": self.threads, "iobinding": self.iobinding,
-            "label": self.label(), "notes": list(self.notes),
+            "label": self.label(), "notes": list(self.notes), "asked_by": self.asked_by,
+            "preferred": self.preferred,
         }
+
+    def for_phase(self, phase: Phase, device: str, strict: bool = False) -> "PhaseSession":
+        """This session also running ``phase``, which asked for ``device``: the same InferenceSession (one
+        copy of the weights) under that phase's own label, e.g. ``npu -> cpu (... not available)`` when
+        ``device`` falls back to where this session runs. Raises like :func:`open_session` when ``strict``."""
+        provider, fallback = choose_provider(device, phase, strict)
+        if provider != self.provider:  # the device works here, but this session could not use it
+            fallback = self.fallback_reason or f"{provider} was asked for but the session runs on {self.provider}"
+        return dataclasses.replace(self, phase=phase, requested=device, fallback_reason=fallback,
+                                   notes=list(self.notes), asked_by=None, preferred=False)
 
 
 _MADV_HUGEPAGE = 14
@@ -443,6 +411,27 @@ def back_with_huge_pages(before: dict[int, int], after: dict[int, int] | None = 
     return done
 
 
+def choose_provider(device: str, phase: Phase, strict: bool = False) -> tuple[str, str | None]:
+    """``(provider, fallback reason)`` for ``phase`` asking for ``device``: the device's provider when its
+    strict probe passes here, else ``CPUExecutionProvider`` and why (a :class:`ProviderError` when
+    ``strict``)."""
+    probe = probe_provider(device)
+    if probe.works:
+        return probe.name, None
+    if strict:
+        raise ProviderError(
+            f"{phase} on {device}: {probe.reason}",
+            "drop --strict-devices to fall back to CPU, or pick another device with --profile/--config",
+        )
+    return "CPUExecutionProvider", probe.reason.split(" (")[0] if not probe.available else probe.reason
+
+
+def landing_device(device: str) -> str:
+    """Where a phase asking for ``device`` runs here: ``device`` when its provider passes the strict probe,
+    else ``cpu`` (the fallback)."""
+    return device if probe_provider(device).works else "cpu"
+
+
 def _model_key(onnx_path: Path) -> str:
     st = onnx_path.stat()
     return f"{onnx_path.stem}-{st.st_size}-{int(st.st_mtime)}"
@@ -463,14 +452,7 @@ def open_session(
     import onnxruntime as ort
 
     onnx_path = Path(onnx_path)
-    probe = probe_provider(device)
-    provider = probe.name if probe.works else "CPUExecutionProvider"
-    fallback = None if probe.works else (probe.reason.split(" (")[0] if not probe.available else probe.reason)
-    if fallback and strict:
-        raise ProviderError(
-            f"{phase} on {device}: {probe.reason}",
-            "drop --strict-devices to fall back to CPU, or pick another device with --profile/--config",
-        )
+    provider, fallback = choose_provider(device, phase, strict)
     spec = provider_spec(provider, policy, model_key=_model_key(onnx_path) if onnx_path.exists() else "model")
     opts = session_options(policy, phase, threads, provider=provider, allow_spinning=allow_spinning)
     if provider != "CPUExecutionProvider":
@@ -509,7 +491,6 @@ def open_session(
         fallback_reason=fallback,
         requested=device,
         threads=opts.intra_op_num_threads,
-        iobinding=bool(policy.io.enable_iobinding),
         notes=notes,
     )
 
@@ -520,7 +501,7 @@ def is_windows() -> bool:
 
 
 __all__ = [
-    "DEVICE_PROVIDERS", "PhaseSession", "ProbeResult", "ProviderSpec", "available_providers", "default_threads",
-    "device_of", "open_session", "probe_all", "probe_provider", "provider_name",
+    "DEVICE_PROVIDERS", "PhaseSession", "ProbeResult", "ProviderSpec", "available_providers", "choose_provider",
+    "default_threads", "device_of", "landing_device", "open_session", "probe_provider", "provider_name",
     "provider_spec", "session_options",
 ]

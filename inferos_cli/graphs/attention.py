@@ -2,19 +2,17 @@
 
 onnxruntime's CUDA kernel of ``com.microsoft.GroupQueryAttention`` is registered for float16 and bfloat16
 only, so in a CUDA session the float32 GQA nodes of an inferos conversion run on the CPU, with copies of
-the packed q/k/v and of the whole past in and out of the GPU around each of them. Measured on an H100
-(onnxruntime-gpu 1.31.1, SmolLM2-135M Q4_1 conversion, batch 1, 16-thread Xeon for the CPU side):
-the CUDA session left 30 GQA nodes (plus their shape nodes) on the CPU and a 512-token prefill took
-89 ms (CPU alone: 334 ms); the same weights with the ONNX ``Attention`` op (opset 23) ran every node but
-five shape ops on CUDA and prefilled 512 tokens in 18 ms, 2048 in 60 ms (CPU: 2,373 ms).
+the packed q/k/v and of the whole past in and out of the GPU around each of them. The same weights with
+the ONNX ``Attention`` op (opset 23) run every node but a few shape ops on CUDA (prefill timings in
+``benchmarks/README.md``).
 
 This module derives that twin from a GQA graph: each GQA node becomes ``Split`` (when q/k/v arrive
 packed) -> ``RotaryEmbedding`` on q and k from the graph's ``position_ids`` -> ``Attention`` with an
 additive bias built once from ``attention_mask`` (padding + causality, the converter's own
-:func:`~inferos_cli.models.builder.attention_bias`). Same inputs, outputs and weights (the twin is
-written beside the source and reads its external data); the presents follow the concat convention
+:func:`~inferos_cli.models.builder.attention_bias`). Same inputs, outputs and weights (the twin reads
+the source's external data; see :mod:`inferos_cli.graphs.naming` for where it is written); the presents follow the concat convention
 (``present = past + new columns``), so a caller that keeps a GQA-style packed cache copies the new
-columns into it (``Engine`` does, for the prefill of the ``hybrid`` plan).
+columns into it (:mod:`inferos_cli.engine.step` does, for the prefill of the ``hybrid`` plan).
 
 Only GQA nodes whose RoPE reads a ``position_ids`` input (inferos conversions), without local windows,
 softcap, smooth softmax or quantized caches, are translated; for any other graph (onnxruntime-genai
@@ -26,7 +24,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inferos_cli.graphs.naming import derived_paths, save_derived
+from inferos_cli.graphs.naming import derived_path, save_derived
 
 VERSION = "1"
 _MS = "com.microsoft"
@@ -165,19 +163,19 @@ def has_twin(src: Path | str) -> bool:
 
 
 def attention_op_graph(src: Path | str) -> Path | None:
-    """The twin of ``src`` with the ONNX ``Attention`` op (written once beside it, or in the cache when its
-    folder is read-only), or None when ``src`` has no translatable ``GroupQueryAttention``."""
+    """The twin of ``src`` with the ONNX ``Attention`` op (written once, where
+    :func:`~inferos_cli.graphs.naming.derived_path` says), or None when ``src`` has no translatable ``GroupQueryAttention``."""
     import onnx
 
     src = Path(src)
-    beside, cached, found = derived_paths(src, "attn", VERSION)
-    if found is not None:
-        return found
+    path = derived_path(src, "attn", VERSION)
+    if path.is_file():
+        return path
     model = onnx.load(str(src), load_external_data=False)
     if not rewrite(model):
         return None
-    written, _ = save_derived(model, src, beside, cached)
-    return written
+    save_derived(model, src, path)
+    return path
 
 
 __all__ = ["attention_op_graph", "has_twin", "rewrite", "translatable"]

@@ -2,12 +2,11 @@
 
 onnxruntime-genai int4 graphs (and any ``MatMulNBits`` with ``accuracy_level`` 4) quantize activations to
 int8 inside every matmul. That rounding turns any perturbation of the hidden state, however small, into
-logit noise: on smollm2-135m a 1e-5 relative change of the cached keys gives a mean KL of 0.0039 vs the
-unperturbed run, the same as quantizing the cache to int8 (0.0040). KV-cache quality measured on such a
+logit noise about as large as quantizing the cache to int8 does, so KV-cache quality measured on such a
 graph is mostly that noise floor. :func:`exact_info` returns the model with every ``MatMulNBits`` at
 ``accuracy_level`` 0 (float activations; the same 4-bit weights), so ``inferos eval`` compares KV
-configurations on a deterministic function of the cache. The derived graph is cached beside the model
-(or in the inferos cache when that folder is read-only) as ``<stem>.inferos-exact-<hash>.onnx``.
+configurations on a deterministic function of the cache. The derived graph is cached as
+``<stem>.inferos-exact-<hash>.onnx`` where :func:`inferos_cli.graphs.naming.derived_path` says.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from inferos_cli.graphs.naming import derived_paths, save_derived
+from inferos_cli.graphs.naming import derived_path, save_derived
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -43,11 +42,11 @@ def exact_info(info: "ModelInfo") -> tuple["ModelInfo", bool]:
     import onnx
 
     src = Path(info.onnx_path)
-    beside, elsewhere, found = derived_paths(src, "exact", EXACT_VERSION)
-    if found is not None:
-        return dataclasses.replace(info, onnx_path=found), True
+    path = derived_path(src, "exact", EXACT_VERSION)
+    if path.is_file():
+        return dataclasses.replace(info, onnx_path=path), True
     model = onnx.load(str(src), load_external_data=False)
     if not _lowered(model):
         return info, False
-    written, _ = save_derived(model, src, beside, elsewhere)
-    return dataclasses.replace(info, onnx_path=written), True
+    save_derived(model, src, path)
+    return dataclasses.replace(info, onnx_path=path), True

@@ -15,8 +15,7 @@ input                 dtype     shape                      holds
 ====================  ========  =========================  ==========================================
 
 A few nodes per tier unpack nibbles (``BitwiseAnd``/``BitShift`` + ``Concat``), dequantize with one
-per-row ``DequantizeLinear`` (rows = groups; ORT's blocked ``DequantizeLinear`` is 7x slower on CPU,
-measured) and reshape to ``[B, H, n, D]``; ``Concat([int8 | int4 | fp], axis=2)`` produces the tensor
+per-row ``DequantizeLinear`` (rows = groups; ORT's blocked ``DequantizeLinear`` is much slower on CPU) and reshape to ``[B, H, n, D]``; ``Concat([int8 | int4 | fp], axis=2)`` produces the tensor
 with the original past name, so every consumer (the converter's ``Attention`` or onnxruntime-genai's
 ``GroupQueryAttention``) is untouched. ORT releases each layer's dequantized past once its layer ran,
 so only about one layer of dequantized past is alive at a time.
@@ -36,10 +35,8 @@ Key rotation (``rotation`` in :class:`RewriteInfo`):
   per step: slow, correct).
 - ``none``: rotation off.
 
-The rewritten graph is cached beside the model as ``<stem>.inferos-kv-<hash>.onnx`` (its external data
-references stay valid: onnxruntime refuses external data outside the model's folder). When that folder
-is read-only it goes to ``<cache>/graphs/<hash>/`` with a hard link to (or, across file systems, a copy of)
-the weights file. Written atomically.
+The rewritten graph is cached as ``<stem>.inferos-kv-<hash>.onnx`` where
+:func:`inferos_cli.graphs.naming.derived_path` says (never in a folder the user owns). Written atomically.
 """
 
 from __future__ import annotations
@@ -50,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inferos_cli.graphs.naming import derived_paths, save_derived
+from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
 from inferos_cli.errors import ModelError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -521,15 +518,14 @@ def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     import onnx
 
     src = Path(info.onnx_path)
-    beside, elsewhere, found = derived_paths(src, "kv", REWRITE_VERSION, spec.digest())
-    if found is not None:
-        meta = {p.key: p.value for p in onnx.load(str(found), load_external_data=False).metadata_props}
-        return RewriteInfo(found, meta.get("inferos.kv.rotation", "none"), "",
+    path = derived_path(src, "kv", REWRITE_VERSION, spec.digest())
+    if path.is_file():
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return RewriteInfo(path, meta.get("inferos.kv.rotation", "none"), "",
                            meta.get("inferos.kv.positions", "1") == "1")
     model, rotation, note = rewrite_model(info, spec)
     positions = {p.key: p.value for p in model.metadata_props}.get("inferos.kv.positions") == "1"
-    written, copied = save_derived(model, src, beside, elsewhere)
-    if copied:
-        extra = f"model folder is read-only: weights copied to {elsewhere.parent}"
+    extra = copied_note(save_derived(model, src, path), path.parent)
+    if extra:
         note = f"{note}; {extra}" if note else extra
-    return RewriteInfo(written, rotation, note, positions)
+    return RewriteInfo(path, rotation, note, positions)

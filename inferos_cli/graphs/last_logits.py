@@ -1,17 +1,15 @@
 """A graph input that limits the LM head to the last ``k`` positions: ``logits_keep``.
 
 Decoder exports (onnxruntime-genai, optimum, the inferos converter) compute logits for every position of
-the input, so a prefill of T tokens runs the vocabulary projection T times (for SmolLM2-135M at T=512: a
-576 x 49152 product per token, about a fifth of the prefill's work) and returns a ``[B, T, vocab]`` float
-tensor (100 MB at T=512), while generation only samples from the last position. This rewrite inserts
+the input, so a prefill of T tokens runs the vocabulary projection T times (a large share of a small
+model's prefill) and returns a ``[B, T, vocab]`` float tensor, while generation only samples from the
+last position. This rewrite inserts
 ``Slice(hidden, starts=-logits_keep, axis=1)`` in front of the node that produces ``logits``
 (``MatMul``/``MatMulNBits``/``FusedMatMul``/``Gemm`` fed by the final norm), behind a new int64 input
 ``logits_keep`` (shape ``[1]``): feeding ``T`` gives the original logits, ``1`` only the last position's.
 
-The rewritten graph is written beside the source as ``<stem>.inferos-logits-<hash>.onnx`` so its external
-data references stay valid (onnxruntime refuses external data outside the model's folder); when that
-folder is read-only it goes to ``<cache>/graphs/<hash>/`` with a hard link (or copy) of each external
-data file. Written atomically; reused while the source graph is unchanged. A graph whose weights live inside
+The rewritten graph is written as ``<stem>.inferos-logits-<hash>.onnx`` where
+:func:`inferos_cli.graphs.naming.derived_path` says (never in a folder the user owns). Written atomically; reused while the source graph is unchanged. A graph whose weights live inside
 a .onnx file larger than 64 MiB is left alone (a rewritten copy would duplicate the weights).
 """
 
@@ -20,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from inferos_cli.graphs.naming import derived_paths, external_files, save_derived
+from inferos_cli.graphs.naming import derived_path, external_files, save_derived
 
 KEEP_INPUT = "logits_keep"
 VERSION = "3"
@@ -111,9 +109,9 @@ def last_logits_graph(src: Path | str) -> Path | None:
     import onnx
 
     src = Path(src)
-    beside, cached, found = derived_paths(src, "logits", VERSION)
-    if found is not None:
-        return found
+    path = derived_path(src, "logits", VERSION)
+    if path.is_file():
+        return path
     if src.stat().st_size > EMBEDDED_LIMIT:
         # weights stored inside the .onnx file itself: a rewritten copy would duplicate them on disk
         probe = onnx.load(str(src), load_external_data=False)
@@ -124,5 +122,5 @@ def last_logits_graph(src: Path | str) -> Path | None:
         model = onnx.load(str(src), load_external_data=False)
     if not rewrite(model):
         return None
-    written, _ = save_derived(model, src, beside, cached)
-    return written
+    save_derived(model, src, path)
+    return path

@@ -1,14 +1,21 @@
-"""Saving a graph derived from a model's ONNX file (KV-boundary rewrite, last-position logits, fused int8
-cache, exact-compute twin), and the key that names it.
+"""Where a graph derived from a model's ONNX file lives (KV-boundary rewrite, last-position logits, fused
+int8 cache, exact-compute twin, ONNX-``Attention`` twin), and the key that names it.
 
-A derived graph keeps pointing at the source's external weight files. It is written beside the source
-when that folder is writable; otherwise into a cache folder, with the weight files hard-linked there
-(copied when a link is impossible), because onnxruntime refuses external-data paths that leave the
-model's folder. Shared read-only model folders are never written to.
+A model folder the user points inferos at (a Hugging Face / Lemonade / GAIA folder, their own export) is
+never written to: derived graphs go to ``<cache>/graphs/<source key>/``, one folder per source model,
+keyed by the source's path, size and modification time and those of its external data files (a changed
+source gets a new folder). onnxruntime refuses external data outside the model's folder (symbolic links
+that leave it included), so that folder holds a hard link to each external data file of the source, or a
+copy where a link is impossible (another file system), made once per source model.
+
+Folders inferos owns (its converted models under :func:`inferos_cli.paths.models_dir`, and the derived
+graph folders themselves) keep derived graphs beside the model, named ``<stem>.inferos-<infix>-<key>.onnx``
+in both places.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import shutil
@@ -18,24 +25,48 @@ from typing import Any
 from inferos_cli import paths
 
 
+def graphs_dir() -> Path:
+    """The root of the derived-graph cache."""
+    return paths.cache_dir() / "graphs"
+
+
+def source_files(src: Path) -> list[Path]:
+    """``src`` and the files beside it whose names extend its name (``model.onnx.data``,
+    ``model.onnx_data``): the files a change of the source model touches."""
+    src = Path(src)
+    siblings = [p for p in src.parent.glob(f"{glob.escape(src.name)}?*") if p.is_file() and ".inferos-" not in p.name]
+    return [src, *sorted(siblings)]
+
+
 def source_key(src: Path, *parts: object) -> str:
-    """12 hex digits naming a graph derived from ``src``: its resolved path, size and modification time (a
-    changed source gets a new derived graph) plus ``parts`` (the deriving code's version and options)."""
-    src = Path(src).resolve()
-    st = src.stat()
-    text = "|".join(str(p) for p in (src, st.st_size, st.st_mtime_ns, *parts))
+    """12 hex digits naming ``src`` as it is now: the resolved path, size and modification time of the
+    .onnx file and of its data files, plus ``parts`` (for a derived graph: the deriving code's version and
+    options)."""
+    stamps: list[object] = []
+    for f in source_files(src):
+        st = f.stat()
+        stamps += [f.resolve(), st.st_size, st.st_mtime_ns]
+    text = "|".join(str(p) for p in (*stamps, *parts))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def derived_paths(src: Path, infix: str, *parts: object, tag: str | None = None) -> tuple[Path, Path, Path | None]:
-    """Where a graph derived from ``src`` lives: ``<stem>.inferos-<infix>-<key>.onnx`` beside ``src``, or the
-    same name under ``<cache>/graphs/<key>/`` (read-only model folders), and the one already written, if
-    any. ``parts`` (the deriving code's version and options) go into the key with ``tag`` (default
-    ``infix``)."""
-    digest = source_key(src, tag or infix, *parts)
-    name = f"{src.stem}.inferos-{infix}-{digest}.onnx"
-    beside, cached = src.parent / name, paths.cache_dir() / "graphs" / digest / name
-    return beside, cached, next((c for c in (beside, cached) if c.is_file()), None)
+def owned(folder: Path) -> bool:
+    """True for folders inferos made itself (under the models or derived-graph cache), where a derived
+    graph may sit beside the model; everything else belongs to the user."""
+    folder = Path(folder).resolve()
+    return any(root in folder.parents or root == folder
+               for root in (paths.models_dir().resolve(), graphs_dir().resolve()))
+
+
+def derived_path(src: Path, infix: str, *parts: object, tag: str | None = None) -> Path:
+    """Where the graph derived from ``src`` lives (written or not): beside ``src`` in a folder inferos owns
+    (when writable), else ``<cache>/graphs/<source key>/``. ``parts`` (the deriving code's version and
+    options) go into the name's key with ``tag`` (default ``infix``)."""
+    src = Path(src)
+    name = f"{src.stem}.inferos-{infix}-{source_key(src, tag or infix, *parts)}.onnx"
+    if owned(src.parent) and writable(src.parent):
+        return src.parent / name
+    return graphs_dir() / source_key(src) / name
 
 
 def external_files(model: Any) -> set[str]:
@@ -50,7 +81,7 @@ def external_files(model: Any) -> set[str]:
 
 def writable(folder: Path) -> bool:
     """True when we may add a file to ``folder``: a write bit is set *and* a probe file can be written
-    (root writes anywhere, so the mode bits keep read-only shared model folders untouched)."""
+    (root writes anywhere, so the mode bits keep read-only folders untouched)."""
     try:
         if not folder.stat().st_mode & 0o222:
             return False
@@ -62,23 +93,16 @@ def writable(folder: Path) -> bool:
         return False
 
 
-def save_derived(model: Any, src: Path, beside: Path, elsewhere: Path) -> tuple[Path, list[str]]:
-    """Write ``model`` (derived from ``src``) to ``beside`` when ``src``'s folder is writable, else to
-    ``elsewhere`` with ``src``'s weight files linked beside it. Returns the path written and the weight
-    files that had to be copied (empty when linking worked)."""
-    data = model.SerializeToString()
-    if writable(src.parent):
-        paths.atomic_write_bytes(beside, data)
-        return beside, []
-    target = elsewhere.parent
-    target.mkdir(parents=True, exist_ok=True)
+def link_data(model: Any, src: Path, target: Path) -> list[str]:
+    """Give ``target`` each external data file of ``model`` (derived from ``src``): a hard link to the
+    source's file, or a copy where linking fails. Returns the files that had to be copied."""
     copied: list[str] = []
     for rel in sorted(external_files(model)):
         have = target / rel
         if have.exists():
             continue
         have.parent.mkdir(parents=True, exist_ok=True)
-        tmp = have.with_name(f".{have.name}.tmp")
+        tmp = have.with_name(f".{have.name}.{os.getpid()}.tmp")
         tmp.unlink(missing_ok=True)
         try:
             os.link(src.parent / rel, tmp)
@@ -86,5 +110,18 @@ def save_derived(model: Any, src: Path, beside: Path, elsewhere: Path) -> tuple[
             shutil.copyfile(src.parent / rel, tmp)
             copied.append(rel)
         os.replace(tmp, have)
-    paths.atomic_write_bytes(elsewhere, data)
-    return elsewhere, copied
+    return copied
+
+
+def save_derived(model: Any, src: Path, path: Path) -> list[str]:
+    """Write ``model`` (derived from ``src``) to ``path`` (from :func:`derived_path`), first giving a folder
+    other than ``src``'s the source's external data files. Returns the data files that had to be copied
+    (empty when linking worked or the graph sits beside its source)."""
+    copied = [] if path.parent == src.parent else link_data(model, src, path.parent)
+    paths.atomic_write_bytes(path, model.SerializeToString())
+    return copied
+
+
+def copied_note(copied: list[str], folder: Path) -> str:
+    """A table note when weights had to be copied (no hard link possible), else ``""``."""
+    return f"weights copied to {folder} (no hard link possible across file systems)" if copied else ""

@@ -1,10 +1,11 @@
-"""Pick the graph and cache type for a model and policy.
+"""The KV layouts (a graph plus the cache type that feeds it) and the rule that picks one.
 
-``kv_backend(info, policy)`` returns a :class:`~inferos_cli.kv.base.KVBackend`: :class:`PlainBackend`
-(original graph, full-precision cache) when ``kv.mode = disabled``, else :class:`SegmentedBackend`
+``kv_layout(info, policy)`` returns a :class:`~inferos_cli.kv.base.KVLayout`: :class:`PlainLayout`
+(original graph, full-precision cache) when ``kv.mode = disabled``, else :class:`SegmentedLayout`
 (the KV-boundary-rewritten graph of :mod:`inferos_cli.graphs.kv_segments` + the segmented, quantized cache of
-:mod:`inferos_cli.kv.segmented`), or, for ``kv.quant = int8-fused`` on ``GroupQueryAttention`` graphs,
-:class:`~inferos_cli.kv.fused.FusedBackend` (int8 codes read inside the attention operator).
+:mod:`inferos_cli.kv.segmented`), or, for ``kv.quant = int8-fused`` on ``GroupQueryAttention`` graphs (and
+``auto`` when the engine's plan says so), :class:`~inferos_cli.kv.fused.FusedLayout` (int8 codes read
+inside the attention operator).
 """
 
 from __future__ import annotations
@@ -12,16 +13,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from inferos_cli.graphs.fused import supported as fused_supported
+from inferos_cli.kv.base import KVLayout
+from inferos_cli.kv.fused import FusedLayout
 from inferos_cli.kv.plain import PlainCache
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.kv.base import KVBackend
     from inferos_cli.kv.segmented import SegmentedCache
     from inferos_cli.models.info import ModelInfo
     from inferos_cli.settings import Policy
 
 
-class PlainBackend:
+class PlainLayout(KVLayout):
     """The original ONNX graph fed by a :class:`PlainCache`."""
 
     def __init__(self, info: "ModelInfo", *, note: str = "", shared_buffer: bool | None = None) -> None:
@@ -48,7 +51,7 @@ class PlainBackend:
         return f"{text}; {self.note}" if self.note else text
 
 
-class SegmentedBackend:
+class SegmentedLayout(KVLayout):
     """The KV-boundary-rewritten graph fed by a :class:`~inferos_cli.kv.segmented.SegmentedCache`."""
 
     def __init__(self, info: "ModelInfo", policy: "Policy", *, pressure: Any = None, note: str = "") -> None:
@@ -116,61 +119,25 @@ class SegmentedBackend:
         return f"{text}; {self.note}" if self.note else text
 
 
-def auto_fused(info: "ModelInfo", policy: "Policy") -> bool:
-    """``kv.quant = auto``: the fused int8 cache when the graph takes it (float32 ``GroupQueryAttention``),
-    the policy wants speed rather than the last bit of quality (``kv.mode`` is not ``quality_optimized``) and
-    nothing asks for eviction (no ``kv.budget_bytes`` / ``kv.max_tokens``, which only the segmented cache
-    honours), and decode runs on the CPU (asked for, or the asked-for provider is not installed), as does
-    prefill unless it is a CUDA prefill on the Attention-op twin (the engine quantizes its float presents
-    with the graph's scales): the quantized-cache kernel and the float-prefill ``If`` were measured on
-    onnxruntime's CPU provider only, and a GPU/NPU provider would hand the attention nodes back to the CPU
-    one by one; otherwise the tiered segmented cache. Measured on SmolLM2-135M (README "Measured results"):
-    the fused cache decodes 1.00-1.30x the baseline at the same TTFT, with 0.25x its KV bytes, at ΔPPL
-    +0.12 (KL 0.0036); the tiered cache decodes at 0.33-0.71x."""
-    from inferos_cli.kv import fused
-    from inferos_cli.engine.scheduler import phase_devices
-    from inferos_cli.engine.sessions import available_providers, provider_name
-
-    kv = policy.kv
-    if kv.mode == "quality_optimized" or kv.budget_bytes is not None or kv.max_tokens is not None:
-        return False
-    installed = set(available_providers())
-    prefill, decode, _ = phase_devices(policy)
-    if decode != "cpu" and provider_name(decode) in installed:
-        return False
-    if prefill != "cpu" and provider_name(prefill) in installed and not _twin_prefill(prefill, info):
-        return False
-    return fused.supported(info)
+FUSED_UNSUPPORTED = ("int8-fused needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders, "
+                     "inferos conversions) and onnxruntime >= 1.25: using the segmented int8 cache")
 
 
-def _twin_prefill(device: str, info: "ModelInfo") -> bool:
-    """True when a prefill on ``device`` runs the float Attention-op twin of the graph and hands int8 codes
-    to the CPU decode (``Engine``; CUDA only, graphs whose GQA reads ``position_ids``)."""
-    if device != "cuda" or not info.uses_gqa_op:
-        return False
-    from inferos_cli.graphs.attention import has_twin
-
-    return has_twin(info.onnx_path)
-
-
-def kv_backend(info: "ModelInfo", policy: "Policy", *, pressure: Any = None) -> "KVBackend":
+def kv_layout(info: "ModelInfo", policy: "Policy", *, pressure: Any = None, auto_fused: bool = False,
+              shared_buffer: bool = True) -> KVLayout:
     """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); ``int8-fused`` on a
-    GQA graph: :class:`~inferos_cli.kv.fused.FusedBackend`; otherwise the rewritten graph + :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` (e.g.
-    ``runtime.pressure``) or a callable; tightens the cache under memory pressure."""
+    GQA graph: :class:`~inferos_cli.kv.fused.FusedLayout`; ``auto``: the fused layout when ``auto_fused``
+    (the plan's decision, :func:`inferos_cli.engine.plan.auto_fused`); otherwise the rewritten graph +
+    :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` or a callable; tightens the
+    segmented cache under memory pressure. ``shared_buffer=False`` (``io.enable_iobinding = false``): no
+    layout preallocates shared past/present buffers, so no step binds them in place."""
     if not policy.kv.enabled:
-        return PlainBackend(info)
-    if policy.kv.quant == "auto":
-        from inferos_cli.kv import fused
-
-        if auto_fused(info, policy):
-            return fused.FusedBackend(info)
-        return SegmentedBackend(info, policy, pressure=pressure)
-    if policy.kv.quant == "int8-fused":
-        from inferos_cli.kv import fused
-
-        if fused.supported(info):
-            return fused.FusedBackend(info)
-        why = ("int8-fused needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders, "
-               "inferos conversions) and onnxruntime >= 1.25: using the segmented int8 cache")
-        return SegmentedBackend(info, policy, pressure=pressure, note=why)
-    return SegmentedBackend(info, policy, pressure=pressure)
+        return PlainLayout(info, shared_buffer=shared_buffer)
+    quant = policy.kv.quant
+    if quant == "auto" and auto_fused:
+        return FusedLayout(info, shared_buffer=shared_buffer)
+    if quant == "int8-fused":
+        if fused_supported(info):
+            return FusedLayout(info, shared_buffer=shared_buffer)
+        return SegmentedLayout(info, policy, pressure=pressure, note=FUSED_UNSUPPORTED)
+    return SegmentedLayout(info, policy, pressure=pressure)

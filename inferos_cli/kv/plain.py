@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Literal, Sequence
 import numpy as np
 
 from inferos_cli.events import KVStats
+from inferos_cli.kv.base import KVCache
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -34,8 +35,11 @@ _INT64 = np.dtype(np.int64)
 _GENERATIONS = itertools.count(1)  # process-unique ids of buffer layouts (for cached IOBindings)
 
 
-class PlainCache:
-    """Full-precision KV cache for ``batch`` rows of one model (implements ``kv.base.KVCache``)."""
+class PlainCache(KVCache):
+    """Full-precision KV cache for ``batch`` rows of one model."""
+
+    tier = "fp"
+    """The name its tokens are counted under in :meth:`stats`."""
 
     def __init__(
         self,
@@ -68,8 +72,8 @@ class PlainCache:
         self._mask = np.zeros((self._batch, 0), dtype=np.int64)
         self.seen_tokens = np.zeros(self._batch, dtype=np.int64)  # true positions per row
         # changes whenever the buffers move (new arrays): lets the engine keep an IOBinding between steps
-        self.generation = next(_GENERATIONS)
-        self._out_cache: tuple[int, dict[str, np.ndarray]] | None = None
+        self.generation: int | None = next(_GENERATIONS)
+        self._out_cache: tuple[int | None, dict[str, np.ndarray]] | None = None
 
     # mask buffer and row lengths of the shared-buffer path (see _append_shared); built on first use
     _mask_buf: np.ndarray | None = None
@@ -156,7 +160,7 @@ class PlainCache:
 
         The mask lives in a preallocated ``[batch, capacity]`` int64 buffer (ones up to each row's length,
         zeros after) and ``_mask`` is a view of its first ``past_len`` columns. When ``_mask`` is not such
-        a view (first append, or ``select``/``merge``/``clone``/``reserve`` replaced it) the buffer and the
+        a view (first append, or ``select``/``merge``/``reserve`` replaced it) the buffer and the
         row lengths are rebuilt from it first. Same result as the packed rule of :meth:`append`: each row
         grows by its real new tokens, ``past_len`` = the longest row."""
         buf = self._mask_buf
@@ -261,18 +265,12 @@ class PlainCache:
         self.generation = next(_GENERATIONS)
 
     def stats(self) -> KVStats:
-        """Real tokens and resident bytes (tier ``fp``); ``bytes_fp16`` for the same tokens in fp16."""
+        """Real tokens and the bytes holding them (tokens x keys and values of every layer in the cache's
+        dtype) in tier :attr:`tier`; ``reserved``: the allocated buffers (preallocated capacity and batch
+        padding included); ``bytes_fp16`` for the same tokens in fp16."""
         tokens = int(self._mask.sum())
-        resident = int(sum(arr.nbytes for arr in self._past.values()))
-        per_token_fp16 = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim * 2
-        return KVStats(tokens={"fp": tokens}, bytes={"fp": resident}, bytes_fp16=tokens * per_token_fp16)
-
-    def clone(self) -> "PlainCache":
-        """A deep copy (for branching a conversation), of the same class (subclasses keep their type)."""
-        twin = type(self).__new__(type(self))
-        twin.__dict__.update(self.__dict__)
-        twin._past = {k: v.copy() for k, v in self._past.items()}
-        twin._mask = self._mask.copy()
-        twin.seen_tokens = self.seen_tokens.copy()
-        twin.generation = next(_GENERATIONS)
-        return twin
+        elements = 2 * self.info.num_layers * self.info.num_kv_heads * self.info.head_dim  # per token
+        reserved = int(sum(arr.nbytes for arr in self._past.values()))
+        tier = self.tier
+        return KVStats(tokens={tier: tokens}, bytes={tier: tokens * elements * np.dtype(self.dtype).itemsize},
+                       bytes_fp16=tokens * elements * 2, reserved={tier: reserved})

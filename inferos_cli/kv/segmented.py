@@ -36,6 +36,7 @@ import numpy as np
 
 from inferos_cli.errors import InferosError
 from inferos_cli.kv import tiers as pol
+from inferos_cli.kv.base import KVCache
 from inferos_cli.kv.quant import dequantize, hadamard, quantize, QTensor
 from inferos_cli.graphs.kv_segments import new_output_name, segment_name
 from inferos_cli.events import KVStats
@@ -98,8 +99,8 @@ class _Tier:
         return int(total)
 
 
-class SegmentedCache:
-    """``kv.base.KVCache`` for rewritten graphs: sinks + fp window ring + int8/int4 tiers."""
+class SegmentedCache(KVCache):
+    """The KV cache of rewritten graphs: sinks + fp window ring + int8/int4 tiers."""
 
     def __init__(self, info: "ModelInfo", batch: int, config: CacheConfig) -> None:
         self.info = info
@@ -543,21 +544,25 @@ class SegmentedCache:
         self.evicted += other.evicted
         self._range = None
 
-    def clone(self) -> "SegmentedCache":
-        """A deep copy of the cached data (config and model facts shared), e.g. to branch a conversation."""
-        import copy
-
-        memo = {id(self.info): self.info, id(self.cfg): self.cfg}
-        return copy.deepcopy(self, memo)
-
     # ----- statistics ------------------------------------------------------------------------------------
+    def token_bytes(self, tier: str) -> int:
+        """Bytes one token of one row takes in ``tier`` (keys and values of every layer; for quantized
+        tiers the codes plus each group's fp16 scale and uint8 zero point)."""
+        if tier == "fp":
+            return 2 * self.L * self.H * self.D * np.dtype(self.dtype).itemsize
+        bits = next(t.bits for t in self.tiers if t.name == tier)
+        return sum(self.L * self.H * (self._dim(bits[kind]) + self.G * 3) for kind in KINDS)
+
     def stats(self) -> KVStats:
-        """Tokens and resident bytes per tier (``fp``, ``int8``, ``int4`` or ``k8v4``), the fp16 reference."""
+        """Tokens and the bytes holding them per tier (``fp``, ``int8``, ``int4`` or ``k8v4``): tokens x
+        :meth:`token_bytes`; ``reserved``: the allocated segments (the whole sinks + window ring, each
+        tier's capacity, batch padding included); the fp16 reference of the same tokens."""
         tokens = {"fp": int(self.fp_mask[: self.fp_n].sum())}
-        nbytes = {"fp": int(sum(self.fp[k][:, :, :, : self.fp_n].nbytes for k in KINDS))}
+        reserved = {"fp": int(sum(self.fp[k].nbytes for k in KINDS))}
         for t in self.tiers:
             tokens[t.name] = int(t.mask[: t.n].sum())
-            nbytes[t.name] = t.used_bytes()
+            reserved[t.name] = int(sum(store[k].nbytes for store in (t.codes, t.scale, t.zero) for k in t.codes))
+        held = {name: n * self.token_bytes(name) for name, n in tokens.items()}
         per_token_fp16 = 2 * self.L * self.H * self.D * 2
-        return KVStats(tokens=tokens, bytes=nbytes, bytes_fp16=sum(tokens.values()) * per_token_fp16,
-                       evicted=int(self.evicted))
+        return KVStats(tokens=tokens, bytes=held, bytes_fp16=sum(tokens.values()) * per_token_fp16,
+                       evicted=int(self.evicted), reserved=reserved)

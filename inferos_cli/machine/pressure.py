@@ -19,6 +19,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
+from inferos_cli.machine import host
+
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.settings import Policy
 
@@ -35,28 +37,10 @@ class PressureSource(Protocol):
         ...
 
 
-class StaticPressure:
-    """A fixed level (for tests and for callers that disable the feedback)."""
-
-    def __init__(self, level: float = 0.0, reason: str = "fixed") -> None:
-        self._level = max(0.0, min(1.0, float(level)))
-        self._reason = reason
-
-    def level(self) -> float:
-        """The fixed level."""
-        return self._level
-
-    def reason(self) -> str:
-        """The fixed reason."""
-        return self._reason
-
-
 def _available_bytes() -> int | None:
     try:
-        import psutil
-
-        return int(psutil.virtual_memory().available)
-    except Exception:
+        return host.memory()[1]
+    except Exception:  # psutil missing or unable to read: unknown, not zero
         return None
 
 

@@ -1,13 +1,15 @@
 """Read a llama.cpp GGUF file into a :class:`DecoderSpec` and :class:`DecoderWeights` (``gguf`` package).
 
-Block formats are kept as they are, never re-quantized:
+Supported architectures (:data:`GGUF_ARCHS`): llama, mistral, qwen2, qwen3, phi3 (fused ``attn_qkv`` and
+gate+up ``ffn_up`` split into rows; longrope factors), gemma2 and gemma3 (sliding-window layers, soft-caps,
+sandwich norms, q/k norms; llama.cpp stores their RMSNorm gains as ``1 + w`` already).
 
-* Q4_0 (``d*(q-8)``) -> 4-bit ``MatMulNBits`` with the default zero point 8, nibbles re-ordered only.
-* Q4_1 (``d*q + m``) -> 4-bit ``MatMulNBits`` as ``d*(q-8) + (m+8d)``: the per-block offset is an exact
-  float term the graph adds (see :class:`~inferos_cli.models.builder.QuantWeight`).
-* Q8_0 (``d*q``) -> 8-bit ``MatMulNBits`` (``q+128`` with zero point 128).
-* F32 / F16 / BF16 pass through (F16 stays fp16 storage); K-quants and every other type are dequantized
-  with ``gguf.quants.dequantize`` and stored at ``dtype``.
+Block formats are kept as they are, never re-quantized: :mod:`inferos_cli.models.quants` re-expresses each
+type it knows (Q4_0/1, Q5_0/1, Q8_0, the K-quants, IQ4_NL/XS) exactly as ``MatMulNBits`` blocks, with a
+per-block float offset where the format has a minimum (see
+:class:`~inferos_cli.models.weights.QuantWeight`). F32 / F16 / BF16 pass through (F16 stays fp16 storage);
+any other type is dequantized with
+``gguf.quants.dequantize`` and stored at fp16, so no tensor is widened to fp32 by default.
 
 With ``dtype`` fp32 / fp16 everything is dequantized to that float type. llama.cpp stores Llama Q/K rows
 permuted for its interleaved RoPE; the rows are moved back to the Hugging Face order (whole blocks move, so
@@ -22,11 +24,15 @@ from typing import Any, Callable
 import numpy as np
 
 from inferos_cli.errors import ConversionError
-from inferos_cli.models.builder import BLOCK, DecoderSpec, DecoderWeights, LayerWeights, QuantWeight, Weight, pack_nibbles
+from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, QuantWeight, Weight
+from inferos_cli.models.quants import decode, to_weight
 
 ProgressFn = Callable[[str, int, int], None]
-GGUF_ARCHS = ("llama", "qwen2", "mistral")
+GGUF_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3")
 _PERMUTED_ARCHS = ("llama", "mistral")
+# end-of-turn tokens that stop generation like EOS (llama.cpp's end-of-generation set does the same)
+_EOT_TEXTS = ("<end_of_turn>", "<|end|>", "<|im_end|>", "<|eot_id|>")
+_EOT_ARCHS = ("qwen3", "phi3", "gemma2", "gemma3")
 
 
 def open_gguf(path: Path) -> Any:
@@ -73,94 +79,126 @@ def field(reader: Any, key: str, default: Any = None) -> Any:
 
 
 def gguf_spec(reader: Any, tensors: dict[str, Any]) -> DecoderSpec:
-    """Architecture facts from GGUF metadata."""
+    """Architecture facts from GGUF metadata (llama.cpp's key names and per-architecture defaults)."""
     arch = field(reader, "general.architecture")
     if arch not in GGUF_ARCHS:
         raise ConversionError(f"unsupported GGUF architecture {arch!r}",
                               f"inferos converts {', '.join(GGUF_ARCHS)}; pass an ONNX folder for others")
 
-    def need(key: str) -> Any:
-        value = field(reader, f"{arch}.{key}")
+    def key(name: str, default: Any = None) -> Any:
+        return field(reader, f"{arch}.{name}", default)
+
+    def need(name: str) -> Any:
+        value = key(name)
         if value is None:
-            raise ConversionError(f"GGUF metadata {arch}.{key} is missing")
+            raise ConversionError(f"GGUF metadata {arch}.{name} is missing")
         return value
 
     heads = int(need("attention.head_count"))
     hidden = int(need("embedding_length"))
-    kv = field(reader, f"{arch}.attention.head_count_kv", heads)
+    layers = int(need("block_count"))
+    kv = key("attention.head_count_kv", heads)
     if isinstance(kv, list):
         raise ConversionError("GGUF with per-layer KV head counts is not supported")
-    head_dim = int(field(reader, f"{arch}.attention.key_length", 0) or field(reader, f"{arch}.rope.dimension_count", 0)
-                   or hidden // heads)
-    window = field(reader, f"{arch}.attention.sliding_window")
-    if window:
-        raise ConversionError(f"a sliding attention window ({window}) is not supported")
-    scaling = None
-    kind = field(reader, f"{arch}.rope.scaling.type")
-    if kind == "linear":
-        scaling = {"rope_type": "linear", "factor": float(field(reader, f"{arch}.rope.scaling.factor", 1.0))}
-    elif kind not in (None, "none"):
-        raise ConversionError(f"rope scaling {kind!r} is not supported")
-    embd = tensors.get("token_embd.weight")
-    vocab = int(field(reader, f"{arch}.vocab_size", 0) or (embd.shape[-1] if embd is not None else 0))
-    eos = field(reader, "tokenizer.ggml.eos_token_id")
-    eot = field(reader, "tokenizer.ggml.eot_token_id")
-    eos_ids = [int(e) for e in (eos, eot) if e is not None]
-    return DecoderSpec(
+    if arch == "phi3":  # rope.dimension_count is the rotary width, which may be partial (Phi-4 mini)
+        head_dim = int(key("attention.key_length", 0) or hidden // heads)
+        if int(key("rope.dimension_count", head_dim)) != head_dim:
+            raise ConversionError(f"partial rotary embeddings ({key('rope.dimension_count')} of {head_dim}) "
+                                  "are not supported", "use a phi3 model with full rotary embeddings")
+    else:
+        head_dim = int(key("attention.key_length", 0) or key("rope.dimension_count", 0) or hidden // heads)
+    spec = DecoderSpec(
         arch="llama" if arch == "mistral" else arch,
         hidden_size=hidden,
-        num_layers=int(need("block_count")),
+        num_layers=layers,
         num_heads=heads,
         num_kv_heads=int(kv),
         head_dim=head_dim,
         intermediate_size=int(need("feed_forward_length")),
-        vocab_size=vocab,
-        context_length=int(field(reader, f"{arch}.context_length", 2048)),
-        rms_eps=float(field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(field(reader, f"{arch}.rope.freq_base", 10000.0)),
-        rope_scaling=scaling,
+        vocab_size=0,
+        context_length=int(key("context_length", 2048)),
+        rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(key("rope.freq_base", 10000.0)),
+        rope_scaling=_rope_scaling(reader, arch, tensors),
         tie_embeddings="output.weight" not in tensors,
-        qkv_bias="blk.0.attn_q.bias" in tensors,
+        qkv_bias="blk.0.attn_q.bias" in tensors or "blk.0.attn_qkv.bias" in tensors,
         bos_token_id=field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=list(dict.fromkeys(eos_ids)),
+        eos_token_ids=_eos_ids(reader, arch),
         pad_token_id=field(reader, "tokenizer.ggml.padding_token_id"),
     )
+    embd = tensors.get("token_embd.weight")
+    spec.vocab_size = int(key("vocab_size", 0) or (embd.shape[-1] if embd is not None else 0))
+    window = key("attention.sliding_window")
+    if arch in ("gemma2", "gemma3"):
+        _gemma_facts(reader, arch, spec, window)
+    elif window and arch != "phi3":  # llama.cpp runs phi3 without its window too
+        raise ConversionError(f"a sliding attention window ({window}) on {arch} is not supported",
+                              "sliding windows are supported on gemma2 and gemma3")
+    return spec
 
 
-def _blocks(tensor: Any, block_bytes: int) -> np.ndarray:
-    """Raw blocks ``[N, K/32, block_bytes]`` of a quantized 2-D tensor."""
-    k = int(tensor.shape[0])
-    raw = np.asarray(tensor.data, dtype=np.uint8)
-    return raw.reshape(-1, k // BLOCK, block_bytes)
+def _rope_scaling(reader: Any, arch: str, tensors: dict[str, Any]) -> dict[str, Any] | None:
+    """``rope.scaling.*`` keys (linear), or Phi-3's longrope factor tensors; llama3 scaling arrives as the
+    ``rope_freqs.weight`` tensor (:func:`gguf_weights`)."""
+    if "rope_factors_long.weight" in tensors and "rope_factors_short.weight" in tensors:
+        original = field(reader, f"{arch}.rope.scaling.original_context_length")
+        if original is None:
+            raise ConversionError(f"GGUF metadata {arch}.rope.scaling.original_context_length is missing")
+        return {"rope_type": "longrope", "original_max_position_embeddings": int(original),
+                "long_factor": as_float(tensors["rope_factors_long.weight"]).reshape(-1).tolist(),
+                "short_factor": as_float(tensors["rope_factors_short.weight"]).reshape(-1).tolist(),
+                "attention_factor": field(reader, f"{arch}.rope.scaling.attn_factor")}
+    kind = field(reader, f"{arch}.rope.scaling.type")
+    if kind == "linear":
+        return {"rope_type": "linear", "factor": float(field(reader, f"{arch}.rope.scaling.factor", 1.0))}
+    if kind not in (None, "none"):
+        raise ConversionError(f"rope scaling {kind!r} is not supported", "supported: linear, llama3, longrope")
+    return None
 
 
-def _f16(raw: np.ndarray) -> np.ndarray:
-    """Little-endian fp16 from two trailing bytes, widened to fp32 (exact)."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
+def _eos_ids(reader: Any, arch: str) -> list[int]:
+    """EOS and EOT ids; for the newer chat families also the end-of-turn tokens the vocabulary holds."""
+    ids = [field(reader, "tokenizer.ggml.eos_token_id"), field(reader, "tokenizer.ggml.eot_token_id")]
+    if arch in _EOT_ARCHS:
+        tokens = field(reader, "tokenizer.ggml.tokens") or []
+        index = {t: i for i, t in enumerate(tokens) if t in _EOT_TEXTS}
+        ids += [index[t] for t in _EOT_TEXTS if t in index]
+    return list(dict.fromkeys(int(e) for e in ids if e is not None))
+
+
+def _gemma_facts(reader: Any, arch: str, spec: DecoderSpec, window: Any) -> None:
+    """Gemma's sliding-window layers, local RoPE base, attention scale and soft-caps (llama.cpp's rules:
+    gemma2 alternates local/global layers with a 4096 window by default; gemma3 makes every sixth layer
+    global, local layers use RoPE base 10000; the 27B models scale queries by ``hidden/heads``)."""
+    key = lambda name, default=None: field(reader, f"{arch}.{name}", default)  # noqa: E731
+    period = 2 if arch == "gemma2" else 6
+    window = int(window if window is not None else (4096 if arch == "gemma2" else 0))
+    pattern = key("attention.sliding_window_pattern")
+    if isinstance(pattern, list):
+        local = [bool(p) for p in pattern]
+    else:
+        period = int(pattern or period)
+        local = [i % period < period - 1 for i in range(spec.num_layers)]
+    if window > 0:
+        spec.sliding_window = window
+        spec.layer_types = ["sliding_attention" if flag else "full_attention" for flag in local]
+    if arch == "gemma3":
+        spec.rope_local_theta = 10000.0
+    big = spec.num_layers == (46 if arch == "gemma2" else 62)  # the 27B models
+    spec.query_pre_attn_scalar = spec.hidden_size / spec.num_heads if big else spec.head_dim
+    cap = key("attn_logit_softcapping", 50.0 if arch == "gemma2" else None)
+    spec.attn_softcap = float(cap) if cap else None
+    cap = key("final_logit_softcapping", 30.0 if arch == "gemma2" else None)
+    spec.final_softcap = float(cap) if cap else None
 
 
 def native_blocks(tensor: Any) -> QuantWeight | None:
     """The GGUF tensor's own blocks as a :class:`QuantWeight`, or None for types kept as floats."""
-    import gguf
-
-    kind = tensor.tensor_type
-    Q = gguf.GGMLQuantizationType
-    if kind == Q.Q4_0:
-        b = _blocks(tensor, 18)
-        d, qs = _f16(b[..., 0:2]), b[..., 2:18]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # GGUF: low nibbles = 0..15, high = 16..31
-        return QuantWeight(4, pack_nibbles(q), d, None, None, "Q4_0")
-    if kind == Q.Q4_1:
-        b = _blocks(tensor, 20)
-        d, m, qs = _f16(b[..., 0:2]), _f16(b[..., 2:4]), b[..., 4:20]
-        q = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-        return QuantWeight(4, pack_nibbles(q), d, None, (m + 8.0 * d).astype(np.float32), "Q4_1")
-    if kind == Q.Q8_0:
-        b = _blocks(tensor, 34)
-        d = _f16(b[..., 0:2])
-        q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-        return QuantWeight(8, q, d, None, None, "Q8_0")
-    return None
+    if len(tensor.shape) != 2:
+        return None
+    k, n = (int(s) for s in tensor.shape)
+    codes = decode(tensor.data, tensor.tensor_type.name, n, k)
+    return None if codes is None else to_weight(codes)
 
 
 def as_float(tensor: Any) -> np.ndarray:
@@ -188,16 +226,25 @@ def as_float(tensor: Any) -> np.ndarray:
         raise ConversionError(f"tensor {tensor.name} uses {kind.name}, which the gguf package cannot dequantize") from None
 
 
+def native_float(tensor: Any) -> np.ndarray:
+    """A tensor without a block form, as stored by default: F32 / BF16 as fp32, F16 and dequantized block
+    types as fp16 (never widened to fp32)."""
+    import gguf
+
+    w = as_float(tensor)
+    Q = gguf.GGMLQuantizationType
+    return w.astype(np.float32) if tensor.tensor_type in (Q.F32, Q.BF16) else w.astype(np.float16)
+
+
 def load_weight(tensor: Any, dtype: str | None, store: Callable[[np.ndarray, str], Weight]) -> Weight:
     """A linear weight: the file's own blocks when the dtype allows, else floats stored at ``dtype``."""
     if dtype not in ("fp32", "fp16"):
         blocks = native_blocks(tensor)
         if blocks is not None:
             return blocks
-    w = as_float(tensor)
     if dtype is None:
-        return w if w.dtype == np.float16 else w.astype(np.float32)
-    return store(w, dtype)
+        return native_float(tensor)
+    return store(as_float(tensor), dtype)
 
 
 def unpermute_index(rows: int, heads: int) -> np.ndarray:
@@ -209,6 +256,14 @@ def unpermute_index(rows: int, heads: int) -> np.ndarray:
 
 def _take_rows(w: Weight, index: np.ndarray) -> Weight:
     return w.take_rows(index) if isinstance(w, QuantWeight) else w[index]
+
+
+def split_rows(w: Weight, sizes: list[int]) -> list[Weight]:
+    """A row-stacked weight cut into consecutive blocks of ``sizes`` output rows (lossless)."""
+    if sum(sizes) != w.shape[0]:
+        raise ConversionError(f"a fused weight has {w.shape[0]} rows, expected {' + '.join(map(str, sizes))}")
+    starts = np.cumsum([0] + sizes)
+    return [_take_rows(w, np.arange(a, b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
 def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
@@ -236,23 +291,37 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
         factors = vec("rope_freqs.weight")
         spec.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
     permute = arch in _PERMUTED_ARCHS
+    q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
     layers = []
     for i in range(spec.num_layers):
         p = f"blk.{i}."
-        q, k = lin(p + "attn_q.weight"), lin(p + "attn_k.weight")
-        q_bias, k_bias = opt_vec(p + "attn_q.bias"), opt_vec(p + "attn_k.bias")
+        if p + "attn_qkv.weight" in tensors:  # phi3: q, k, v stacked along the output rows
+            q, k, v = split_rows(lin(p + "attn_qkv.weight"), [q_rows, kv_rows, kv_rows])
+            biases = opt_vec(p + "attn_qkv.bias")
+            q_bias, k_bias, v_bias = (None, None, None) if biases is None else \
+                np.split(biases, [q_rows, q_rows + kv_rows])
+        else:
+            q, k, v = lin(p + "attn_q.weight"), lin(p + "attn_k.weight"), lin(p + "attn_v.weight")
+            q_bias, k_bias, v_bias = opt_vec(p + "attn_q.bias"), opt_vec(p + "attn_k.bias"), opt_vec(p + "attn_v.bias")
         if permute:
             qi = unpermute_index(q.shape[0], spec.num_heads)
             ki = unpermute_index(k.shape[0], spec.num_kv_heads)
             q, k = _take_rows(q, qi), _take_rows(k, ki)
             q_bias = q_bias[qi] if q_bias is not None else None
             k_bias = k_bias[ki] if k_bias is not None else None
+        if p + "ffn_gate.weight" in tensors:
+            gate, up = lin(p + "ffn_gate.weight"), lin(p + "ffn_up.weight")
+        else:  # phi3: ffn_up holds gate then up
+            gate, up = split_rows(lin(p + "ffn_up.weight"), [spec.intermediate_size] * 2)
         layers.append(LayerWeights(
             attn_norm=vec(p + "attn_norm.weight"),
-            q=q, k=k, v=lin(p + "attn_v.weight"), o=lin(p + "attn_output.weight"),
+            q=q, k=k, v=v, o=lin(p + "attn_output.weight"),
             ffn_norm=vec(p + "ffn_norm.weight"),
-            gate=lin(p + "ffn_gate.weight"), up=lin(p + "ffn_up.weight"), down=lin(p + "ffn_down.weight"),
-            q_bias=q_bias, k_bias=k_bias, v_bias=opt_vec(p + "attn_v.bias"),
+            gate=gate, up=up, down=lin(p + "ffn_down.weight"),
+            q_bias=q_bias, k_bias=k_bias, v_bias=v_bias,
+            q_norm=opt_vec(p + "attn_q_norm.weight"), k_norm=opt_vec(p + "attn_k_norm.weight"),
+            post_attn_norm=opt_vec(p + "post_attention_norm.weight"),
+            post_ffn_norm=opt_vec(p + "post_ffw_norm.weight"),
         ))
         if progress:
             progress("convert", i + 1, spec.num_layers)
@@ -262,7 +331,12 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
         embed = store_embedding(as_float(embd), dtype)
     else:
         blocks = native_blocks(embd)
-        embed = blocks if blocks is not None else store_embedding(as_float(embd), dtype or "fp32")
+        if blocks is not None:
+            embed = blocks
+        elif dtype is None:
+            embed = native_float(embd)
+        else:
+            embed = store_embedding(as_float(embd), dtype)
     head = tensors.get("output.weight")
     lm_head = lin("output.weight") if head is not None else None
     return DecoderWeights(embed, layers, vec("output_norm.weight"), lm_head)

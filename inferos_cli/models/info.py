@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from inferos_cli.errors import ModelError
+from inferos_cli.models.params import size_class
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
 
@@ -57,8 +58,6 @@ class ModelInfo:
     @property
     def size_class(self) -> str | None:
         """The size-class profile name for this model's parameter count."""
-        from inferos_cli.profiles import size_class
-
         return size_class(self.param_count)
 
     def to_json(self) -> dict[str, Any]:

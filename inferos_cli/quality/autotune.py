@@ -3,10 +3,11 @@
 ``quality.delta_ppl_est`` comes from a measurement, never a constant: when the policy changes, a
 calibration pass runs the calibration text through the engine of the current policy and through the
 baseline engine (original graph, plain cache), token by token after a short prefill so the KV tiers
-really fill, and takes ``ppl(policy) - ppl(baseline)``. The same pass times both (decode tokens/s) and
-reads their resident KV bytes, so every decision rests on numbers measured in one run.
+really fill (:func:`~inferos_cli.quality.perplexity.perplexity`), and takes ``ppl(policy) - ppl(baseline)``.
+The same pass times both (decode tokens/s) and reads their resident KV bytes, so every decision rests on
+numbers measured in one run.
 
-Decisions (each logged in the service history with its reason and numbers):
+Decisions (each recorded on the target with its reason and numbers):
 
 - estimate above ``quality.max_delta_ppl``: loosen (the tiered segmented cache instead of the fused one,
   recent window x2, level thresholds +0.1), after
@@ -16,23 +17,26 @@ Decisions (each logged in the service history with its reason and numbers):
   measured estimate stays within the budget;
 - ``--target-tps`` above the measured throughput: calibrate both neighbours and adopt the one whose
   measured decode tokens/s is higher, if it stays within the quality budget.
+
+The tuner knows nothing of the server: it takes an engine factory (``policy -> engine``, cached by the
+caller) and a :class:`TuneTarget` (the policy it tunes and where its decisions go). The service is one
+target; :class:`RunTarget` is the one-shot target of ``run --auto-tune``.
 """
 
 from __future__ import annotations
 
-import math
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable, Protocol
 
-import numpy as np
-
+from inferos_cli.quality.perplexity import perplexity
 from inferos_cli.settings import Policy
 
-if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.server.service import InferenceService
+#: ``policy -> engine``; the caller caches engines (the tuner asks for the same policies again and again).
+EngineFor = Callable[[Policy], Any]
 
 PRESSURE_HIGH = 0.8
 MIN_PERIOD_S = 1.0
@@ -70,39 +74,18 @@ class Calibration:
         return asdict(self)
 
 
-def perplexity_run(engine: Any, ids: list[int], prefill: int) -> tuple[float, float | None, int | None]:
-    """Perplexity of ``ids[prefill:]`` given the prefix: prefill ``ids[:prefill]`` in one step, then one
-    decode step per token (so the cache tiers fill as in serving). Returns (ppl, decode tok/s, KV bytes)."""
-    cache = engine.new_cache(1, capacity=len(ids) + 1)
-    logits = engine.forward(np.asarray([ids[:prefill]], dtype=np.int64), cache, phase="prefill")
-    nll = 0.0
-    count = 0
-    last = logits[0, -1]
-    step = np.empty((1, 1), dtype=np.int64)
-    t0 = time.perf_counter()
-    for i in range(prefill, len(ids)):
-        row = last.astype(np.float64)
-        peak = row.max()
-        nll += float(np.log(np.exp(row - peak).sum()) + peak - row[ids[i]])
-        count += 1
-        if i == len(ids) - 1:
-            break
-        step[0, 0] = ids[i]
-        last = engine.forward(step, cache, phase="decode")[0, -1]
-    elapsed = time.perf_counter() - t0
-    steps = max(0, count - 1)
-    tps = steps / elapsed if steps and elapsed > 0 else None
-    try:
-        kv = cache.stats().total_bytes
-    except Exception:  # noqa: BLE001
-        kv = None
-    return math.exp(nll / max(count, 1)), tps, kv
+def baseline_policy(policy: Policy) -> Policy:
+    """The same policy with the KV quantizer off (original graph, plain cache): the reference every
+    calibration measures against, and what the server's baseline mode runs."""
+    data = policy.model_dump()
+    data["kv"]["mode"] = "disabled"
+    return Policy.model_validate(data)
 
 
 def loosen(policy: Policy) -> Policy:
-    """A looser policy: the tiered segmented cache instead of the fused one (``auto`` / ``int8-fused``:
-    every token int8 with static scales, ΔPPL ~0.17 on SmolLM2 against ~0.003-0.05 for the segmented
-    presets), recent window x2 (max 512), level thresholds +0.1 (order kept); same if at the top."""
+    """A looser policy: the tiered segmented cache instead of the fused one (``auto`` / ``int8-fused``
+    store every token int8 with static scales, the segmented presets keep a full-precision window and
+    lose less), recent window x2 (max 512), level thresholds +0.1 (order kept); same if at the top."""
     data = policy.model_dump()
     kv = data["kv"]
     if kv["quant"] in ("auto", "int8-fused"):
@@ -134,12 +117,89 @@ def summary(policy: Policy) -> dict[str, Any]:
             "level_thresholds": kv.level_thresholds.model_dump()}
 
 
+class TuneTarget(Protocol):
+    """What the tuner tunes: the service (``serve --auto-tune``) or a :class:`RunTarget` (``run --auto-tune``)."""
+
+    policy_version: int
+    baseline_mode: bool
+
+    @property
+    def policy(self) -> Policy:
+        """The policy requests run with now (the baseline variant in baseline mode)."""
+
+    @property
+    def configured_policy(self) -> Policy:
+        """The policy as set (baseline mode not applied)."""
+
+    def replace_policy(self, policy: Policy, *, reason: str, details: dict[str, Any] | None = None) -> None:
+        """Adopt a whole validated policy."""
+
+    def record_decision(self, kind: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        """Keep a decision with its reason and numbers."""
+
+    def kv_bytes(self) -> int | None:
+        """Resident KV bytes of the latest request (memory pressure), None before any."""
+
+    def live_tps(self) -> float | None:
+        """Measured request decode tokens/s (the ``--target-tps`` check), None before any."""
+
+    def publish_estimate(self, delta_ppl: float, source: str | None = None) -> None:
+        """The measured delta-PPL of the current policy (``source``: how; None keeps the previous one)."""
+
+
+class RunTarget:
+    """The target of ``run --auto-tune``: one resolved policy, no requests served yet, decisions kept in
+    :attr:`decisions` (the same entries the server's history holds)."""
+
+    def __init__(self, policy: Policy) -> None:
+        self._policy = policy
+        self.baseline_mode = not policy.kv.enabled
+        self.policy_version = 0
+        self.decisions: list[dict[str, Any]] = []
+        self.delta_ppl_est: float | None = None
+
+    @property
+    def policy(self) -> Policy:
+        """The effective policy (the baseline variant when the KV policy is off)."""
+        return baseline_policy(self._policy) if self.baseline_mode else self._policy
+
+    @property
+    def configured_policy(self) -> Policy:
+        """The policy as resolved, then as tuned."""
+        return self._policy
+
+    def replace_policy(self, policy: Policy, *, reason: str, details: dict[str, Any] | None = None) -> None:
+        """Adopt ``policy``."""
+        self._policy = policy
+        self.policy_version += 1
+        self.record_decision("autotune", reason, {**(details or {}), "version": self.policy_version})
+
+    def record_decision(self, kind: str, reason: str, details: dict[str, Any] | None = None) -> None:
+        """Keep a decision."""
+        self.decisions.append({"t": time.time(), "type": "decision", "kind": kind, "reason": reason,
+                               **({"details": details} if details else {})})
+
+    def kv_bytes(self) -> int | None:
+        """No request has run yet."""
+        return None
+
+    def live_tps(self) -> float | None:
+        """No request has run yet."""
+        return None
+
+    def publish_estimate(self, delta_ppl: float, source: str | None = None) -> None:
+        """Keep the estimate."""
+        self.delta_ppl_est = delta_ppl
+
+
 class AutoTuner:
-    """Runs beside a service; :meth:`step` is one slow-loop iteration (tests call it directly)."""
+    """Tunes one target's policy; :meth:`step` is one slow-loop iteration (tests call it directly),
+    :meth:`start` runs it in a thread."""
 
     def __init__(
         self,
-        service: "InferenceService",
+        target: TuneTarget,
+        engines: EngineFor,
         *,
         target_tps: float | None = None,
         calibration_text: str | None = None,
@@ -149,16 +209,17 @@ class AutoTuner:
     ) -> None:
         from inferos_cli.machine.pressure import MemoryPressure
 
-        self.service = service
+        self.target = target
+        self.engines = engines
         self.target_tps = target_tps
+        engine = engines(target.policy)
         text = calibration_text or _default_text()
-        ids = list(service.tokenizer.encode(text))
-        limit = calibration_tokens or min(service.info.context_length - 1, 384)
+        ids = list(engine.tokenizer.encode(text))
+        limit = calibration_tokens or min(engine.info.context_length - 1, 384)
         self.ids = ids[:limit]
         self.prefill = max(1, min(prefill_tokens, len(self.ids) - 2))
-        self.pressure = pressure or MemoryPressure.from_policy(
-            service.configured_policy, kv_bytes=lambda: service.metrics_kv_bytes())
-        self._cache: dict[str, Calibration] = {}
+        self.pressure = pressure or MemoryPressure.from_policy(target.configured_policy, kv_bytes=target.kv_bytes)
+        self._cache: list[tuple[Policy, Calibration]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -168,23 +229,21 @@ class AutoTuner:
     # -- measurement -------------------------------------------------------------------------------------
     def calibrate(self, policy: Policy) -> Calibration:
         """Measure ``policy`` against the baseline on the calibration text (cached per policy)."""
-        from inferos_cli.server.service import baseline_policy, policy_key
-
-        key = policy_key(policy)
-        if key in self._cache:
-            return self._cache[key]
+        for known, cal in self._cache:
+            if known == policy:
+                return cal
         t0 = time.perf_counter()
         base = baseline_policy(policy)
-        # interleave: baseline, candidate (one pass each; both engines stay cached by the service)
-        ppl_b, tps_b, kv_b = perplexity_run(self.service.engine(base), self.ids, self.prefill)
-        if policy_key(base) == key:
+        # baseline first, then the candidate (one pass each; the engine factory keeps both)
+        ppl_b, tps_b, kv_b = perplexity(self.engines(base), self.ids, self.prefill)
+        if base == policy:
             ppl, tps, kv = ppl_b, tps_b, kv_b
         else:
-            ppl, tps, kv = perplexity_run(self.service.engine(policy), self.ids, self.prefill)
+            ppl, tps, kv = perplexity(self.engines(policy), self.ids, self.prefill)
         cal = Calibration(ppl=ppl, ppl_baseline=ppl_b, delta_ppl=ppl - ppl_b, tokens=len(self.ids) - self.prefill,
                           decode_tps=tps, decode_tps_baseline=tps_b, kv_bytes=kv, kv_bytes_baseline=kv_b,
                           seconds=time.perf_counter() - t0)
-        self._cache[key] = cal
+        self._cache.append((policy, cal))
         return cal
 
     # -- the loop ----------------------------------------------------------------------------------------
@@ -192,14 +251,13 @@ class AutoTuner:
         """Measure the current policy and take at most one decision; returns what happened."""
         with self._lock:
             self.steps += 1
-            svc = self.service
-            policy = svc.policy  # effective (baseline mode applied)
+            tgt = self.target
+            policy = tgt.policy  # effective (baseline mode applied)
             cal = self.calibrate(policy)
-            svc.delta_ppl_est = cal.delta_ppl
-            svc.delta_ppl_source = (
-                f"calibration: {cal.tokens} tokens, ppl {cal.ppl:.4f} vs baseline {cal.ppl_baseline:.4f}")
+            tgt.publish_estimate(
+                cal.delta_ppl, f"calibration: {cal.tokens} tokens, ppl {cal.ppl:.4f} vs baseline {cal.ppl_baseline:.4f}")
             budget = policy.quality.max_delta_ppl
-            if svc.baseline_mode or not policy.kv.enabled:
+            if tgt.baseline_mode or not policy.kv.enabled:
                 return {"action": "none", "reason": "KV policy off (baseline): nothing to tune", **cal.to_json()}
             if cal.delta_ppl > budget:
                 cand = loosen(policy)
@@ -223,7 +281,7 @@ class AutoTuner:
                     return self._note("tighten-rejected", f"memory pressure {level:.2f} but the tighter candidate "
                                       f"measured delta_ppl {cc.delta_ppl:.4f} > max {budget}", cal)
             if self.target_tps:
-                live = svc.metrics().get("tps")
+                live = tgt.live_tps()
                 if live is not None and live < self.target_tps:
                     return self._steer_tps(policy, cal, live, budget)
             return {"action": "none", "reason": "within budget", "pressure": level, **cal.to_json()}
@@ -254,25 +312,23 @@ class AutoTuner:
         b_runs: list[float] = []
         for _ in range(rounds):
             for policy, runs in ((current, a_runs), (candidate, b_runs)):
-                _, tps, _ = perplexity_run(self.service.engine(policy), ids, self.prefill)
+                _, tps, _ = perplexity(self.engines(policy), ids, self.prefill)
                 if tps:
                     runs.append(tps)
-        import statistics
-
         return (statistics.median(a_runs) if a_runs else None, statistics.median(b_runs) if b_runs else None)
 
     def _adopt(self, cand: Policy, reason: str, cal: Calibration, cc: Calibration) -> dict[str, Any]:
-        self.service.replace_policy(cand, reason=reason, details={
-            "from": summary(self.service.configured_policy), "to": summary(cand),
+        self.target.replace_policy(cand, reason=reason, details={
+            "from": summary(self.target.configured_policy), "to": summary(cand),
             "measured_current": cal.to_json(), "measured_candidate": cc.to_json()})
-        self.service.delta_ppl_est = cc.delta_ppl
+        self.target.publish_estimate(cc.delta_ppl)
         return {"action": "adopt", "reason": reason, "policy": summary(cand), **cc.to_json()}
 
     def _note(self, kind: str, reason: str, cal: Calibration) -> dict[str, Any]:
-        key = (self.service.policy_version, kind)
+        key = (self.target.policy_version, kind)
         if key not in self._noted:  # once per policy version, so the history is not flooded
             self._noted.add(key)
-            self.service.record_decision("autotune", reason, {"measured_current": cal.to_json()})
+            self.target.record_decision("autotune", reason, {"measured_current": cal.to_json()})
         return {"action": kind, "reason": reason, **cal.to_json()}
 
     def _run(self) -> None:
@@ -280,8 +336,8 @@ class AutoTuner:
             try:
                 self.step()
             except Exception as exc:  # noqa: BLE001 - the tuner must never take the server down
-                self.service.record_decision("autotune", f"tuner step failed: {exc}")
-            period = max(MIN_PERIOD_S, self.service.configured_policy.loops.slow_ms / 1000.0)
+                self.target.record_decision("autotune", f"tuner step failed: {exc}")
+            period = max(MIN_PERIOD_S, self.target.configured_policy.loops.slow_ms / 1000.0)
             self._stop.wait(period)
 
     def start(self) -> "AutoTuner":
@@ -308,19 +364,13 @@ def _default_text() -> str:
     return DEFAULT_CALIBRATION
 
 
-def tune_for_run(info: Any, resolved: Any, *, target_tps: float | None = None, max_steps: int = 4,
+def tune_for_run(policy: Policy, engines: EngineFor, *, target_tps: float | None = None, max_steps: int = 4,
                  pressure: Any = None) -> tuple[Policy, list[dict[str, Any]]]:
     """`run --auto-tune`: before a one-shot run, step the tuner until it takes no decision (at most
     ``max_steps``); returns the tuned policy and every decision with its reason and measurements."""
-    from inferos_cli.server.service import InferenceService
-
-    service = InferenceService(info, resolved, use_batcher=False, snapshot_interval_s=3600.0)
-    try:
-        tuner = AutoTuner(service, target_tps=target_tps, pressure=pressure)
-        for _ in range(max_steps):
-            if tuner.step()["action"] != "adopt":
-                break
-        decisions = [h for h in service.history if h.get("type") == "decision"]
-        return service.configured_policy, decisions
-    finally:
-        service.close()
+    target = RunTarget(policy)
+    tuner = AutoTuner(target, engines, target_tps=target_tps, pressure=pressure)
+    for _ in range(max_steps):
+        if tuner.step()["action"] != "adopt":
+            break
+    return target.configured_policy, target.decisions

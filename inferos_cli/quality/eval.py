@@ -1,9 +1,9 @@
 """`inferos eval`: teacher-forced perplexity through the real cache path, per KV configuration.
 
 For each window of ``ctx`` tokens of the text, every configuration prefills the first ``prefix`` tokens
-and is then fed the rest one token at a time (``Engine.forward`` with its own cache: the rewritten graph
-and segmented cache for KV presets, the original graph and plain cache for ``baseline``), scoring each
-next-token log-likelihood. All configurations advance in lockstep on the same tokens, so the KL
+and is then fed the rest one token at a time (:func:`inferos_cli.quality.perplexity.teacher_forced`:
+each engine with its own cache, the rewritten graph and segmented cache for KV presets, the original
+graph and plain cache for ``baseline``), scoring each next-token log-likelihood. All configurations advance in lockstep on the same tokens, so the KL
 divergence and top-1 agreement against the baseline are exact (no logits stored).
 
 Per configuration: perplexity, delta vs baseline, mean KL(baseline || config) of next-token
@@ -12,6 +12,9 @@ arrays) and their ratio to the same tokens in fp16, and peak RSS. Peak RSS is pe
 runs the first window alone in a fresh subprocess (``python -m inferos_cli.quality.eval``) so no
 other configuration's sessions are resident; the value is the highest RSS sampled after each step (the
 transient peak of loading the model, the same for every configuration, is left out).
+
+Settings are resolved by the command (:func:`resolve_configs`); the engines and the probe get them
+resolved.
 """
 
 from __future__ import annotations
@@ -25,13 +28,24 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from inferos_cli.bench.configs import profile_of, resolved_from_json, resolved_to_json
 from inferos_cli.errors import InferosError, UsageError
+from inferos_cli.quality.perplexity import log_softmax, teacher_forced
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.engine.engine import Engine
     from inferos_cli.models.info import ModelInfo
+    from inferos_cli.settings import Resolved
 
 BASELINE = "baseline"
+
+
+@dataclass
+class EvalConfig:
+    """One ``--compare`` configuration with its resolved settings."""
+
+    name: str
+    resolved: "Resolved"
 
 
 @dataclass
@@ -82,22 +96,6 @@ class EvalReport:
         }
 
 
-def parse_compare(spec: str | None) -> list[str]:
-    """``"baseline,int8,chat+int4"`` -> config names; ``baseline`` always first (the reference)."""
-    names = [n.strip() for n in (spec or "baseline,int8,int4").split(",") if n.strip()]
-    if not names:
-        raise UsageError("--compare is empty", "e.g. --compare baseline,int8,int4")
-    if len(set(names)) != len(names):
-        raise UsageError("--compare lists a configuration twice", "name each configuration once")
-    names = [n for n in names if n != BASELINE]
-    return [BASELINE] + names
-
-
-def profile_of(config: str) -> str:
-    """``chat+int4`` -> ``chat,int4`` (profiles merged left to right)."""
-    return ",".join(p.strip() for p in config.split("+") if p.strip())
-
-
 def make_windows(tokens: list[int], ctx: int, prefix: int, max_tokens: int | None,
                  bos: int | None) -> list[list[int]]:
     """Consecutive windows of ``ctx`` tokens (BOS first when the model uses one), trimmed so at most
@@ -128,12 +126,6 @@ def make_windows(tokens: list[int], ctx: int, prefix: int, max_tokens: int | Non
     return out
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    m = x.max()
-    return x - m - np.log(np.exp(x - m).sum())
-
-
 class _Acc:
     """Running sums of one configuration."""
 
@@ -155,22 +147,22 @@ class _Acc:
         self.kv_peak = max(self.kv_peak, st.total_bytes)
 
 
-def load_engines(model: str | None, configs: list[str], threads: int | None,
-                 info: "ModelInfo | None" = None,
-                 flags: dict[str, Any] | None = None) -> tuple["ModelInfo", list["Engine"]]:
-    """One engine per configuration, all on the same resolved model; ``flags`` (nested policy values,
-    e.g. a KV budget) apply to every configuration except ``baseline``."""
+def resolve_configs(names: list[str], info: "ModelInfo", flags: dict[str, Any] | None = None) -> list[EvalConfig]:
+    """Each configuration's settings, resolved once for the model (``chat+int4`` merges ``chat`` and
+    ``int4``); ``flags`` (nested policy values, e.g. a KV budget) apply to every configuration except
+    ``baseline``. Called by the commands, before anything loads."""
     from inferos_cli.profiles import resolve_settings
-    from inferos_cli.engine.engine import Engine
-    from inferos_cli.models.resolve import resolve_model
 
-    info = info or resolve_model(model, progress=True)
-    engines = []
-    for cfg in configs:
-        resolved = resolve_settings(profile_of(cfg), param_count=info.param_count,
-                                    flags=None if cfg == BASELINE else flags)
-        engines.append(Engine(info, resolved, threads=threads))
-    return info, engines
+    return [EvalConfig(name, resolve_settings(profile_of(name), param_count=info.param_count,
+                                              flags=None if name == BASELINE else flags))
+            for name in names]
+
+
+def load_engines(info: "ModelInfo", configs: list[EvalConfig], threads: int | None) -> list["Engine"]:
+    """One engine per configuration, all on the same model."""
+    from inferos_cli.engine.engine import Engine
+
+    return [Engine(info, cfg.resolved, threads=threads) for cfg in configs]
 
 
 def read_tokens(engine: "Engine", text: Path) -> list[int]:
@@ -183,29 +175,25 @@ def read_tokens(engine: "Engine", text: Path) -> list[int]:
 
 
 def run_eval(
-    model: str | None,
+    info: "ModelInfo",
+    configs: list[EvalConfig],
     text: Path,
     *,
     ctx: int = 512,
     prefix: int = 64,
     max_tokens: int | None = None,
-    compare: str | None = None,
     threads: int | None = None,
     measure_rss: bool = True,
     progress: Callable[[int, int], None] | None = None,
-    flags: dict[str, Any] | None = None,
     exact: bool = True,
 ) -> EvalReport:
-    """Score every configuration of ``compare`` on the same windows of ``text`` (see module doc).
-    ``exact`` (default): score on the exact-compute twin of the graph, so the KV cache's own error is not
-    buried under int8-activation rounding noise (:mod:`inferos_cli.graphs.exact`)."""
-    configs = parse_compare(compare)
-    from inferos_cli.models.resolve import resolve_model
+    """Score every configuration (``baseline``, the reference, first) on the same windows of ``text``
+    (see module doc). ``exact`` (default): score on the exact-compute twin of the graph, so the KV cache's
+    own error is not buried under int8-activation rounding noise (:mod:`inferos_cli.graphs.exact`)."""
     from inferos_cli.graphs.exact import exact_info
 
-    info = resolve_model(model, progress=True)
     info, exact_used = exact_info(info) if exact else (info, False)
-    info, engines = load_engines(model, configs, threads, info=info, flags=flags)
+    engines = load_engines(info, configs, threads)
     if ctx > info.context_length:
         raise UsageError(f"--ctx {ctx} exceeds the model's context of {info.context_length} tokens",
                          f"use --ctx {info.context_length} or less")
@@ -215,22 +203,19 @@ def run_eval(
     total = sum(len(w) - prefix for w in windows)
     accs = [_Acc() for _ in configs]
     done = 0
+    caches: list[Any] = []
     for win in windows:
-        caches = [eng.new_cache(1) for eng in engines]
-        ids = np.asarray([win[:prefix]], dtype=np.int64)
-        last = [eng.forward(ids, cache, phase="prefill")[0, -1] for eng, cache in zip(engines, caches)]
-        step = np.empty((1, 1), dtype=np.int64)
-        for i in range(prefix, len(win)):
-            target = win[i]
-            base_lp = _log_softmax(last[0])
-            base_top = int(np.argmax(last[0]))
+        for st in teacher_forced(engines, win, prefix):
+            caches = st.caches
+            base_lp = log_softmax(st.logits[0])
+            base_top = int(np.argmax(st.logits[0]))
             for k, acc in enumerate(accs):
-                lp = base_lp if k == 0 else _log_softmax(last[k])
-                acc.nll -= float(lp[target])
+                lp = base_lp if k == 0 else log_softmax(st.logits[k])
+                acc.nll -= float(lp[st.target])
                 if k:
                     p = np.exp(base_lp)
                     acc.kl += float(np.sum(p * (base_lp - lp)))
-                    acc.agree += int(int(np.argmax(last[k])) == base_top)
+                    acc.agree += int(int(np.argmax(st.logits[k])) == base_top)
                 else:
                     acc.agree += 1
                 acc.n += 1
@@ -238,9 +223,6 @@ def run_eval(
             done += 1
             if progress is not None:
                 progress(done, total)
-            if i + 1 < len(win):
-                step[0, 0] = target
-                last = [eng.forward(step, cache, phase="decode")[0, -1] for eng, cache in zip(engines, caches)]
     results = []
     base_ppl = float(np.exp(accs[0].nll / accs[0].n))
     for cfg, eng, acc, cache in zip(configs, engines, accs, caches):
@@ -248,11 +230,11 @@ def run_eval(
         mean_kv = acc.kv_sum / acc.kv_steps if acc.kv_steps else None
         mean_fp16 = acc.kv_fp16_sum / acc.kv_steps if acc.kv_steps else None
         results.append(ConfigResult(
-            config=cfg,
+            config=cfg.name,
             kv=eng.backend.describe(),
             ppl=ppl,
             delta_ppl=ppl - base_ppl,
-            kl_mean=acc.kl / acc.n if cfg != BASELINE else 0.0,
+            kl_mean=acc.kl / acc.n if cfg.name != BASELINE else 0.0,
             top1_agreement=acc.agree / acc.n,
             kv_bytes=mean_kv,
             kv_bytes_peak=acc.kv_peak,
@@ -261,38 +243,23 @@ def run_eval(
             tokens_scored=acc.n,
             notes=list(getattr(cache, "notes", [])),
         ))
-    del engines
+    del engines, caches
     rss_note = "not measured (--no-rss)"
     if measure_rss:
         rss_note = (f"highest RSS sampled after each step of a fresh process running the first window "
                     f"({len(windows[0])} tokens) alone; model loading peaks are excluded")
+        by_name = {cfg.name: cfg for cfg in configs}
         for res in results:
-            res.peak_rss_mb = rss_probe(str(info.path), res.config, windows[0], prefix, threads, flags, exact_used)
+            res.peak_rss_mb = rss_probe(str(info.path), by_name[res.config], windows[0], prefix, threads, exact_used)
     return EvalReport(model=info.name, text=str(text), ctx=ctx, prefix=prefix, tokens_scored=total,
                       windows=len(windows), results=results, rss_note=rss_note, exact_matmul=exact_used)
 
 
-def peak_rss_bytes() -> int | None:
-    """Peak resident set size of this process: ``ru_maxrss`` (POSIX) or ``peak_wset`` (Windows)."""
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(peak) if sys.platform == "darwin" else int(peak) * 1024
-    except ImportError:  # Windows
-        try:
-            import psutil
-
-            return int(getattr(psutil.Process().memory_info(), "peak_wset", 0)) or None
-        except Exception:
-            return None
-
-
-def rss_probe(model: str, config: str, window: list[int], prefix: int, threads: int | None,
-              flags: dict[str, Any] | None = None, exact: bool = False) -> float | None:
+def rss_probe(model: str, config: EvalConfig, window: list[int], prefix: int, threads: int | None,
+              exact: bool = False) -> float | None:
     """Peak RSS (MiB) of a fresh subprocess that runs ``window`` teacher-forced with ``config``."""
-    args = {"model": model, "config": config, "window": window, "prefix": prefix, "threads": threads,
-            "flags": flags, "exact": exact}
+    args = {"model": model, "config": config.name, "settings": resolved_to_json(config.resolved),
+            "window": window, "prefix": prefix, "threads": threads, "exact": exact}
     try:
         proc = subprocess.run([sys.executable, "-m", "inferos_cli.quality.eval"], input=json.dumps(args),
                               capture_output=True, text=True, timeout=1800, check=False)
@@ -309,31 +276,25 @@ def rss_probe(model: str, config: str, window: list[int], prefix: int, threads: 
 
 def _probe_main() -> int:
     """Child side of :func:`rss_probe`: JSON args on stdin, ``{"peak_rss_bytes": N}`` on stdout."""
-    args = json.loads(sys.stdin.read())
+    from inferos_cli.machine.rss import current_rss, process_peak_rss
     from inferos_cli.models.info import inspect_folder
 
+    args = json.loads(sys.stdin.read())
     info = inspect_folder(Path(args["model"]))
     if args.get("exact"):
         from inferos_cli.graphs.exact import exact_info
 
         info, _ = exact_info(info)
-    _, engines = load_engines(None, [args["config"]], args.get("threads"), info=info, flags=args.get("flags"))
-    eng = engines[0]
-    win, prefix = args["window"], int(args["prefix"])
-    import psutil
-
-    proc = psutil.Process()
-    loaded = proc.memory_info().rss
-    cache = eng.new_cache(1)
-    eng.forward(np.asarray([win[:prefix]], dtype=np.int64), cache, phase="prefill")
-    peak = proc.memory_info().rss
-    step = np.empty((1, 1), dtype=np.int64)
-    for tok in win[prefix:-1]:
-        step[0, 0] = tok
-        eng.forward(step, cache, phase="decode")
-        peak = max(peak, proc.memory_info().rss)
+    config = EvalConfig(args["config"], resolved_from_json(args["settings"]))
+    eng = load_engines(info, [config], args.get("threads"))[0]
+    loaded = current_rss()
+    peak, cache = 0, None
+    for st in teacher_forced([eng], args["window"], int(args["prefix"])):
+        peak = max(peak, current_rss() or 0)
+        cache = st.caches[0]
     print(json.dumps({"peak_rss_bytes": peak, "rss_after_load_bytes": loaded,
-                      "process_peak_rss_bytes": peak_rss_bytes(), "kv_bytes": cache.stats().total_bytes}))
+                      "process_peak_rss_bytes": process_peak_rss(),
+                      "kv_bytes": cache.stats().total_bytes if cache is not None else None}))
     return 0
 
 

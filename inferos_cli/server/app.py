@@ -35,7 +35,7 @@ def create_app(state: ServerState) -> "FastAPI":
     from inferos_cli import __version__
     from inferos_cli.errors import ContextOverflowError, InferosError, ModelNotFoundError
     from inferos_cli.server.service import ServiceBusy
-    from inferos_cli.server import control, lemonade_api
+    from inferos_cli.server import control, dashboard, lemonade_api
     from inferos_cli.server.prom import PromMetrics
     from inferos_cli.server.security import BodyLimitMiddleware, TokenMiddleware
 
@@ -80,6 +80,7 @@ def create_app(state: ServerState) -> "FastAPI":
     lemonade = lemonade_api.router(service)
     app.include_router(lemonade, prefix="/api/v1")
     app.include_router(lemonade, prefix="/v1")
+    app.include_router(dashboard.router())
 
     @app.get("/live")
     def live() -> dict[str, str]:
@@ -89,45 +90,3 @@ def create_app(state: ServerState) -> "FastAPI":
     if state.token:
         app.add_middleware(TokenMiddleware, token=state.token)
     return app
-
-
-class ServerThread:
-    """A real uvicorn server on 127.0.0.1 in a background thread (tests, benchmarks, `run --backend`)."""
-
-    def __init__(self, app: "FastAPI", host: str = "127.0.0.1", port: int = 0) -> None:
-        import socket
-        import threading
-
-        import uvicorn
-
-        self._sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self.host = host
-        self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
-        self.server = uvicorn.Server(config)
-        self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self._sock]}, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """``http://host:port``."""
-        return f"http://{self.host}:{self.port}"
-
-    def start(self, timeout: float = 30.0) -> "ServerThread":
-        """Start and wait until uvicorn accepts connections."""
-        import time
-
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self.server.started:
-            if time.monotonic() > deadline or not self._thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        """Ask uvicorn to exit and wait for the thread."""
-        self.server.should_exit = True
-        self._thread.join(timeout=10)
-        self._sock.close()

@@ -24,6 +24,18 @@ def field_errors(exc: ValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def control_health(service: "InferenceService") -> dict[str, Any]:
+    """The control API's own ``/v1/health`` keys."""
+    import time
+
+    from inferos_cli import __version__
+
+    return {
+        "status": "ok", "baseline_mode": service.baseline_mode, "model": service.info.name,
+        "profile": service.profile, "version": __version__, "uptime_s": time.time() - service.started,
+    }
+
+
 def router(service: "InferenceService", prom: "PromMetrics") -> APIRouter:
     """Control routes bound to one service."""
     api = APIRouter()
@@ -32,7 +44,7 @@ def router(service: "InferenceService", prom: "PromMetrics") -> APIRouter:
     def health() -> dict[str, Any]:
         from inferos_cli.server.lemonade_api import lemonade_health
 
-        return {**lemonade_health(service), **service.health()}  # the guide's keys win; Lemonade's ride along
+        return {**lemonade_health(service), **control_health(service)}  # the guide's keys win; Lemonade's ride along
 
     @api.get("/v1/metrics")
     def metrics() -> dict[str, Any]:

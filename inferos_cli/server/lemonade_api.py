@@ -1,5 +1,7 @@
 """Lemonade/OpenAI-compatible routes (mounted under ``/api/v1`` and ``/v1``): health, models, load,
-chat/completions, completions (SSE streaming or not), stats, system-stats."""
+chat/completions, completions (SSE streaming or not), stats, system-stats; and Lemonade's response shapes.
+
+Completions answer with :mod:`inferos_cli.server.responses`, so a client that disconnects cancels its request."""
 
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import uuid
 from typing import TYPE_CHECKING, Any, Iterator
 
 from fastapi import APIRouter, Query
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
-from inferos_cli.server.schemas import ChatRequest, CompletionRequest, LoadRequest, _Sampling
+from inferos_cli.server.responses import CancellingJSON, CancellingStream
+from inferos_cli.server.schemas import ChatRequest, CompletionRequest, LoadRequest, Sampling
 from inferos_cli.server.security import error_body
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,7 +31,7 @@ def finish_reason(reason: str | None) -> str:
     return "stop"
 
 
-def generation_config(req: _Sampling, default_tokens: int = DEFAULT_NEW_TOKENS) -> Any:
+def generation_config(req: Sampling, default_tokens: int = DEFAULT_NEW_TOKENS) -> Any:
     """An engine ``GenerationConfig`` from an OpenAI request (greedy unless a temperature is given)."""
     from inferos_cli.engine.engine import GenerationConfig
 
@@ -80,6 +83,31 @@ def lemonade_health(service: "InferenceService") -> dict[str, Any]:
     }
 
 
+def lemonade_stats(service: "InferenceService") -> dict[str, Any]:
+    """Lemonade's ``/stats``: the last request's measurements (nulls before the first request)."""
+    rec = service.recorder.last
+    if rec is None:
+        return {"time_to_first_token": None, "tokens_per_second": None, "input_tokens": None,
+                "output_tokens": None, "decode_token_times": []}
+    return {
+        "time_to_first_token": rec.ttft_s, "tokens_per_second": rec.decode_tps,
+        "input_tokens": rec.prompt_tokens, "output_tokens": rec.generated,
+        "decode_token_times": rec.decode_token_times,
+    }
+
+
+def lemonade_system_stats(service: "InferenceService") -> dict[str, Any]:
+    """Lemonade's ``/system-stats``: utilisation (real counters or null) and memory."""
+    from inferos_cli.server.metrics import rss_gb
+
+    util = service.util()
+    return {
+        "cpu_percent": util["cpu"], "memory_gb": rss_gb(),
+        "gpu_percent": util["gpu"], "vram_gb": service.vram_gb(),
+        "npu_percent": util["npu"],
+    }
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
@@ -114,11 +142,11 @@ def router(service: "InferenceService") -> APIRouter:
 
     @api.get("/stats")
     def stats() -> dict[str, Any]:
-        return service.lemonade_stats()
+        return lemonade_stats(service)
 
     @api.get("/system-stats")
     def system_stats() -> dict[str, Any]:
-        return service.system_stats()
+        return lemonade_system_stats(service)
 
     @api.post("/chat/completions")
     def chat(req: ChatRequest) -> Any:
@@ -144,27 +172,21 @@ def router(service: "InferenceService") -> APIRouter:
 
 
 def _catalog(service: "InferenceService") -> list[dict[str, Any]]:
-    """Other models inferos knows (cached conversions), for ``?show_all=true``; empty when unavailable."""
-    try:
-        from inferos_cli.models import resolve as models_mod
-    except ImportError:
-        return []
-    lister = getattr(models_mod, "list_cached", None) or getattr(models_mod, "cached_models", None)
-    if lister is None:
-        return []
+    """Other models inferos knows (cached conversions), for ``?show_all=true``."""
+    from inferos_cli.models.resolve import list_cached
+
     out = []
     try:
-        for item in lister():
-            name = getattr(item, "name", None) or (item.get("name") if isinstance(item, dict) else str(item))
-            if name and name != service.info.name:
-                out.append({"id": name, "object": "model", "owned_by": "inferos", "recipe": RECIPE,
+        for item in list_cached():
+            if item.name and item.name != service.info.name:
+                out.append({"id": item.name, "object": "model", "owned_by": "inferos", "recipe": RECIPE,
                             "downloaded": True, "suggested": False, "labels": ["inferos", "llm"]})
     except Exception:  # noqa: BLE001 - a broken cache listing must not break /models
         return out
     return out
 
 
-def _respond(service: "InferenceService", req: _Sampling, ids: list[int], *, chat: bool, echo: str = "") -> Any:
+def _respond(service: "InferenceService", req: Sampling, ids: list[int], *, chat: bool, echo: str = "") -> Any:
     config = generation_config(req)
     stream = service.submit(ids, config)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -172,24 +194,28 @@ def _respond(service: "InferenceService", req: _Sampling, ids: list[int], *, cha
     name = service.info.name
     obj = "chat.completion" if chat else "text_completion"
     if not req.stream:
-        parts: list[str] = []
-        reason = None
-        generated = 0
-        for ev in stream:
-            if ev.kind == "token":
-                parts.append(ev.text)
-                generated += 1
-            elif ev.kind == "done":
-                reason = ev.finish_reason
-                generated = ev.generated or generated
-        text = "".join(parts)
-        usage = {"prompt_tokens": len(ids), "completion_tokens": generated, "total_tokens": len(ids) + generated}
-        if chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "finish_reason": finish_reason(reason), "logprobs": None}
-        else:
-            choice = {"index": 0, "text": echo + text, "finish_reason": finish_reason(reason), "logprobs": None}
-        return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], "usage": usage}
+        def build() -> dict[str, Any]:
+            parts: list[str] = []
+            reason = None
+            generated = 0
+            for ev in stream:
+                if ev.kind == "token":
+                    parts.append(ev.text)
+                    generated += 1
+                elif ev.kind == "done":
+                    reason = ev.finish_reason
+                    generated = ev.generated or generated
+            text = "".join(parts)
+            usage = {"prompt_tokens": len(ids), "completion_tokens": generated,
+                     "total_tokens": len(ids) + generated}
+            if chat:
+                choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                          "finish_reason": finish_reason(reason), "logprobs": None}
+            else:
+                choice = {"index": 0, "text": echo + text, "finish_reason": finish_reason(reason), "logprobs": None}
+            return {"id": rid, "object": obj, "created": created, "model": name, "choices": [choice], "usage": usage}
+
+        return CancellingJSON(build, stream.cancel)
 
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     chunk_obj = "chat.completion.chunk" if chat else "text_completion"
@@ -219,8 +245,6 @@ def _respond(service: "InferenceService", req: _Sampling, ids: list[int], *, cha
             yield _sse(error_body(f"generation failed: {exc}", "server_error"))
             yield _sse("[DONE]")
             return
-        finally:
-            stream.cancel()  # no-op when finished; stops the engine when the client went away
         yield _sse(chunk({} if chat else "", finish_reason(reason)))
         if include_usage:
             yield _sse({"id": rid, "object": chunk_obj, "created": created, "model": name, "choices": [],
@@ -228,5 +252,5 @@ def _respond(service: "InferenceService", req: _Sampling, ids: list[int], *, cha
                                   "total_tokens": len(ids) + generated}})
         yield _sse("[DONE]")
 
-    return StreamingResponse(events(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return CancellingStream(events(), stream.cancel, media_type="text/event-stream",
+                            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from inferos_cli.server.service import InferenceService, RequestRecord
+    from inferos_cli.server.metrics import RequestRecord
+    from inferos_cli.server.service import InferenceService
 
 TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TPOT_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+#: ``outcome`` label of ``inferos_requests`` per RequestRecord.outcome
+OUTCOMES = {"completed": "ok", "failed": "error", "cancelled": "cancelled"}
 
 
 class PromMetrics:
@@ -31,16 +34,18 @@ class PromMetrics:
         self.prompt_tokens = Counter("inferos_prompt_tokens", "Prompt tokens processed", registry=self.registry)
         self.generation_tokens = Counter("inferos_generation_tokens", "Tokens generated", registry=self.registry)
         self.requests = Counter("inferos_requests", "Finished requests", ["outcome"], registry=self.registry)
-        self.kv_bytes = Gauge("inferos_kv_cache_bytes", "Resident KV bytes per tier (latest request)", ["tier"],
-                              registry=self.registry)
+        self.kv_bytes = Gauge("inferos_kv_cache_bytes", "KV bytes holding tokens per tier (latest request)",
+                              ["tier"], registry=self.registry)
+        self.kv_reserved = Gauge("inferos_kv_cache_reserved_bytes", "KV bytes allocated per tier (latest request)",
+                                 ["tier"], registry=self.registry)
         self.util = Gauge("inferos_device_utilization_ratio", "Device utilisation 0..1 (measured devices only)",
                           ["device"], registry=self.registry)
         self.rss = Gauge("inferos_process_resident_bytes", "Process RSS (bytes)", registry=self.registry)
-        service.listeners.append(self.observe)
+        service.recorder.listeners.append(self.observe)
 
     def observe(self, rec: "RequestRecord") -> None:
         """Count one finished request."""
-        self.requests.labels(outcome="error" if rec.error else "ok").inc()
+        self.requests.labels(outcome=OUTCOMES[rec.outcome]).inc()
         if rec.ttft_s is not None:
             self.ttft.observe(rec.ttft_s)
         for gap in rec.decode_token_times:
@@ -50,16 +55,21 @@ class PromMetrics:
 
     def render(self) -> tuple[bytes, str]:
         """Refresh the gauges from live readings and return the exposition text and its content type."""
-        import psutil
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        kv = self.service._latest_kv
+        from inferos_cli.machine.rss import current_rss
+
+        kv = self.service.recorder.latest_kv
         if kv is not None:
-            for tier, value in kv.bytes.items():
+            for tier, value in kv.held.items():
                 self.kv_bytes.labels(tier=tier).set(value)
+            for tier, value in kv.reserved.items():
+                self.kv_reserved.labels(tier=tier).set(value)
         util: dict[str, Any] = self.service.util()
         for device, value in util.items():
             if isinstance(value, (int, float)):
                 self.util.labels(device=device).set(float(value) / 100.0)
-        self.rss.set(psutil.Process().memory_info().rss)
+        rss = current_rss()
+        if rss is not None:
+            self.rss.set(rss)
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -38,7 +38,9 @@ class ChatMessage(_Lenient):
         return "".join(str(p.get("text", "")) for p in self.content if p.get("type", "text") == "text")
 
 
-class _Sampling(_Lenient):
+class Sampling(_Lenient):
+    """The sampling and streaming fields chat and text completions share."""
+
     model: Optional[str] = None
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
@@ -70,13 +72,13 @@ class _Sampling(_Lenient):
         return self.max_completion_tokens or self.max_tokens or default
 
 
-class ChatRequest(_Sampling):
+class ChatRequest(Sampling):
     """``POST chat/completions``."""
 
     messages: list[ChatMessage] = Field(..., min_length=1, max_length=1024)
 
 
-class CompletionRequest(_Sampling):
+class CompletionRequest(Sampling):
     """``POST completions``."""
 
     prompt: Union[str, list[str]]

@@ -12,6 +12,8 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from inferos_cli.units import GiB, MiB
+
 # (metric, column header with unit, format of one value)
 COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("ttft_ms", "TTFT ms", "{:.1f}"),
@@ -28,10 +30,10 @@ QUALITY_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("kl_mean", "KL mean nats", "{:.4f}"),
     ("top1_agreement", "top-1 agree", "{:.3f}"),
 )
-MiB = 2**20
 
 
-def _scale(metric: str, value: float | None) -> float | None:
+def display_value(metric: str, value: float | None) -> float | None:
+    """A metric in the unit its column shows (``kv_bytes`` in MiB; the others as measured)."""
     if value is None:
         return None
     return value / MiB if metric == "kv_bytes" else value
@@ -39,10 +41,10 @@ def _scale(metric: str, value: float | None) -> float | None:
 
 def fmt_stat(metric: str, stat: dict[str, Any], fmt: str) -> str:
     """``mean ± sd`` of a metric (``n/a`` when nothing was measured)."""
-    mean = _scale(metric, stat.get("mean"))
+    mean = display_value(metric, stat.get("mean"))
     if mean is None:
         return "n/a"
-    sd = _scale(metric, stat.get("sd"))
+    sd = display_value(metric, stat.get("sd"))
     text = fmt.format(mean)
     if sd is not None and stat.get("n", 0) > 1:
         text += " ± " + fmt.format(sd).lstrip("+")
@@ -111,7 +113,7 @@ def title(snapshot: dict[str, Any]) -> str:
 def host_line(snapshot: dict[str, Any]) -> str:
     """One line describing the machine and software."""
     h = snapshot["host"]
-    ram = f"{h['ram_bytes'] / 2**30:.1f} GiB RAM" if h.get("ram_bytes") else "RAM n/a"
+    ram = f"{h['ram_bytes'] / GiB:.1f} GiB RAM" if h.get("ram_bytes") else "RAM n/a"
     return (f"{snapshot.get('started', '')} | {h.get('cpu') or 'CPU n/a'} | {h.get('cores_physical')} physical / "
             f"{h.get('cores_logical')} logical cores | {ram} | {h.get('os')} | onnxruntime {h.get('onnxruntime')}"
             f" | onnxruntime-genai {h.get('onnxruntime_genai') or 'n/a'} | inferos {h.get('inferos')}"

@@ -6,15 +6,7 @@ from typing import Any
 
 from rich.table import Table
 
-from inferos_cli.settings import format_bytes
-
-
-def _num(value: Any, fmt: str, suffix: str = "") -> str:
-    return "n/a" if value is None else f"{value:{fmt}}{suffix}"
-
-
-def _signed(value: Any, fmt: str) -> str:
-    return "n/a" if value is None else f"{value:+{fmt}}"
+from inferos_cli.units import format_bytes, format_value
 
 
 def eval_rows(snapshot: dict[str, Any]) -> list[list[str]]:
@@ -23,14 +15,14 @@ def eval_rows(snapshot: dict[str, Any]) -> list[list[str]]:
     for r in snapshot["results"]:
         rows.append([
             r["config"],
-            _num(r["ppl"], ".3f"),
-            _signed(r["delta_ppl"], ".4f"),
-            _num(r["kl_mean"], ".5f", " nats"),
-            _num(None if r["top1_agreement"] is None else 100 * r["top1_agreement"], ".2f", " %"),
+            format_value(r["ppl"], ".3f"),
+            format_value(r["delta_ppl"], "+.4f"),
+            format_value(r["kl_mean"], ".5f", " nats"),
+            format_value(None if r["top1_agreement"] is None else 100 * r["top1_agreement"], ".2f", " %"),
             format_bytes(r["kv_bytes"]),
             format_bytes(r["kv_bytes_peak"]),
-            _num(r["kv_ratio_vs_fp16"], ".3f", "x"),
-            _num(r["peak_rss_mb"], ".1f", " MiB"),
+            format_value(r["kv_ratio_vs_fp16"], ".3f", "x"),
+            format_value(r["peak_rss_mb"], ".1f", " MiB"),
             str(r["tokens_scored"]),
         ])
     return rows

@@ -11,6 +11,7 @@ from typing import Any
 
 from inferos_cli import paths
 from inferos_cli.errors import UsageError
+from inferos_cli.ui.bench_table import bench_markdown, display_value, host_line, title
 
 PANELS: tuple[tuple[str, str], ...] = (
     ("decode_tps", "decode tokens/s"),
@@ -47,11 +48,10 @@ def series(snapshot: dict[str, Any], batch: int, metric: str) -> dict[str, tuple
         stat = row["metrics"][metric]
         if stat["mean"] is None:
             continue
-        scale = 2**20 if metric == "kv_bytes" else 1
         xs, ys, sds = out.setdefault(row["config"], ([], [], []))
         xs.append(row["seq"])
-        ys.append(stat["mean"] / scale)
-        sds.append((stat["sd"] or 0.0) / scale)
+        ys.append(display_value(metric, stat["mean"]))
+        sds.append(display_value(metric, stat["sd"] or 0.0))
     return out
 
 
@@ -107,8 +107,6 @@ def render_bytes(snapshot: dict[str, Any], fmt: str) -> bytes:
         return buf.getvalue()
     svg = buf.getvalue().decode("utf-8")
     svg = svg[svg.find("<svg"):]  # drop the XML prolog and doctype for inlining
-    from inferos_cli.ui.bench_table import bench_markdown, host_line, title
-
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{html.escape(title(snapshot))}</title>"

@@ -1,6 +1,7 @@
-"""The core of ``inferos run`` behind the thin Typer command: load the engine once, start telemetry,
-generate (one prompt, a batch from a file, or an interactive chat) and show the events with
-:mod:`inferos_cli.ui.run_view`. Returns the exit code (0, or 130 after Ctrl-C)."""
+"""The core of ``inferos run`` behind the thin Typer command: with the model and settings the command
+resolved, build the engine (after the auto-tuner, with ``--auto-tune``), start telemetry, generate (one
+prompt, a batch from a file, or an interactive chat) and show the events with :mod:`inferos_cli.ui.run_view`.
+Returns the exit code (0, or 130 after Ctrl-C)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from inferos_cli.errors import InferosError, UsageError
 from inferos_cli.engine.sampling import GenerationConfig
+from inferos_cli.settings import Resolved
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.models.info import ModelInfo
 
 
 @dataclass
@@ -21,7 +26,6 @@ class RunRequest:
     prompt: str | None = None
     model: str | None = None
     profile: str | None = None
-    config: Path | None = None
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     interactive: bool = False
     json_lines: bool = False
@@ -30,10 +34,42 @@ class RunRequest:
     prompts_file: Path | None = None
     threads: int | None = None
     strict_devices: bool = False
-    backend: str = "ort"  # ort (in process) | lemonade | gaia (runtime.backends)
+    backend: str = "ort"  # ort (in process) | lemonade | gaia (inferos_cli.backends)
     url: str | None = None
-    auto_tune: bool = False  # measure and adjust the KV policy before generating (runtime.autotune)
+    auto_tune: bool = False  # measure and adjust the KV policy before generating (quality.autotune)
     target_tps: float | None = None
+
+    @property
+    def local(self) -> bool:
+        """True when the in-process engine generates (no ``--backend`` server)."""
+        return self.backend == "ort"
+
+    def check(self) -> None:
+        """Refuse option combinations that cannot work, before anything is resolved or loaded."""
+        if self.local:
+            if self.url is not None:
+                raise UsageError("--url is for --backend lemonade or gaia", "add --backend lemonade, or drop --url")
+            return
+        if self.auto_tune:
+            raise UsageError(f"--auto-tune tunes the in-process engine, not --backend {self.backend}",
+                             "drop --auto-tune, or use the default --backend ort")
+        if self.interactive or self.prompts_file is not None:
+            raise UsageError(f"--backend {self.backend} runs one prompt (no --interactive / --prompts-file)",
+                             "pass a single PROMPT, or use the default --backend ort")
+
+    @property
+    def progress(self) -> bool:
+        """Show download / conversion progress (a terminal, not ``--json``)."""
+        return stdout_is_terminal() and not self.json_lines
+
+    @property
+    def threads_for_run(self) -> int | None:
+        """``--threads``, else every core a ``--prompts-file`` batch wants, else the engine's default."""
+        if self.threads or self.prompts_file is None:
+            return self.threads
+        from inferos_cli.engine.sessions import default_threads
+
+        return default_threads(batched=True)
 
 
 @dataclass
@@ -67,25 +103,25 @@ class AutoTuneResult:
                 "target_tps": self.target_tps}
 
 
-def _tuned_engine(req: RunRequest, *, progress: bool, quiet: bool) -> tuple[Any, AutoTuneResult]:
-    """Resolve model and settings once, let the auto-tuner measure and adjust the policy
-    (``autotune.tune_for_run``), then load the engine with the tuned policy."""
-    from inferos_cli.profiles import resolve_settings
-    from inferos_cli.quality.autotune import summary, tune_for_run
+def _tuned_engine(req: RunRequest, info: "ModelInfo", resolved: Resolved) -> tuple[Any, AutoTuneResult]:
+    """Let the auto-tuner measure and adjust the resolved policy (``autotune.tune_for_run``), then return
+    the engine of the tuned policy (the tuner built it already) and what was decided."""
     from inferos_cli.engine.engine import Engine
-    from inferos_cli.models.resolve import resolve_model
-    from inferos_cli.settings import Resolved
+    from inferos_cli.quality.autotune import summary, tune_for_run
+    from inferos_cli.server.engines import EngineProvider
 
-    info = resolve_model(req.model, progress=progress)
-    resolved = resolve_settings(req.profile, param_count=info.param_count, config_path=req.config)
-    if not quiet:
+    def build(model: "ModelInfo", policy: Any) -> Any:
+        settings = Resolved(policy=policy, sources=dict(resolved.sources), profiles=list(resolved.profiles),
+                            config_path=resolved.config_path)
+        return Engine(model, settings, threads=req.threads_for_run, strict_devices=req.strict_devices)
+
+    engines = EngineProvider(info, build)
+    if not req.json_lines:
         _err("auto-tune: measuring the KV policy against the baseline on the calibration text ...")
-    policy, decisions = tune_for_run(info, resolved, target_tps=req.target_tps)
+    policy, decisions = tune_for_run(resolved.policy, engines.get, target_tps=req.target_tps)
     result = AutoTuneResult(decisions=[_plain_decision(d) for d in decisions], policy=summary(policy),
                             before=summary(resolved.policy), target_tps=req.target_tps)
-    tuned = Resolved(policy=policy, sources=dict(resolved.sources), profiles=list(resolved.profiles),
-                     config_path=resolved.config_path)
-    return Engine(info, tuned, threads=req.threads, strict_devices=req.strict_devices), result
+    return engines.get(policy), result
 
 
 def _plain_decision(entry: dict[str, Any]) -> dict[str, Any]:
@@ -93,7 +129,8 @@ def _plain_decision(entry: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in entry.items() if k != "type"}, default=str))
 
 
-def _stdout_is_terminal() -> bool:
+def stdout_is_terminal() -> bool:
+    """Whether standard output is a terminal (live table, progress bars)."""
     return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
@@ -114,33 +151,28 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def run_request(req: RunRequest) -> int:
-    """Do what ``req`` asks; the exit code."""
+def run_request(req: RunRequest, resolved: Resolved, info: "ModelInfo | None" = None) -> int:
+    """Do what ``req`` asks (already :meth:`~RunRequest.check`-ed) with the settings (and, in process, the
+    model) the command resolved once; the exit code."""
     from rich.console import Console
 
     from inferos_cli.engine.engine import Engine
     from inferos_cli.ui.run_table import RunSnapshot, summary_line
 
-    tty = _stdout_is_terminal()
-    mode = "json" if req.json_lines else ("live" if tty else "plain")
-    if req.backend != "ort":
-        return _remote(req, mode, Console())
-    if req.url is not None:
-        raise UsageError("--url is for --backend lemonade or gaia", "add --backend lemonade, or drop --url")
+    mode = "json" if req.json_lines else ("live" if stdout_is_terminal() else "plain")
+    if not req.local:
+        return _remote(req, resolved, mode, Console())
+    assert info is not None, "the in-process engine needs the resolved model"
     tuned: AutoTuneResult | None = None
     if req.auto_tune:
-        engine, tuned = _tuned_engine(req, progress=tty and not req.json_lines, quiet=req.json_lines)
+        engine, tuned = _tuned_engine(req, info, resolved)
         if mode == "json":
             sys.stdout.write(json.dumps(tuned.to_json(), default=str) + "\n")
             sys.stdout.flush()
         else:
             _err(tuned.line())
     else:
-        from inferos_cli.engine.sessions import default_threads
-
-        threads = req.threads or (default_threads(batched=True) if req.prompts_file is not None else None)
-        engine = Engine.load(req.model, req.profile, req.config, threads=threads,
-                             strict_devices=req.strict_devices, progress=tty and not req.json_lines)
+        engine = Engine(info, resolved, threads=req.threads_for_run, strict_devices=req.strict_devices)
     for line in getattr(engine.plan, "warnings", lambda: [])():
         _err(f"warning: {line}")
     telemetry = _start_telemetry(engine)
@@ -178,21 +210,14 @@ def _tune_suffix(tuned: AutoTuneResult | None) -> str:
     return "" if tuned is None else ", " + tuned.line()
 
 
-def _remote(req: RunRequest, mode: str, console: Any) -> int:
-    """One prompt through a Lemonade-compatible server or the GAIA CLI (``runtime.backends``): the same
-    events, view and summary as the in-process engine; timings are measured client-side by the backend."""
+def _remote(req: RunRequest, resolved: Resolved, mode: str, console: Any) -> int:
+    """One prompt through a Lemonade-compatible server or the GAIA CLI (:mod:`inferos_cli.backends`): the
+    same events, view and summary as the in-process engine; timings are measured client-side by the backend."""
     from inferos_cli.backends import open_backend
     from inferos_cli.ui.run_table import RunSnapshot, summary_line
 
-    if req.auto_tune:
-        raise UsageError(f"--auto-tune tunes the in-process engine, not --backend {req.backend}",
-                         "drop --auto-tune, or use the default --backend ort")
-    if req.interactive or req.prompts_file is not None:
-        raise UsageError(f"--backend {req.backend} runs one prompt (no --interactive / --prompts-file)",
-                         "pass a single PROMPT, or use the default --backend ort")
     assert req.prompt is not None
-    backend = open_backend(req.backend, model=req.model, profile=req.profile, config=req.config, url=req.url,
-                           threads=req.threads, strict_devices=req.strict_devices)
+    backend = open_backend(req.backend, model=req.model, policy=resolved.policy, url=req.url)
     try:
         desc = backend.describe()
         kv = (f"KV policy sent as llamacpp_args {desc['llamacpp_args']!r}" if desc.get("llamacpp_args")
@@ -217,11 +242,9 @@ def _show(events: Any, snap: Any, mode: str, console: Any, snap_fn: Any, stream_
 
 def _start_telemetry(engine: Any) -> Any:
     """A running sampler (CPU/RSS/GPU/NPU counters) feeding memory pressure to the KV cache on the mid
-    loop (``runtime.telemetry.start_monitoring``), or None when it cannot start."""
-    try:
-        from inferos_cli.machine.telemetry import start_monitoring
-    except ImportError:
-        return None
+    loop (``machine.telemetry.start_monitoring``), or None when it cannot start."""
+    from inferos_cli.machine.telemetry import start_monitoring
+
     try:
         monitoring = start_monitoring(engine.policy)
     except Exception:  # a monitor that cannot start must not stop generation; values show n/a

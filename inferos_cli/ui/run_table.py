@@ -1,83 +1,53 @@
 """Pure renderers for ``inferos run``: a :class:`RunSnapshot` in, a rich Table or one plain line out.
 
-The snapshot is folded from the engine's events (:meth:`RunSnapshot.update`) and the telemetry
-sampler's snapshot (:meth:`RunSnapshot.update_telemetry`); every value that could not be read stays
-None and renders as ``n/a``.
+The snapshot folds the engine's events through :class:`~inferos_cli.events.RunStats` (the one fold every
+view shares: :meth:`RunSnapshot.update`) and keeps the telemetry sampler's latest values
+(:meth:`RunSnapshot.update_telemetry`); every value that could not be read stays None and renders as ``n/a``.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from rich.table import Table
 
-from inferos_cli.events import Event
-from inferos_cli.settings import format_bytes
+from inferos_cli.events import Event, RunStats
+from inferos_cli.units import format_bytes, format_ms, format_value
 
 
 @dataclass
 class RunSnapshot:
-    """What the live table shows, all values measured (or None)."""
+    """What the live table shows: labels, the run's :class:`RunStats`, and the latest telemetry; every
+    measured value is read from the stats (or the sampler) and is None until measured."""
 
     model: str = ""
     profile: str = ""
     kv_backend: str = ""
     providers: dict[str, str] = field(default_factory=dict)
     rows: int = 1
-    prompt_tokens: int = 0
-    generated: int = 0
-    ttft_s: float | None = None
-    prefill_tps: float | None = None
-    decode_tps: float | None = None
-    aggregate_tps: float | None = None
-    kv_bytes: dict[str, int] = field(default_factory=dict)
-    kv_tokens: dict[str, int] = field(default_factory=dict)
-    kv_bytes_fp16: int | None = None
-    rss_bytes: int | None = None
     cpu_percent: float | None = None
     process_cpu_percent: float | None = None
     gpu_percent: float | None = None
     vram_bytes: int | None = None
     npu_percent: float | None = None
-    pressure: float | None = None  # memory pressure 0..1 (runtime.pressure), None when unknown
+    pressure: float | None = None  # memory pressure 0..1 (machine.pressure), None when unknown
     pressure_reason: str = ""
-    finish_reason: str | None = None
     reasons: dict[str, str] = field(default_factory=dict)
+    stats: RunStats = field(default_factory=RunStats)
+    telemetry_rss_bytes: int | None = None
+    _finish_reason: str | None = field(default=None, init=False, repr=False)
 
     def update(self, event: Event) -> None:
-        """Fold one engine event in (the latest values win; batch events sum their rows)."""
+        """Fold one engine event in: into the stats, and the providers and utilisation it reports."""
+        self.stats.add(event)
         if event.provider:
-            self.providers = dict(event.provider)
-        if event.kind == "prefill":
-            self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens) if self.rows == 1 else (
-                self.prompt_tokens + event.prompt_tokens)
-        if event.ttft_s is not None:
-            self.ttft_s = event.ttft_s
-        if event.prefill_tps is not None:
-            self.prefill_tps = event.prefill_tps
-        if event.decode_tps is not None:
-            self.decode_tps = event.decode_tps
-        if event.kind == "token":
-            self.generated += 1
-        if event.kv is not None:
-            self.kv_bytes = dict(event.kv.bytes)
-            self.kv_tokens = dict(event.kv.tokens)
-            self.kv_bytes_fp16 = event.kv.bytes_fp16
-        if event.rss_bytes is not None:
-            self.rss_bytes = event.rss_bytes
-        if event.util:
-            self.cpu_percent = event.util.get("cpu", self.cpu_percent)
-            self.gpu_percent = event.util.get("gpu", self.gpu_percent)
-            self.npu_percent = event.util.get("npu", self.npu_percent)
-        batch = event.extra.get("batch") if event.extra else None
-        if isinstance(batch, dict) and batch.get("tokens_per_s") is not None:
-            self.aggregate_tps = batch["tokens_per_s"]
-        if event.kind == "done" and event.finish_reason:
-            self.finish_reason = event.finish_reason
-        if event.kind == "done" and self.rows == 1:  # remote backends learn the counts only from the usage/stats
-            self.prompt_tokens = max(self.prompt_tokens, event.prompt_tokens)
-            self.generated = max(self.generated, event.generated)
+            self.providers = dict(self.stats.providers)
+        if event.util:  # the latest reading wins, whether from an event or the sampler
+            util = self.stats.util
+            self.cpu_percent = util.get("cpu", self.cpu_percent)
+            self.gpu_percent = util.get("gpu", self.gpu_percent)
+            self.npu_percent = util.get("npu", self.npu_percent)
 
     def update_telemetry(self, snap: dict[str, Any]) -> None:
         """Fold a ``TelemetrySampler.snapshot()`` in (values or None, plus reasons)."""
@@ -87,39 +57,82 @@ class RunSnapshot:
         vram = snap.get("vram_bytes")
         self.vram_bytes = int(vram) if vram is not None else None
         self.npu_percent = snap.get("npu")
-        if snap.get("rss_bytes") is not None and self.rss_bytes is None:
-            self.rss_bytes = int(snap["rss_bytes"])
+        if snap.get("rss_bytes") is not None:
+            self.telemetry_rss_bytes = int(snap["rss_bytes"])
         self.reasons = dict(snap.get("reasons") or {})
         pressure = snap.get("pressure")
         if isinstance(pressure, dict):
             self.pressure = pressure.get("level")
             self.pressure_reason = str(pressure.get("reason") or "")
 
+    # -- the measured values, as RunStats defines them --------------------------------------------------
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens over all rows."""
+        return self.stats.prompt_tokens
+
+    @property
+    def generated(self) -> int:
+        """Generated tokens over all rows."""
+        return self.stats.generated
+
+    @property
+    def ttft_s(self) -> float | None:
+        """Prompt handed over -> first token."""
+        return self.stats.ttft_s
+
+    @property
+    def prefill_tps(self) -> float | None:
+        """Prompt tokens / TTFT."""
+        return self.stats.prefill_tps
+
+    @property
+    def decode_tps(self) -> float | None:
+        """Per-stream decode rate."""
+        return self.stats.decode_tps
+
+    @property
+    def aggregate_tps(self) -> float | None:
+        """A batch's tokens/s over all its rows, as the batch reports it."""
+        return self.stats.batch_tps
+
+    @property
+    def rss_bytes(self) -> int | None:
+        """The process RSS: the latest event's, else the sampler's."""
+        return self.stats.rss_bytes if self.stats.rss_bytes is not None else self.telemetry_rss_bytes
+
+    @property
+    def kv_bytes(self) -> dict[str, int]:
+        """Resident KV bytes per tier (empty before the first KV snapshot)."""
+        return dict(self.stats.kv.bytes) if self.stats.kv is not None else {}
+
     @property
     def kv_total(self) -> int | None:
-        """Resident KV bytes over tiers, None before the first event."""
-        return sum(self.kv_bytes.values()) if self.kv_bytes else None
+        """Resident KV bytes over tiers, None before the first KV snapshot."""
+        kv = self.stats.kv
+        return kv.total_bytes if kv is not None and kv.bytes else None
 
     @property
     def kv_ratio(self) -> float | None:
         """Resident / fp16 bytes of the same tokens."""
-        total = self.kv_total
-        return total / self.kv_bytes_fp16 if total is not None and self.kv_bytes_fp16 else None
+        return self.stats.kv.ratio_vs_fp16 if self.kv_total is not None else None
 
-    def to_json(self) -> dict[str, Any]:
-        """Plain data (for ``--format json`` style consumers)."""
-        data = asdict(self)
-        data["kv_total_bytes"] = self.kv_total
-        data["kv_ratio_vs_fp16"] = self.kv_ratio
-        return data
+    @property
+    def finish_reason(self) -> str | None:
+        """Why generation ended (the view sets ``interrupted`` on Ctrl-C), None while it runs."""
+        return self._finish_reason or self.stats.finish_reason
 
-
-def _num(value: float | None, fmt: str, unit: str) -> str:
-    return "n/a" if value is None else f"{value:{fmt}} {unit}"
+    @finish_reason.setter
+    def finish_reason(self, reason: str | None) -> None:
+        self._finish_reason = reason
 
 
-def _ms(value: float | None) -> str:
-    return "n/a" if value is None else f"{value * 1000:.1f} ms"
+def _tok_s(value: float | None) -> str:
+    return format_value(value, ".1f", " tok/s")
+
+
+def _percent(value: float | None) -> str:
+    return format_value(value, ".0f", " %")
 
 
 def kv_text(snap: RunSnapshot) -> str:
@@ -142,19 +155,19 @@ def run_rows(snap: RunSnapshot) -> list[tuple[str, str]]:
         ("KV cache", snap.kv_backend or "n/a"),
         ("prompt", f"{snap.prompt_tokens} tokens"),
         ("generated", f"{snap.generated} tokens"),
-        ("first-token latency", _ms(snap.ttft_s)),
-        ("prefill", _num(snap.prefill_tps, ".1f", "tok/s")),
-        ("decode", _num(snap.decode_tps, ".1f", "tok/s")),
+        ("first-token latency", format_ms(snap.ttft_s)),
+        ("prefill", _tok_s(snap.prefill_tps)),
+        ("decode", _tok_s(snap.decode_tps)),
     ]
     if snap.rows > 1:
-        rows.append(("batch aggregate", _num(snap.aggregate_tps, ".1f", "tok/s") + f" over {snap.rows} prompts"))
+        rows.append(("batch aggregate", _tok_s(snap.aggregate_tps) + f" over {snap.rows} prompts"))
     rows += [
         ("KV bytes", kv_text(snap)),
         ("RSS", format_bytes(snap.rss_bytes)),
-        ("CPU", _num(snap.cpu_percent, ".0f", "%")),
-        ("GPU", _num(snap.gpu_percent, ".0f", "%")),
+        ("CPU", _percent(snap.cpu_percent)),
+        ("GPU", _percent(snap.gpu_percent)),
         ("VRAM", format_bytes(snap.vram_bytes)),
-        ("NPU", _num(snap.npu_percent, ".0f", "%")),
+        ("NPU", _percent(snap.npu_percent)),
         ("memory pressure", "n/a" if snap.pressure is None else f"{snap.pressure:.2f} (0-1)"),
     ]
     if snap.finish_reason:
@@ -177,18 +190,18 @@ def summary_line(snap: RunSnapshot) -> str:
     parts = [
         f"{snap.generated} tokens",
         f"prompt {snap.prompt_tokens} tokens",
-        f"TTFT {_ms(snap.ttft_s)}",
-        f"prefill {_num(snap.prefill_tps, '.1f', 'tok/s')}",
-        f"decode {_num(snap.decode_tps, '.1f', 'tok/s')}",
+        f"TTFT {format_ms(snap.ttft_s)}",
+        f"prefill {_tok_s(snap.prefill_tps)}",
+        f"decode {_tok_s(snap.decode_tps)}",
     ]
     if snap.rows > 1:
-        parts.append(f"aggregate {_num(snap.aggregate_tps, '.1f', 'tok/s')} over {snap.rows} prompts")
+        parts.append(f"aggregate {_tok_s(snap.aggregate_tps)} over {snap.rows} prompts")
     parts += [
         f"KV {kv_text(snap)}",
         f"RSS {format_bytes(snap.rss_bytes)}",
-        f"CPU {_num(snap.cpu_percent, '.0f', '%')}",
-        f"GPU {_num(snap.gpu_percent, '.0f', '%')}",
-        f"NPU {_num(snap.npu_percent, '.0f', '%')}",
+        f"CPU {_percent(snap.cpu_percent)}",
+        f"GPU {_percent(snap.gpu_percent)}",
+        f"NPU {_percent(snap.npu_percent)}",
         f"memory pressure {'n/a' if snap.pressure is None else format(snap.pressure, '.2f')} (0-1)",
         f"prefill on {snap.providers.get('prefill', 'n/a')}",
         f"decode on {snap.providers.get('decode', 'n/a')}",

@@ -25,7 +25,8 @@ def server(stories_onnx: Path) -> Iterator[Any]:
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.models.info import inspect_folder
     from inferos_cli.server.service import InferenceService
-    from inferos_cli.server.app import ServerState, ServerThread, create_app
+    from _server import ServerThread
+    from inferos_cli.server.app import ServerState, create_app
 
     info = inspect_folder(stories_onnx)
     service = InferenceService(info, resolve_settings(None, param_count=info.param_count, use_env=False))
@@ -49,8 +50,10 @@ def _served_text(server: Any, n: int, chat: bool) -> str:
 def test_lemonade_backend_streams_events_with_client_side_timings(server: Any) -> None:
     from inferos_cli.backends import open_backend
     from inferos_cli.engine.sampling import GenerationConfig
+    from inferos_cli.profiles import resolve_settings
 
-    backend = open_backend("lemonade", model=server.service.info.name, url=server.url)
+    backend = open_backend("lemonade", model=server.service.info.name, policy=resolve_settings(None).policy,
+                           url=server.url)
     assert backend.describe()["url"] == server.url + "/api/v1"
     for chat in (False, True):
         events = list(backend.generate(PROMPT, GenerationConfig(max_tokens=16), chat=chat))
@@ -126,14 +129,15 @@ class _LlamaCppLemonade(BaseHTTPRequestHandler):
 
 def test_llamacpp_recipe_gets_the_kv_policy_at_load() -> None:
     from inferos_cli.backends import open_backend
+    from inferos_cli.profiles import resolve_settings
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), _LlamaCppLemonade)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     try:
         url = f"http://127.0.0.1:{httpd.server_address[1]}"
-        backend = open_backend("lemonade", model="Qwen3-0.6B-GGUF", url=url, profile="int4-k8v4",
-                               flags={"kv": {"max_tokens": 4096}})
+        policy = resolve_settings("int4-k8v4", flags={"kv": {"max_tokens": 4096}}).policy
+        backend = open_backend("lemonade", model="Qwen3-0.6B-GGUF", url=url, policy=policy)
         assert backend.describe()["recipe"] == "llamacpp"
         assert _LlamaCppLemonade.loads[-1] == {"model_name": "Qwen3-0.6B-GGUF", "ctx_size": 4096,
                                                "llamacpp_args": "--cache-type-k q8_0 --cache-type-v q4_0"}
@@ -181,3 +185,53 @@ def test_unknown_backend_is_a_usage_error() -> None:
 
     with pytest.raises(UsageError):
         open_backend("vllm")
+
+
+class _OneModelServer(BaseHTTPRequestHandler):
+    """`inferos serve` as GAIA sees it: /health names the one loaded model."""
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        if self.path.startswith("/api/v1/health"):
+            data = json.dumps({"status": "ok", "model_loaded": "stories-onnx"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        else:
+            self.send_error(404)
+
+
+def test_gaia_without_model_asks_for_the_servers_model(tmp_path: Path) -> None:
+    """Issue 17 item 10d: without `-m`, GAIA is given the server's loaded model, not left on its own default
+    (which `inferos serve` does not hold). A fake `gaia` executable records its argv and answers."""
+    import sys
+
+    from inferos_cli.backends import open_backend
+    from inferos_cli.engine.sampling import GenerationConfig
+
+    argv_file = tmp_path / "argv.json"
+    fake = tmp_path / "gaia"
+    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
+                    f"open({str(argv_file)!r}, 'w').write(json.dumps(sys.argv[1:]))\n"
+                    "print('gaia: Once upon a time there was a cat.')\n", encoding="utf-8")
+    fake.chmod(0o755)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _OneModelServer)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        backend = open_backend("gaia", model=None, url=url, gaia_exe=str(fake))
+        assert backend.describe()["model"] == "stories-onnx"
+        events = list(backend.generate(PROMPT, GenerationConfig(max_tokens=8)))
+        argv = json.loads(argv_file.read_text())
+        assert argv[argv.index("--model") + 1] == "stories-onnx"
+        assert "".join(e.text for e in events if e.kind == "token").strip() == "Once upon a time there was a cat."
+        named = open_backend("gaia", model="other", url=url, gaia_exe=str(fake))  # -m still wins
+        assert named.command("x", 4)[2:6] == ["x", "--model", "other", "--base-url"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()

@@ -19,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
-from inferos_cli.bench import grid as bm
+from inferos_cli.bench.grid import corpus_ids, make_prompts, schedule
+from inferos_cli.bench.results import SCHEMA, summarize
 
 PAIR = "baseline,chat+baseline"
 GRID = ["--batch-sizes", "1,2", "--seq-lengths", "16,32", "--gen-tokens", "4", "--repeats", "1", "--warmup", "0"]
@@ -42,7 +43,7 @@ def grid_run(stories_onnx: Path, tinystories_text: Path, tmp_path_factory: pytes
 
 
 def test_schedule_interleaves_configs_per_repeat_after_warmups() -> None:
-    steps = bm.schedule([(1, 16), (2, 32)], ["baseline", "inferos"], repeats=2, warmup=1)
+    steps = schedule([(1, 16), (2, 32)], ["baseline", "inferos"], repeats=2, warmup=1)
     first = [(s.config, s.repeat, s.warmup) for s in steps if (s.batch, s.seq) == (1, 16)]
     assert first == [("baseline", 0, True), ("inferos", 0, True), ("baseline", 0, False), ("inferos", 0, False),
                      ("baseline", 1, False), ("inferos", 1, False)]
@@ -50,10 +51,10 @@ def test_schedule_interleaves_configs_per_repeat_after_warmups() -> None:
 
 
 def test_summarize_keeps_every_sample() -> None:
-    stat = bm.summarize([1.0, 2.0, None, 3.0])
+    stat = summarize([1.0, 2.0, None, 3.0])
     assert stat["mean"] == pytest.approx(2.0) and stat["sd"] == pytest.approx(1.0)
     assert stat["median"] == 2.0 and stat["n"] == 3 and stat["samples"] == [1.0, 2.0, None, 3.0]
-    assert bm.summarize([5.0])["sd"] == 0.0 and bm.summarize([])["mean"] is None
+    assert summarize([5.0])["sd"] == 0.0 and summarize([])["mean"] is None
 
 
 def test_prompts_have_exact_token_counts_from_real_text(stories_onnx: Path, tinystories_text: Path) -> None:
@@ -61,8 +62,8 @@ def test_prompts_have_exact_token_counts_from_real_text(stories_onnx: Path, tiny
     from inferos_cli.models.tokenizer import Tokenizer
 
     info = inspect_folder(stories_onnx)
-    ids = bm.corpus_ids(info, tinystories_text, need=3 * 100)
-    prompts = bm.make_prompts(ids, 3, 100, info.bos_token_id)
+    ids = corpus_ids(info, tinystories_text, need=3 * 100)
+    prompts = make_prompts(ids, 3, 100, info.bos_token_id)
     assert [len(p) for p in prompts] == [100, 100, 100]
     assert all(p[0] == info.bos_token_id for p in prompts)
     assert len({tuple(p) for p in prompts}) == 3  # each row is a different window
@@ -72,7 +73,7 @@ def test_prompts_have_exact_token_counts_from_real_text(stories_onnx: Path, tiny
 
 def test_grid_json_has_every_cell_metric_and_host(grid_run: dict[str, Any]) -> None:
     snap = grid_run["snapshot"]
-    assert snap["schema"] == bm.SCHEMA
+    assert snap["schema"] == SCHEMA
     rows = snap["rows"]
     assert {(r["batch"], r["seq"], r["config"]) for r in rows} == {
         (b, s, c) for b in (1, 2) for s in (16, 32) for c in ("baseline", "chat+baseline")}

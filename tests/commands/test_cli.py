@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from inferos_cli import __version__
 from inferos_cli.cli import app
 from inferos_cli.errors import ProfileError
+from inferos_cli.options import StopOpt, unescape
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
@@ -173,3 +174,31 @@ def test_a_full_device_memory_pool_is_one_line_with_the_fix(capsys: pytest.Captu
 
     with pytest.raises(Exception, match="something else"):  # not a memory failure: not swallowed
         handle_errors(other)()
+
+
+@pytest.mark.parametrize(("typed", "meant"), [
+    (r"\n\n", "\n\n"),
+    (r"a\tb\r\n", "a\tb\r\n"),
+    (r"say \"hi\" or \'yo\'", "say \"hi\" or 'yo'"),
+    (r"\\n", "\\n"),  # an escaped backslash, then a plain n
+    (r"\x41\x0a", "A\n"),
+    (r"C:\path\q \xZZ \xe9 \ ", r"C:\path\q \xZZ \xe9 \ "),  # unknown escapes, non-ASCII \x and a lone \ stay
+    ("\n", "\n"),  # a real newline ($'\n' in the shell) is unchanged
+    ("", ""),
+])
+def test_stop_strings_understand_c_escapes(typed: str, meant: str) -> None:
+    """`--stop "\\n\\n"` reaches inferos as backslash-n: it means a blank line, as in llama.cpp."""
+    assert unescape(typed) == meant
+
+
+def test_stop_option_unescapes_every_value() -> None:
+    seen: list[object] = []
+    tapp = typer.Typer()
+
+    @tapp.command()
+    def go(stop: StopOpt = None) -> None:
+        seen.append(stop)
+
+    assert runner.invoke(tapp, ["--stop", r"\n\n", "--stop", "END"]).exit_code == 0
+    assert runner.invoke(tapp, []).exit_code == 0
+    assert seen == [["\n\n", "END"], None]

@@ -288,10 +288,10 @@ def test_gqa_batch_with_kv_profile_equals_single_rows(oga_exact: Path) -> None:
     float-rounding differences between padded and unpadded shapes (~5e-5) become logit differences of ~0.4,
     enough to flip near-ties (measured by INTEG: first decode step, batch vs alone, 0.36 at level 4 vs 4.8e-5
     at level 0), so exact greedy equality is only a fair test at level 0."""
-    from inferos_cli.engine.engine import Engine
+    from _engines import load_engine
     from inferos_cli.engine.sampling import GenerationConfig
 
-    engine = Engine.load(str(oga_exact), "int8", threads=1)
+    engine = load_engine(oga_exact, "int8", threads=1)
     assert engine.info.uses_gqa_op
     cfg = GenerationConfig(max_tokens=8, ignore_eos=True)
     prompts = [engine.encode_prompt(p, chat=False) for p in ("Water boils at", "The capital of France is")]

@@ -74,6 +74,16 @@ def test_usage_errors(stories_onnx: Path, tmp_path: Path) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
 
 
+@pytest.mark.parametrize("prompt", ["", "   ", "\n\t"], ids=["empty", "spaces", "newline-tab"])
+def test_empty_prompt_is_a_usage_error_like_empty_stdin(stories_onnx: Path, prompt: str) -> None:
+    result = invoke(prompt, "--model", str(stories_onnx), "-n", "4", "-p", "baseline")
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "the prompt is empty" in lines[0] and 'inferos run "Tell me a story"' in lines[0]
+    piped = invoke("--model", str(stories_onnx), "-n", "4", "-p", "baseline", input=prompt)
+    assert piped.exit_code == 2 and "no prompt given" in piped.output
+
+
 def test_table_renders_in_recorded_console(stories_onnx: Path) -> None:
     info = inspect_folder(stories_onnx)
     engine = Engine(info, resolve_settings("baseline", param_count=info.param_count, use_env=False), threads=1)

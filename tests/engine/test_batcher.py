@@ -7,30 +7,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _engines import load_engine
 
 from inferos_cli.errors import ContextOverflowError, UsageError
 from inferos_cli.engine.batcher import ContinuousBatcher
-from inferos_cli.models.info import inspect_folder
 from inferos_cli.engine.sampling import GenerationConfig
-from inferos_cli.settings import Policy, Resolved
 
 STORY_PROMPTS = ["Once upon a time", "The cat sat on", "Lily went to the park and", "One day", "Tom had a big red ball. He"]
 
 
 @pytest.fixture(scope="module")
 def stories_engine(stories_onnx: Path) -> Any:
-    from inferos_cli.engine.engine import Engine
-
-    pol = Policy.model_validate({"kv": {"mode": "disabled"}})
-    return Engine(inspect_folder(stories_onnx), Resolved(policy=pol), threads=1)
+    return load_engine(stories_onnx, policy={"kv": {"mode": "disabled"}})
 
 
 @pytest.fixture(scope="module")
 def oga_engine(oga_dir: Path) -> Any:
-    from inferos_cli.engine.engine import Engine
-
-    pol = Policy.model_validate({"kv": {"mode": "disabled"}})
-    return Engine(inspect_folder(oga_dir.parent), Resolved(policy=pol), threads=2)
+    return load_engine(oga_dir.parent, policy={"kv": {"mode": "disabled"}}, threads=2)
 
 
 def alone(engine: Any, ids: list[int], cfg: GenerationConfig) -> list[int]:
@@ -193,14 +186,14 @@ def test_seeded_sampling_matches_running_alone(stories_engine: Any) -> None:
 def test_failed_prefill_fails_only_its_request(stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     eng = stories_engine
     good, bad = eng.tokenizer.encode("Once upon a time"), eng.tokenizer.encode("The cat sat on")
-    real = eng._prefill
+    real = eng.prefill
 
-    def flaky(ids: Any, cache: Any, chunk: Any, new_mask: Any = None) -> Any:
+    def flaky(ids: Any, cache: Any, chunk: Any = None, new_mask: Any = None) -> Any:
         if list(ids[0]) == bad:
             raise RuntimeError("boom")
         return real(ids, cache, chunk, new_mask)
 
-    monkeypatch.setattr(eng, "_prefill", flaky)
+    monkeypatch.setattr(eng, "prefill", flaky)
     cfg = GenerationConfig(max_tokens=6, ignore_eos=True)
     batcher = ContinuousBatcher(eng, max_batch=2, start=False)
     ok_it, bad_it = batcher.submit(good, cfg), batcher.submit(bad, cfg)
@@ -263,7 +256,7 @@ def test_merge_raising_inferos_error_queues_instead_of_killing_the_worker(
 
 def test_worker_failure_reaches_every_request(stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     eng = stories_engine
-    real_event = eng._prefill_event
+    real_event = eng.prefill_event
     gate = threading.Event()
     seen: list[int] = []
 
@@ -274,7 +267,7 @@ def test_worker_failure_reaches_every_request(stories_engine: Any, monkeypatch: 
             raise ValueError("admission exploded")
         return real_event(state, *args, **kwargs)
 
-    monkeypatch.setattr(eng, "_prefill_event", failing_event)
+    monkeypatch.setattr(eng, "prefill_event", failing_event)
     ids = [eng.tokenizer.encode(p) for p in STORY_PROMPTS[:4]]
     cfg = GenerationConfig(max_tokens=200, ignore_eos=True)
     batcher = ContinuousBatcher(eng, max_batch=2)
@@ -335,7 +328,7 @@ def test_submits_racing_a_worker_failure_never_hang(stories_engine: Any, monkeyp
 
 def test_stats_count_a_request_being_admitted(stories_engine: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     eng = stories_engine
-    real = eng._prefill
+    real = eng.prefill
     entered, release = threading.Event(), threading.Event()
 
     def slow_prefill(*args: Any, **kwargs: Any) -> Any:
@@ -343,7 +336,7 @@ def test_stats_count_a_request_being_admitted(stories_engine: Any, monkeypatch: 
         release.wait(timeout=60)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(eng, "_prefill", slow_prefill)
+    monkeypatch.setattr(eng, "prefill", slow_prefill)
     cfg = GenerationConfig(max_tokens=3, ignore_eos=True)
     with ContinuousBatcher(eng, max_batch=2) as batcher:
         it = batcher.submit(eng.tokenizer.encode("One day"), cfg)
@@ -371,7 +364,7 @@ def test_long_running_batch_cache_stays_as_long_as_its_longest_row(stories_engin
         if len(its) < total and step % 3 == 0:  # a newcomer every 3 steps: the batch never drains
             i = len(its)
             its.append(batcher.submit(prompts[i % len(prompts)], GenerationConfig(max_tokens=5 + i % 4, ignore_eos=True)))
-        cache = batcher._cache
+        cache = batcher.cache
         if cache is not None and cache.batch:
             mask = cache.past_mask()
             assert cache.past_len == int(mask.sum(axis=1).max()), "padding columns no live row uses were kept"
@@ -435,12 +428,8 @@ def test_long_running_batch_with_kv_policy_stays_bounded(stories_onnx: Path) -> 
     quantized columns of retired rows, so every resident column belongs to a live row and the width stays
     bounded by one row (+ the fixed fp ring), not by the batch's history."""
     from inferos_cli.kv.segmented import SegmentedCache
-    from inferos_cli.profiles import resolve_settings
-    from inferos_cli.engine.engine import Engine
 
-    info = inspect_folder(stories_onnx)
-    resolved = resolve_settings("int4", param_count=info.param_count, flags={"kv": {"recent_window": 16}})
-    eng = Engine(info, resolved, threads=1)
+    eng = load_engine(stories_onnx, "int4", flags={"kv": {"recent_window": 16}})
     prompts = [eng.tokenizer.encode(p) for p in STORY_PROMPTS]
     batcher = ContinuousBatcher(eng, max_batch=2, start=False)
     its = [batcher.submit(prompts[0], GenerationConfig(max_tokens=30, ignore_eos=True))]
@@ -453,7 +442,7 @@ def test_long_running_batch_with_kv_policy_stays_bounded(stories_onnx: Path) -> 
         if len(its) < total and step % 3 == 0:
             i = len(its)
             its.append(batcher.submit(prompts[i % len(prompts)], GenerationConfig(max_tokens=24 + i % 4, ignore_eos=True)))
-        cache = batcher._cache
+        cache = batcher.cache
         if cache is not None and cache.batch:
             assert isinstance(cache, SegmentedCache)
             for tier in cache.tiers:

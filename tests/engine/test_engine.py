@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _engines import load_engine
 from conftest import STORIES_SAMPLE, make_engine
 from inferos_cli.errors import ContextOverflowError, UsageError
 from inferos_cli.kv.plain import PlainCache
-from inferos_cli.profiles import resolve_settings
-from inferos_cli.engine.engine import Engine, StopMatcher
+from inferos_cli.engine.engine import Engine
+from inferos_cli.engine.stops import StopMatcher
 from inferos_cli.models.info import inspect_folder
 from inferos_cli.engine.sampling import GenerationConfig, apply_repetition_penalty, sample
 
@@ -47,8 +48,8 @@ def test_cached_decoding_equals_full_recompute(stories: Engine) -> None:
 
 def test_chunked_prefill_equals_whole(stories: Engine) -> None:
     prompt = stories.encode_prompt("Lily and Tom went to the park. They saw a big dog and a small cat.")
-    whole = stories._prefill(np.asarray([prompt]), stories.new_cache(1), None)
-    chunked = stories._prefill(np.asarray([prompt]), stories.new_cache(1), 4)
+    whole = stories.prefill(np.asarray([prompt]), stories.new_cache(1), None)
+    chunked = stories.prefill(np.asarray([prompt]), stories.new_cache(1), 4)
     np.testing.assert_allclose(whole, chunked, atol=1e-4)
     a = tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=12))))
     b = tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=12, prefill_chunk=3))))
@@ -181,7 +182,7 @@ def test_repetition_penalty_changes_greedy_generation(stories: Engine) -> None:
 
 
 def test_long_prompts_are_prefilled_in_chunks(stories: Engine, monkeypatch: pytest.MonkeyPatch) -> None:
-    import inferos_cli.engine.engine as engine_mod
+    import inferos_cli.engine.step as step_mod
 
     prompt = stories.encode_prompt("Lily and Tom went to the park. They saw a big dog and a small cat.")
     whole = tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=8))))
@@ -192,7 +193,7 @@ def test_long_prompts_are_prefilled_in_chunks(stories: Engine, monkeypatch: pyte
         calls.append(ids.shape[1])
         return real(ids, cache, **kw)
 
-    monkeypatch.setattr(engine_mod, "AUTO_PREFILL_CHUNK", 8)
+    monkeypatch.setattr(step_mod, "AUTO_PREFILL_CHUNK", 8)
     monkeypatch.setattr(stories, "forward", spy)
     assert tokens(list(stories.generate(prompt, GenerationConfig(max_tokens=8)))) == whole
     assert calls[: (len(prompt) + 7) // 8] == [8] * (len(prompt) // 8) + ([len(prompt) % 8] if len(prompt) % 8 else [])
@@ -222,9 +223,7 @@ def test_last_logits_graph_for_a_read_only_folder(oga: Engine) -> None:
 
 
 def test_engine_without_last_logits(stories_onnx: Path) -> None:
-    info = inspect_folder(stories_onnx)
-    resolved = resolve_settings("baseline", param_count=info.param_count, flags=CPU, use_env=False)
-    engine = Engine(info, resolved, threads=1, last_logits=False)
+    engine = load_engine(stories_onnx, "baseline", flags=CPU, use_env=False, last_logits=False)
     assert not engine.has_logits_keep
     text = list(engine.generate([1], GenerationConfig(max_tokens=20)))[-1].extra["output_text"]
     assert text.startswith(STORIES_SAMPLE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from _engines import clone_cache
 
 from inferos_cli.kv.plain import PlainCache
 from inferos_cli.engine import sessions
@@ -38,7 +39,7 @@ def test_shared_cache_mask_follows_the_packed_rule(oga: Engine) -> None:
     cache.reserve(32)  # buffers move: the mask is rebuilt from the last one
     cache.append({}, 2, np.array([[1, 1], [1, 0]]))
     assert cache.capacity == 32 and np.array_equal(cache.past_mask(), rule_mask([7, 4]))
-    twin = cache.clone()
+    twin = clone_cache(cache)
     twin.append({}, 1, np.ones((2, 1), dtype=np.int64))
     assert np.array_equal(cache.past_mask(), rule_mask([7, 4]))  # the clone writes its own mask
     assert np.array_equal(twin.past_mask(), rule_mask([8, 5])) and list(twin.seen_tokens) == [8, 5]
@@ -67,9 +68,9 @@ def test_all_ones_mask_view_gives_the_same_logits_as_an_explicit_mask(oga: Engin
     a = oga.forward(step, caches[0], phase="decode", logits="last").copy()
     b = oga.forward(step, caches[1], phase="decode", logits="last", new_mask=np.ones((1, 1), dtype=np.int64))
     np.testing.assert_array_equal(a, b)
-    view = oga._ones_view(2, 3)
+    view = oga.step.ones_view(2, 3)
     assert view.shape == (2, 3) and view.flags.c_contiguous and not view.flags.writeable and int(view.sum()) == 6
-    assert oga._ones_view(1, 10_000).shape == (1, 10_000)  # the buffer grows on demand
+    assert oga.step.ones_view(1, 10_000).shape == (1, 10_000)  # the buffer grows on demand
 
 
 def test_kept_binding_does_not_hold_caller_logits(oga: Engine) -> None:
@@ -77,7 +78,7 @@ def test_kept_binding_does_not_hold_caller_logits(oga: Engine) -> None:
     ids = oga.encode_prompt("Once upon a time", chat=False)
     cache = oga.new_cache(1, capacity=len(ids) + 2)
     out = oga.forward(np.asarray([ids]), cache, logits="all")
-    bound = oga._bindings[id(oga.plan.prefill.session)].bound
+    bound = oga.step.bindings[id(oga.plan.prefill.session)].bound
     assert all(held[0] is not out for held in bound.values())
 
 

@@ -6,12 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _engines import load_engine
 from _events import by_row
 
 from inferos_cli.engine import sessions
-from inferos_cli.models.info import inspect_folder
 from inferos_cli.engine.sampling import GenerationConfig
-from inferos_cli.settings import Policy, Resolved
 
 
 class CountingSession:
@@ -34,10 +33,7 @@ class CountingSession:
 
 
 def engine_for(folder: Path, scheduler: dict[str, Any], threads: int = 1) -> Any:
-    from inferos_cli.engine.engine import Engine
-
-    pol = Policy.model_validate({"scheduler": scheduler, "kv": {"mode": "disabled"}})
-    return Engine(inspect_folder(folder), Resolved(policy=pol), threads=threads)
+    return load_engine(folder, policy={"scheduler": scheduler, "kv": {"mode": "disabled"}}, threads=threads)
 
 
 def greedy(engine: Any, ids: list[int], n: int) -> list[int]:
@@ -92,3 +88,23 @@ def test_hybrid_fallback_is_visible_in_engine(stories_onnx: Path) -> None:
     ids = eng.tokenizer.encode("Once upon a time")
     events = list(eng.generate(ids, GenerationConfig(max_tokens=3, ignore_eos=True)))
     assert events[-1].provider["decode"].startswith("npu -> cpu")
+
+
+def test_plan_reports_iobinding_as_it_runs(stories_onnx: Path, oga_dir: Path) -> None:
+    """"IOBinding on" is printed only where a step binds the cache's shared buffers (GQA graphs with
+    ``io.enable_iobinding``); with the setting off no cache shares buffers, no step binds, same tokens."""
+    on = load_engine(oga_dir.parent, policy={"kv": {"mode": "disabled"}})
+    off = load_engine(oga_dir.parent, policy={"kv": {"mode": "disabled"}, "io": {"enable_iobinding": False}})
+    plain = engine_for(stories_onnx, {"mode": "cpu"})
+    assert on.plan.iobinding and "IOBinding on" in on.plan.notes and on.plan.decode.to_json()["iobinding"]
+    assert on.new_cache(1, capacity=32).shares_buffers
+    for eng in (off, plain):  # setting off; a graph without GroupQueryAttention has nothing to bind
+        assert not eng.plan.iobinding and "IOBinding on" not in eng.plan.notes
+        assert not eng.plan.decode.iobinding and not eng.plan.prefill.iobinding
+        assert not eng.new_cache(1, capacity=32).shares_buffers
+    assert "shared past/present buffer" in on.layout.describe() and "shared" not in off.layout.describe()
+    _, dec = count_sessions(off)
+    ids = on.tokenizer.encode("The capital of France is")
+    assert greedy(off, ids, 8) == greedy(on, ids, 8)
+    assert dec.runs == 8 and not off.step.bindings  # every step a plain session.run, nothing bound
+    assert on.step.bindings  # the default engine did bind its shared buffers

@@ -6,10 +6,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _engines import session_run
 
 from inferos_cli.errors import ProviderError
 from inferos_cli.engine import sessions
-from inferos_cli.engine.scheduler import build_sessions, phase_devices
+from inferos_cli.engine.plan import Plan
+from inferos_cli.engine.scheduler import phase_devices
 from inferos_cli.settings import Policy
 
 
@@ -72,7 +74,7 @@ def test_fallback_label_and_strict(tmp_path: Path) -> None:
         pytest.skip("VitisAI is installed here; the fallback path cannot be exercised")
     path = tiny_model(tmp_path)
     pol = policy(mode="hybrid", prefill_device="cpu", decode_device="npu")
-    plan = build_sessions(path, pol, threads=1)
+    plan = Plan.open(path, pol, threads=1)
     assert not plan.shared
     assert plan.prefill.label() == "cpu" and plan.prefill.fallback_reason is None
     npu_name = sessions.npu_provider()
@@ -81,7 +83,7 @@ def test_fallback_label_and_strict(tmp_path: Path) -> None:
     assert plan.warnings() == [f"decode: npu -> cpu ({npu_name} not available)"]
     assert plan.providers()["decode"].startswith("npu -> cpu")
     with pytest.raises(ProviderError) as err:
-        build_sessions(path, pol, threads=1, strict=True)
+        Plan.open(path, pol, threads=1, strict=True)
     assert "decode on npu" in err.value.one_line() and "--strict-devices" in err.value.one_line()
 
 
@@ -94,10 +96,10 @@ def test_modes_map_to_devices() -> None:
 
 def test_cpu_plan_is_one_session_and_runs(tmp_path: Path) -> None:
     path = tiny_model(tmp_path)
-    plan = build_sessions(path, Policy(), threads=1)
+    plan = Plan.open(path, Policy(), threads=1)
     assert plan.shared and plan.mode == "cpu" and plan.prefill.threads == 1
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
-    y, z = plan.decode.run(["y", "z"], {"a": a})
+    y, z = session_run(plan.decode.session, ["y", "z"], {"a": a})
     w = np.arange(12, dtype=np.float32).reshape(4, 3)
     np.testing.assert_allclose(y, a @ w)
     np.testing.assert_allclose(z, a + a)
@@ -108,7 +110,7 @@ def test_cpu_plan_is_one_session_and_runs(tmp_path: Path) -> None:
 def test_hybrid_cpu_has_two_sessions_with_own_threads(tmp_path: Path) -> None:
     path = tiny_model(tmp_path)
     pol = policy(mode="hybrid", prefill_device="cpu", decode_device="cpu", prefill_threads=2, decode_threads=1)
-    plan = build_sessions(path, pol)
+    plan = Plan.open(path, pol)
     assert plan.prefill.session is not plan.decode.session
     assert (plan.prefill.threads, plan.decode.threads) == (2, 1)
     assert any("two CPU sessions" in n for n in plan.notes)
@@ -116,16 +118,15 @@ def test_hybrid_cpu_has_two_sessions_with_own_threads(tmp_path: Path) -> None:
 
 def test_iobinding_paths_agree_and_write_into_buffers(tmp_path: Path) -> None:
     path = tiny_model(tmp_path)
-    plan = build_sessions(path, Policy.model_validate({"io": {"enable_iobinding": True}}), threads=1)
-    ps = plan.decode
+    plan = Plan.open(path, Policy.model_validate({"io": {"enable_iobinding": True}}), threads=1)
+    sess = plan.decode.session
     a = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    bound = ps.run(["y", "z"], {"a": a})
-    ps.iobinding = False
-    plain = ps.run(["y", "z"], {"a": a})
+    bound = session_run(sess, ["y", "z"], {"a": a}, bind=True)
+    plain = session_run(sess, ["y", "z"], {"a": a})
     for x, y in zip(bound, plain):
         np.testing.assert_array_equal(x, y)
     buf = np.zeros((3, 4), dtype=np.float32)
-    _, z = ps.run(["y", "z"], {"a": a}, out_buffers={"z": buf})
+    _, z = session_run(sess, ["y", "z"], {"a": a}, out_buffers={"z": buf})
     assert z is buf
     np.testing.assert_array_equal(buf, a + a)
 
@@ -153,7 +154,7 @@ def test_provider_specs_apply_pool_limits() -> None:
 
 
 def test_host_pool_is_not_claimed_as_an_ort_cap(tmp_path: Path) -> None:
-    plan = build_sessions(tiny_model(tmp_path), Policy(), threads=1)
+    plan = Plan.open(tiny_model(tmp_path), Policy(), threads=1)
     assert any("memory-pressure reference, not an onnxruntime cap" in n for n in plan.notes)
     opts = plan.decode.session.get_session_options()
     with pytest.raises(RuntimeError):  # no env allocator: nothing pretends to cap the CPU arena

@@ -9,11 +9,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _engines import load_engine
 from _events import by_row
 
 from inferos_cli.models.info import inspect_folder
 from inferos_cli.engine.sampling import GenerationConfig
-from inferos_cli.settings import Policy, Resolved
+from inferos_cli.graphs.naming import graphs_dir
+from inferos_cli.settings import Policy
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,11 @@ def test_twin_replaces_every_gqa_node_and_keeps_the_logits(tiny_gqa: Path) -> No
 
     src = tiny_gqa / "model.onnx"
     twin = attention_op_graph(src)
-    assert twin is not None and twin.parent == tiny_gqa and attention_op_graph(src) == twin  # cached
-    model = onnx.load(str(twin), load_external_data=False)  # weights: the source's data file, not copied
+    assert twin is not None and attention_op_graph(src) == twin  # cached
+    # a folder the user gave: the twin lives in inferos' cache, the weights hard-linked there (not copied)
+    assert graphs_dir() in twin.parents and not list(tiny_gqa.glob("*.inferos-*"))
+    assert (twin.parent / "model.onnx.data").samefile(tiny_gqa / "model.onnx.data")
+    model = onnx.load(str(twin), load_external_data=False)
     assert {e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"} == {"model.onnx.data"}
     ops = Counter(n.op_type for n in model.graph.node)
     assert ops["GroupQueryAttention"] == 0 and ops["Attention"] == 2 and ops["RotaryEmbedding"] == 4
@@ -89,20 +94,17 @@ def test_no_twin_for_graphs_that_derive_positions_inside_the_op(oga_dir: Path) -
 
 
 def engine(folder: Path, scheduler: dict[str, Any]) -> Any:
-    from inferos_cli.engine.engine import Engine
-
-    pol = Policy.model_validate({"scheduler": scheduler, "kv": {"mode": "disabled"}})
-    return Engine(inspect_folder(folder), Resolved(policy=pol), threads=1)
+    return load_engine(folder, policy={"scheduler": scheduler, "kv": {"mode": "disabled"}})
 
 
 def test_engine_prefills_on_the_twin_and_decodes_on_gqa(tiny_gqa: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With CUDA taken as working for prefill (forced: no GPU here, the sessions open on the CPU), the
     hybrid plan prefills on the twin, copies the new columns into the GQA cache, and every token equals the
     single-session engine's, for one prompt, a batch of ragged prompts and a second turn into a filled cache."""
-    from inferos_cli.engine import scheduler
+    from inferos_cli.engine import plan
 
     ref = engine(tiny_gqa, {"mode": "cpu"})
-    monkeypatch.setattr(scheduler, "cuda_phases", lambda policy: (True, False))
+    monkeypatch.setattr(plan, "cuda_phases", lambda policy: (True, False))
     hyb = engine(tiny_gqa, {"mode": "hybrid", "prefill_device": "cuda", "decode_device": "cpu"})
     assert hyb.prefill_twin and ".inferos-attn-" in str(hyb.plan.prefill.session._model_path)
     assert "inferos-attn" not in str(hyb.plan.decode.session._model_path)
@@ -133,10 +135,10 @@ def test_engine_prefills_on_the_twin_and_decodes_on_gqa(tiny_gqa: Path, monkeypa
 def test_one_cuda_session_runs_the_twin_for_both_phases(tiny_gqa: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``gpu_only`` on CUDA (forced as working): the engine swaps the whole graph for the twin, whose cache
     is a plain concat cache, and generates the same tokens."""
-    from inferos_cli.engine import scheduler
+    from inferos_cli.engine import plan
 
     ref = engine(tiny_gqa, {"mode": "cpu"})
-    monkeypatch.setattr(scheduler, "cuda_phases", lambda policy: (True, True))
+    monkeypatch.setattr(plan, "cuda_phases", lambda policy: (True, True))
     one = engine(tiny_gqa, {"mode": "gpu_only", "prefill_device": "cuda", "decode_device": "cuda"})
     assert one.plan.shared and not one.prefill_twin and not one.uses_gqa
     assert ".inferos-attn-" in str(one.info.onnx_path)
@@ -152,18 +154,16 @@ def test_fused_int8_cache_takes_the_twins_prefill(tiny_gqa: Path, monkeypatch: p
     the engine quantizes its presents with the fused graph's scales, and the CPU decode reads those codes.
     The codes equal the fused graph's own float-prefill branch within one step (two float attention
     kernels), for a first prompt and a second chunk; the decoded tokens are the same."""
-    from inferos_cli.kv.fused import FusedBackend
-    from inferos_cli.engine import scheduler
-    from inferos_cli.engine.engine import Engine
+    from inferos_cli.engine import plan
+    from inferos_cli.kv.fused import FusedLayout
 
     def fused_engine(sched: dict[str, Any]) -> Any:
-        pol = Policy.model_validate({"scheduler": sched, "kv": {"quant": "int8-fused"}})
-        return Engine(inspect_folder(tiny_gqa), Resolved(policy=pol), threads=1)
+        return load_engine(tiny_gqa, policy={"scheduler": sched, "kv": {"quant": "int8-fused"}})
 
     ref = fused_engine({"mode": "cpu"})
-    monkeypatch.setattr(scheduler, "cuda_phases", lambda policy: (True, False))
+    monkeypatch.setattr(plan, "cuda_phases", lambda policy: (True, False))
     hyb = fused_engine({"mode": "hybrid", "prefill_device": "cuda", "decode_device": "cpu"})
-    assert isinstance(hyb.backend, FusedBackend) and hyb.prefill_twin
+    assert isinstance(hyb.layout, FusedLayout) and hyb.prefill_twin
     assert "kvf" not in str(hyb.plan.prefill.session._model_path) and "kvf" in str(hyb.plan.decode.session._model_path)
     ids = [5, 40, 41, 77, 90, 12, 8, 3, 200]
     caches = []
@@ -186,7 +186,7 @@ def test_auto_keeps_the_fused_cache_behind_a_cuda_prefill(tiny_gqa: Path, monkey
     the twin can take; decode on CUDA does not."""
     import onnxruntime as ort
 
-    from inferos_cli.kv.layouts import auto_fused
+    from inferos_cli.engine.plan import auto_fused
 
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     info = inspect_folder(tiny_gqa)

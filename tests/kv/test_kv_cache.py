@@ -7,22 +7,17 @@ from typing import Any
 
 import numpy as np
 import pytest
+from _engines import clone_cache, load_engine
 
 from inferos_cli.kv.segmented import SegmentedCache
 from inferos_cli.kv.tiers import TierPlan, assign_tier, importance
-from inferos_cli.models.info import inspect_folder
 
 TEXT = ("Once upon a time, there was a little girl named Lily. She liked to play outside in the park with her "
         "friends. One day, she saw a big red ball under a tree and wanted to play with it. ")
 
 
 def engine(folder: Path, profile: str, **kv: Any):
-    from inferos_cli.profiles import resolve_settings
-    from inferos_cli.engine.engine import Engine
-
-    info = inspect_folder(folder)
-    resolved = resolve_settings(profile, param_count=info.param_count, flags={"kv": kv} if kv else None)
-    return Engine(info, resolved, threads=1)
+    return load_engine(folder, profile, flags={"kv": kv} if kv else None)
 
 
 def tokens(eng, n: int) -> list[int]:
@@ -92,7 +87,7 @@ def test_eviction_keeps_true_positions(stories_onnx: Path) -> None:
     cache = eng.new_cache(1)
     ids = tokens(eng, 60)
     feed(eng, cache, ids, 40)
-    twin = cache.clone()
+    twin = clone_cache(cache)
     tier = cache.tiers[0]
     before = set(tier.pos[: tier.n, 0].tolist())
     removed = cache.evict(10)
@@ -176,8 +171,8 @@ def test_select_and_merge_rows(stories_onnx: Path) -> None:
     a, b = eng.new_cache(1), eng.new_cache(1)
     feed(eng, a, ids[:50], 20)
     feed(eng, b, ids[10:40], 20)
-    solo_a = a.clone()
-    solo_b = b.clone()
+    solo_a = clone_cache(a)
+    solo_b = clone_cache(b)
     a.merge(b)
     assert a.batch == 2 and a.past_mask().shape == (2, a.past_len)
     assert a.past_mask()[1].sum() == 30 and a.past_mask()[0].sum() == 50
@@ -214,7 +209,7 @@ def test_gqa_graph_evicts_and_merges_ragged_rows(oga_exact: Path) -> None:
     assert cache.evict(5) == 5 and cache.past_len == 85 and int(cache.seen_tokens[0]) == 90
     other = eng.new_cache(1)
     feed(eng, other, ids[:40], 40)
-    solo_a, solo_b = cache.clone(), other.clone()
+    solo_a, solo_b = clone_cache(cache), clone_cache(other)
     cache.merge(other)
     step = np.asarray([[ids[90]], [ids[40]]])
     both = eng.forward(step, cache, phase="decode")[:, -1]
@@ -259,7 +254,7 @@ def test_select_drops_columns_of_retired_rows(stories_onnx: Path) -> None:
     a, b = eng.new_cache(1), eng.new_cache(1)
     feed(eng, a, ids[:60], 20)
     feed(eng, b, ids[10:40], 20)
-    solo_b = b.clone()
+    solo_b = clone_cache(b)
     a.merge(b)
     wide = a.past_len
     a.select([1])

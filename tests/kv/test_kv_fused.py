@@ -1,4 +1,4 @@
-"""The fused int8 cache (kv/fused.py): onnxruntime's GroupQueryAttention on int8 codes, on the OGA folder
+"""The fused int8 cache (kv/fused.py, graphs/fused.py): onnxruntime's GroupQueryAttention on int8 codes, on the OGA folder
 and on an inferos GQA conversion."""
 
 from __future__ import annotations
@@ -8,9 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from _engines import clone_cache, load_engine
 from conftest import check_graph
+from inferos_cli.engine.plan import auto_fused, choose_layout
+from inferos_cli.graphs.fused import calibrate
 from inferos_cli.kv import fused
-from inferos_cli.kv.layouts import SegmentedBackend, kv_backend
+from inferos_cli.kv.layouts import SegmentedLayout
 from inferos_cli.profiles import resolve_settings
 from inferos_cli.models.info import inspect_folder
 from inferos_cli.engine.sampling import GenerationConfig
@@ -28,19 +31,12 @@ def engines(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Baseline and int8-fused engines on the OGA folder (the fused graph built once, in a temp home)."""
     import os
 
-    from inferos_cli.engine.engine import Engine
-
     home = tmp_path_factory.mktemp("fused-home")
     old = os.environ.get("INFEROS_HOME")
     os.environ["INFEROS_HOME"] = str(home)
     try:
-        info = inspect_folder(oga_dir.parent)
-        out = {}
-        for name in ("baseline", "int8-fused"):
-            resolved = resolve_settings(name, param_count=info.param_count,
-                                        flags={"scheduler": {"mode": "cpu"}}, use_env=False)
-            out[name] = Engine(info, resolved, threads=1)
-        yield out
+        yield {name: load_engine(oga_dir.parent, name, flags={"scheduler": {"mode": "cpu"}}, use_env=False)
+               for name in ("baseline", "int8-fused")}
     finally:
         if old is None:
             os.environ.pop("INFEROS_HOME", None)
@@ -50,7 +46,7 @@ def engines(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:
     eng = engines["int8-fused"]
-    assert isinstance(eng.backend, fused.FusedBackend)
+    assert isinstance(eng.backend, fused.FusedLayout)
     assert "int8-fused" in eng.backend.describe()
     import onnx
 
@@ -81,7 +77,7 @@ def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     base.forward(np.asarray([ids]), c_base, phase="prefill")
     fz.forward(np.asarray([ids]), c_fused, phase="prefill")
     name = base.info.past_key_fmt % 0
-    scales = fused.calibrate(base.info)[name]
+    scales = calibrate(base.info)[name]
     keys = c_base.feeds()[name][:, :, :n]
     codes = c_fused.feeds()[name][:, :, :n].astype(np.int32)
     assert c_fused.feeds()[name].dtype == np.int8
@@ -97,9 +93,11 @@ def test_fused_cache_holds_int8_codes_of_the_real_keys(engines) -> None:
     assert np.abs(tail - np.clip(np.round(c_base.feeds()[name][:, :, n:m] / scales), -128, 127)).max() <= 1
     stats = c_fused.stats()
     assert set(stats.tokens) == {"int8"} and stats.tokens["int8"] == m
-    per_elem = stats.bytes["int8"] / (2 * base.info.num_layers * base.info.num_kv_heads * base.info.head_dim * (n + 16))
-    assert per_elem == 1.0
-    twin = c_fused.clone()  # PlainCache.clone keeps the subclass
+    elements = 2 * base.info.num_layers * base.info.num_kv_heads * base.info.head_dim  # per token
+    assert stats.bytes["int8"] == m * elements  # one byte per element of each token held
+    assert stats.reserved["int8"] == elements * c_fused.capacity >= stats.bytes["int8"]  # the whole buffer
+    assert stats.ratio_vs_fp16 == 0.5
+    twin = clone_cache(c_fused)  # a copy keeps the subclass
     assert isinstance(twin, fused.FusedCache) and twin.stats() == stats
 
 
@@ -128,8 +126,8 @@ def test_fused_decode_tracks_the_baseline(engines) -> None:
 
 def test_fused_falls_back_to_segmented_int8_without_gqa(stories_onnx: Path) -> None:
     info = inspect_folder(stories_onnx)
-    backend = kv_backend(info, _policy("int8-fused"))
-    assert isinstance(backend, SegmentedBackend)
+    backend = choose_layout(info, _policy("int8-fused"))
+    assert isinstance(backend, SegmentedLayout)
     assert backend.plan.name == "int8"
     assert "needs a float32 GroupQueryAttention graph" in backend.describe()
 
@@ -157,7 +155,6 @@ def test_fused_cache_applies_to_inferos_gqa_conversions(tmp_path: Path) -> None:
     from conftest import make_engine
 
     from inferos_cli.models.convert import convert_gguf
-    from inferos_cli.engine.engine import Engine
 
     src = tmp_path / "tiny.gguf"
     write_tiny_gguf(src)
@@ -168,11 +165,9 @@ def test_fused_cache_applies_to_inferos_gqa_conversions(tmp_path: Path) -> None:
     cb = base.new_cache(1, capacity=len(prompt))
     want = base.forward(np.asarray([prompt[:6]]), cb, phase="prefill")[0, -1]
     want2 = base.forward(np.asarray([prompt[6:]]), cb, phase="prefill")[0, -1]
-    assert isinstance(kv_backend(op, _policy("int8-fused")), SegmentedBackend)
-    resolved = resolve_settings("int8-fused", param_count=gqa.param_count, flags={"scheduler": {"mode": "cpu"}},
-                                use_env=False)
-    eng = Engine(gqa, resolved, threads=1)
-    assert isinstance(eng.backend, fused.FusedBackend)
+    assert isinstance(choose_layout(op, _policy("int8-fused")), SegmentedLayout)
+    eng = load_engine(gqa.onnx_path.parent, "int8-fused", flags={"scheduler": {"mode": "cpu"}}, use_env=False)
+    assert isinstance(eng.backend, fused.FusedLayout)
     check_graph(eng.backend.onnx_path, gqa.onnx_path.parent, full=False)
     cf = eng.new_cache(1, capacity=len(prompt))
     got = eng.forward(np.asarray([prompt[:6]]), cf, phase="prefill")[0, -1]
@@ -188,9 +183,6 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
     the phases run on the CPU (the 3b profile asks for DirectML, absent here); the tiered segmented cache for
     the quality profile, the guide's window presets, a KV budget (eviction), graphs without GQA, and when
     an asked-for GPU provider is installed."""
-    from inferos_cli.kv import layouts as kvb
-    from inferos_cli.kv.layouts import auto_fused
-
     oga = inspect_folder(oga_dir.parent)
     stories = inspect_folder(stories_onnx)
 
@@ -205,9 +197,9 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
     assert not auto_fused(stories, policy(None))
     for preset in ("tiered", "conservative", "balanced", "aggressive"):
         assert policy(preset).kv.quant == "tiered"
-    backend = kv_backend(oga, policy("quality"))
-    assert isinstance(backend, SegmentedBackend) and backend.plan.name == "tiered"
-    assert isinstance(kv_backend(stories, policy(None)), SegmentedBackend)
+    backend = choose_layout(oga, policy("quality"))
+    assert isinstance(backend, SegmentedLayout) and backend.plan.name == "tiered"
+    assert isinstance(choose_layout(stories, policy(None)), SegmentedLayout)
     three_b = resolve_settings("3b", param_count=135_000_000, use_env=False).policy  # gpu_only on dml
     assert auto_fused(oga, three_b)  # DirectML is not installed here: both phases fall back to the CPU
     import onnxruntime as ort
@@ -225,7 +217,7 @@ def test_auto_picks_the_fused_cache_only_where_it_fits(oga_dir: Path, stories_on
 def test_rope_pair_bound_holds_for_every_rotation() -> None:
     """The key scale's bound: whatever angle RoPE turns a channel pair by, both channels stay within the
     largest pair norm of the calibration keys (split-half and interleaved pairings)."""
-    from inferos_cli.kv.fused import rope_pair_bound
+    from inferos_cli.graphs.fused import rope_pair_bound
 
     rng = np.random.default_rng(3)
     keys = rng.normal(size=(1, 2, 12, 8)).astype(np.float32) * np.array([1, 5, 0.1, 2, 3, 1, 1, 4], np.float32)

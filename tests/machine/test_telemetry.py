@@ -9,9 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
+from _pressure import StaticPressure
 
+from inferos_cli.machine import monitors as mn
 from inferos_cli.machine import telemetry as tm
-from inferos_cli.machine.pressure import MemoryPressure, StaticPressure
+from inferos_cli.machine import xdna
+from inferos_cli.machine.pressure import MemoryPressure
 from inferos_cli.settings import LoopsPolicy, Policy
 
 
@@ -41,7 +44,7 @@ def xdna_tree(root: Path, status: str) -> Path:
 
 def test_amd_gpu_reads_sysfs(tmp_path: Path) -> None:
     dev = amd_gpu_tree(tmp_path, busy=37)
-    mon = tm.AmdGpuMonitor(tmp_path)
+    mon = mn.AmdGpuMonitor(tmp_path)
     r = mon.sample()
     assert r.values == {"gpu": 37.0, "vram_bytes": 536870912.0, "gtt_bytes": 1048576.0}
     assert r.details["card"] == "card1"
@@ -53,12 +56,12 @@ def test_amd_gpu_reads_sysfs(tmp_path: Path) -> None:
 
 
 def test_amd_gpu_absent(tmp_path: Path) -> None:
-    r = tm.AmdGpuMonitor(tmp_path).sample()
+    r = mn.AmdGpuMonitor(tmp_path).sample()
     assert r.values["gpu"] is None and "no amdgpu card" in r.reasons["gpu"]
 
 
 def test_xdna_absent(tmp_path: Path) -> None:
-    r = tm.XdnaNpuMonitor(tmp_path).sample()
+    r = xdna.XdnaNpuMonitor(tmp_path).sample()
     assert r.values == {"npu": None, "npu_power_w": None}
     assert "no amdxdna device" in r.reasons["npu_power_w"]
 
@@ -66,7 +69,7 @@ def test_xdna_absent(tmp_path: Path) -> None:
 def test_xdna_suspended_is_not_woken(tmp_path: Path) -> None:
     xdna_tree(tmp_path, "suspended")
     calls: list[Path] = []
-    mon = tm.XdnaNpuMonitor(tmp_path, query=lambda node: calls.append(node) or [])
+    mon = xdna.XdnaNpuMonitor(tmp_path, query=lambda node: calls.append(node) or [])
     r = mon.sample()
     assert calls == []  # the device node was never opened
     assert r.values["npu_power_w"] is None and "suspended" in r.reasons["npu_power_w"]
@@ -76,8 +79,8 @@ def test_xdna_suspended_is_not_woken(tmp_path: Path) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="the amdxdna ioctl exists only on Linux")
 def test_xdna_active_reads_power_sensor(tmp_path: Path) -> None:
     xdna_tree(tmp_path, "active")
-    raw = struct.pack(tm.SENSOR_FMT, b"Total Power", 1234, 5000, 1000, 2000, b"ok", b"mW", 0, 0)
-    mon = tm.XdnaNpuMonitor(tmp_path, query=lambda node: [tm.parse_sensor(raw)])
+    raw = struct.pack(xdna.SENSOR_FMT, b"Total Power", 1234, 5000, 1000, 2000, b"ok", b"mW", 0, 0)
+    mon = xdna.XdnaNpuMonitor(tmp_path, query=lambda node: [xdna.parse_sensor(raw)])
     r = mon.sample()
     assert r.values["npu_power_w"] == pytest.approx(1.234)
     assert r.values["npu"] is None
@@ -87,21 +90,21 @@ def test_xdna_active_reads_power_sensor(tmp_path: Path) -> None:
 @pytest.mark.skipif(sys.platform != "linux", reason="the amdxdna ioctl exists only on Linux")
 def test_xdna_active_real_ioctl_on_a_non_device_fails_honestly(tmp_path: Path) -> None:
     xdna_tree(tmp_path, "active")
-    r = tm.XdnaNpuMonitor(tmp_path).sample()  # a regular file: the real ioctl returns ENOTTY
+    r = xdna.XdnaNpuMonitor(tmp_path).sample()  # a regular file: the real ioctl returns ENOTTY
     assert r.values["npu_power_w"] is None and "sensor query failed" in r.reasons["npu_power_w"]
 
 
 def test_xdna_ioctl_number_matches_uapi() -> None:
     # DRM_IOWR(0x40 + 7, struct amdxdna_drm_get_info /* 16 bytes */) with DRM_IOCTL_BASE 'd'
-    assert tm.DRM_IOCTL_AMDXDNA_GET_INFO == 0xC0106447
-    assert tm.SENSOR_SIZE == 168
+    assert xdna.DRM_IOCTL_AMDXDNA_GET_INFO == 0xC0106447
+    assert xdna.SENSOR_SIZE == 168
 
 
 def test_intel_npu_busy_deltas(tmp_path: Path) -> None:
     path = tmp_path / "sys/class/accel/accel0/device/npu_busy_time_us"
     write(path, "1000000\n")
     now = [100.0]
-    mon = tm.IntelNpuMonitor(tmp_path, clock=lambda: now[0])
+    mon = mn.IntelNpuMonitor(tmp_path, clock=lambda: now[0])
     first = mon.sample()
     assert first.values["npu"] is None and "first sample" in first.reasons["npu"]
     now[0] = 102.0
@@ -113,12 +116,12 @@ def test_intel_npu_busy_deltas(tmp_path: Path) -> None:
 
 
 def test_intel_npu_absent(tmp_path: Path) -> None:
-    r = tm.IntelNpuMonitor(tmp_path).sample()
+    r = mn.IntelNpuMonitor(tmp_path).sample()
     assert r.values["npu"] is None and "no Intel NPU" in r.reasons["npu"]
 
 
 def test_nvidia_absent_gives_reason() -> None:
-    mon = tm.NvidiaMonitor()
+    mon = mn.NvidiaMonitor()
     if mon.present:
         pytest.skip("an NVIDIA GPU with NVML is present here")
     r = mon.sample()
@@ -134,17 +137,17 @@ def test_windows_pdh_parsing() -> None:
         "pid_12_luid_0x00000000_0x0000BBBB_phys_0_eng_0_engtype_Compute": 64.0,
         "garbage": 99.0,
     }
-    agg = tm.aggregate_gpu_engines(counters)
+    agg = mn.aggregate_gpu_engines(counters)
     assert agg["0x00000000_0x0000AAAA"]["3D"] == pytest.approx(42.5)
-    gpu, npu = tm.classify_adapters(agg)
+    gpu, npu = mn.classify_adapters(agg)
     assert gpu == pytest.approx(42.5) and npu == pytest.approx(64.0)
     if sys.platform != "win32":
-        r = tm.WindowsPdhMonitor().sample()
+        r = mn.WindowsPdhMonitor().sample()
         assert r.values["gpu"] is None and "only on Windows" in r.reasons["gpu"]
 
 
 def test_process_monitor_reads_real_rss() -> None:
-    mon = tm.ProcessMonitor()
+    mon = mn.ProcessMonitor()
     first = mon.sample()
     assert first.values["rss_bytes"] and first.values["rss_bytes"] > 1e6
     assert first.values["cpu"] is None and "first sample" in first.reasons["cpu"]
@@ -155,8 +158,8 @@ def test_process_monitor_reads_real_rss() -> None:
 
 def test_sampler_snapshot_merges_and_keeps_reasons(tmp_path: Path) -> None:
     amd_gpu_tree(tmp_path, busy=55)
-    monitors = {"fast": [tm.ProcessMonitor()], "mid": [tm.NvidiaMonitor(), tm.AmdGpuMonitor(tmp_path)],
-                "slow": [tm.XdnaNpuMonitor(tmp_path)]}
+    monitors = {"fast": [mn.ProcessMonitor()], "mid": [mn.NvidiaMonitor(), mn.AmdGpuMonitor(tmp_path)],
+                "slow": [xdna.XdnaNpuMonitor(tmp_path)]}
     sampler = tm.TelemetrySampler(LoopsPolicy(), monitors)
     assert sampler.snapshot()["reasons"]["gpu"] == "not sampled yet"
     sampler.sample_once()
@@ -172,7 +175,7 @@ def test_sampler_thread_runs_and_stops(tmp_path: Path) -> None:
     hits: list[int] = []
     loops = LoopsPolicy(fast_ms=1, mid_ms=1, slow_ms=1)  # clamped, never a 1 ms spin
     assert tm.clamp_periods(loops) == (0.1, 0.25, 1.0)
-    sampler = tm.TelemetrySampler(loops, {"mid": [tm.AmdGpuMonitor(tmp_path)]}, on_mid=[lambda: hits.append(1)])
+    sampler = tm.TelemetrySampler(loops, {"mid": [mn.AmdGpuMonitor(tmp_path)]}, on_mid=[lambda: hits.append(1)])
     with sampler:
         deadline = time.monotonic() + 10
         while not hits and time.monotonic() < deadline:
@@ -236,11 +239,10 @@ def test_pressure_is_fed_by_the_mid_loop() -> None:
 
 
 def test_no_posix_only_import_at_module_level() -> None:
-    import inferos_cli.machine.telemetry as mod
-
-    src = Path(mod.__file__).read_text(encoding="utf-8")
-    header = src.split("def ", 1)[0]
-    assert "import fcntl" not in header and "import win32pdh" not in header
+    for mod in (tm, mn, xdna):
+        src = Path(mod.__file__).read_text(encoding="utf-8")
+        header = src.split("def ", 1)[0]
+        assert "import fcntl" not in header and "import win32pdh" not in header
     assert os.name in ("posix", "nt")
 
 
@@ -255,7 +257,7 @@ def test_monitoring_feeds_engine_pressure_and_run_table(stories_onnx: Path) -> N
     pol = Policy.model_validate({"kv": {"mode": "disabled"}, "io": {"host_pool_bytes": "4GiB"}})
     eng = Engine(inspect_folder(stories_onnx), Resolved(policy=pol), threads=1)
     assert eng.pressure_level() == 0.0
-    mon = tm.start_monitoring(pol, monitors={"fast": [tm.ProcessMonitor()]}, start=False)
+    mon = tm.start_monitoring(pol, monitors={"fast": [mn.ProcessMonitor()]}, start=False)
     mon.pressure.available = lambda: 1 * 1024**3  # 1 GiB free of a 4 GiB pool
     mon.sampler.sample_once()
     eng.pressure = mon.pressure

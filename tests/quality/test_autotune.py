@@ -53,13 +53,13 @@ def test_loosen_and_tighten_keep_a_valid_order() -> None:
 
 def test_calibration_perplexity_matches_a_teacher_forced_pass(service: Any) -> None:
     """The token-by-token calibration pass computes the same perplexity as one full prefill (baseline)."""
-    from inferos_cli.quality.autotune import AutoTuner, perplexity_run
-    from inferos_cli.server.service import baseline_policy
+    from inferos_cli.quality.autotune import AutoTuner, baseline_policy
+    from inferos_cli.quality.perplexity import perplexity
 
-    tuner = AutoTuner(service, calibration_tokens=120)
+    tuner = AutoTuner(service, service.engine, calibration_tokens=120)
     engine = service.engine(baseline_policy(service.policy))
     ids = tuner.ids
-    ppl, tps, kv = perplexity_run(engine, ids, tuner.prefill)
+    ppl, tps, kv = perplexity(engine, ids, tuner.prefill)
     logits = engine.forward(np.asarray([ids], dtype=np.int64), engine.new_cache(1), phase="prefill")[0]
     rows = logits[tuner.prefill - 1:-1].astype(np.float64)
     peak = rows.max(axis=1, keepdims=True)
@@ -73,7 +73,7 @@ def test_step_measures_delta_ppl_against_the_baseline(service: Any) -> None:
     from inferos_cli.quality.autotune import AutoTuner
 
     assert service.metrics()["quality"]["delta_ppl_est"] is None
-    tuner = AutoTuner(service, calibration_tokens=200)
+    tuner = AutoTuner(service, service.engine, calibration_tokens=200)
     out = tuner.step()
     cal = tuner.calibrate(service.policy)
     assert out["delta_ppl"] == cal.delta_ppl == pytest.approx(cal.ppl - cal.ppl_baseline)
@@ -87,15 +87,15 @@ def test_step_measures_delta_ppl_against_the_baseline(service: Any) -> None:
 
 def test_memory_pressure_with_headroom_tightens_and_logs_why(stories_onnx: Path) -> None:
     from inferos_cli.quality.autotune import AutoTuner
-    from inferos_cli.machine.pressure import StaticPressure
+    from _pressure import StaticPressure
 
     svc = _service(stories_onnx, "int8", flags={"quality": {"max_delta_ppl": 5.0}})
     try:
         before = svc.configured_policy.kv.recent_window
-        tuner = AutoTuner(svc, calibration_tokens=160, pressure=StaticPressure(0.95, "test: 95% of the budget"))
+        tuner = AutoTuner(svc, svc.engine, calibration_tokens=160, pressure=StaticPressure(0.95, "test: 95% of the budget"))
         out = tuner.step()
         assert out["action"] in ("adopt", "tighten-rejected")
-        decisions = [h for h in svc.history if h["type"] == "decision" and h["kind"] == "autotune"]
+        decisions = [h for h in svc.recorder.history if h["type"] == "decision" and h["kind"] == "autotune"]
         assert decisions and "memory pressure 0.95" in decisions[-1]["reason"]
         if out["action"] == "adopt":
             assert svc.configured_policy.kv.recent_window == before // 2
@@ -111,14 +111,14 @@ def test_quality_over_budget_loosens(stories_onnx: Path) -> None:
     svc = _service(stories_onnx, "int4", flags={"quality": {"max_delta_ppl": 0.0}, "kv": {"recent_window": 16,
                                                                                          "sink_tokens": 0}})
     try:
-        tuner = AutoTuner(svc, calibration_tokens=300)
+        tuner = AutoTuner(svc, svc.engine, calibration_tokens=300)
         cal = tuner.calibrate(svc.policy)
         if cal.delta_ppl <= 0.0:
             pytest.skip(f"this KV backend measured no loss on stories260K (delta {cal.delta_ppl}); nothing to loosen")
         out = tuner.step()
         assert out["action"] == "adopt"
         assert svc.configured_policy.kv.recent_window == 32
-        last = [h for h in svc.history if h["type"] == "decision"][-1]
+        last = [h for h in svc.recorder.history if h["type"] == "decision"][-1]
         assert "> max_delta_ppl 0.0" in last["reason"]
     finally:
         svc.close()
@@ -131,24 +131,28 @@ def test_target_tps_decision_is_logged(stories_onnx: Path) -> None:
     svc = _service(stories_onnx, "int8", flags={"quality": {"max_delta_ppl": 5.0}})
     try:
         list(svc.submit(svc.encode_text("Once upon a time"), GenerationConfig(max_tokens=8)))
-        tuner = AutoTuner(svc, calibration_tokens=120, target_tps=1e9)  # unreachable on purpose
+        tuner = AutoTuner(svc, svc.engine, calibration_tokens=120, target_tps=1e9)  # unreachable on purpose
         out = tuner.step()
         assert out["action"] in ("adopt", "tps-no-better")
-        reasons = [h["reason"] for h in svc.history if h["type"] == "decision"]
+        reasons = [h["reason"] for h in svc.recorder.history if h["type"] == "decision"]
         assert any("target 1000000000.0" in r for r in reasons)
     finally:
         svc.close()
 
 
 def test_tune_for_run_returns_a_measured_policy(stories_onnx: Path) -> None:
+    from inferos_cli.engine.engine import Engine
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.quality.autotune import tune_for_run
     from inferos_cli.models.info import inspect_folder
+    from inferos_cli.server.engines import EngineProvider
+    from inferos_cli.settings import Resolved
 
     info = inspect_folder(stories_onnx)
     resolved = resolve_settings("int4", param_count=info.param_count, use_env=False,
                                 flags={"quality": {"max_delta_ppl": 0.0}, "kv": {"recent_window": 16, "sink_tokens": 0}})
-    policy, decisions = tune_for_run(info, resolved, max_steps=2)
+    engines = EngineProvider(info, lambda model, policy: Engine(model, Resolved(policy=policy), threads=1))
+    policy, decisions = tune_for_run(resolved.policy, engines.get, max_steps=2)
     assert isinstance(policy, Policy)
     for d in decisions:
         assert d["reason"] and "details" in d
@@ -162,10 +166,11 @@ def test_serve_auto_tune_publishes_the_estimate_over_http(stories_onnx: Path) ->
     import time
 
     from inferos_cli.quality.autotune import AutoTuner
-    from inferos_cli.server.app import ServerState, ServerThread, create_app
+    from _server import ServerThread
+    from inferos_cli.server.app import ServerState, create_app
 
     svc = _service(stories_onnx, "int4")
-    svc.tuner = AutoTuner(svc, calibration_tokens=150).start()
+    svc.tuner = AutoTuner(svc, svc.engine, calibration_tokens=150).start()
     server = ServerThread(create_app(ServerState(service=svc))).start()
     try:
         def estimate() -> Any:

@@ -10,7 +10,8 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
-from inferos_cli.quality.eval import make_windows, parse_compare
+from inferos_cli.bench.configs import parse_compare
+from inferos_cli.quality.eval import BASELINE, make_windows
 from inferos_cli.ui.eval_table import eval_lines, eval_table
 
 KEYS = {"config", "ppl", "delta_ppl", "kl_mean", "top1_agreement", "kv_bytes", "kv_ratio_vs_fp16", "peak_rss_mb"}
@@ -72,7 +73,7 @@ def test_windows_and_compare() -> None:
     wins = make_windows(list(range(1000)), 100, 10, 250, bos=1)
     assert [len(w) for w in wins] == [100, 100, 80] and all(w[0] == 1 for w in wins)
     assert sum(len(w) - 10 for w in wins) == 250
-    assert parse_compare("int4,baseline,chat+int8") == ["baseline", "int4", "chat+int8"]
+    assert parse_compare("int4,baseline,chat+int8", reference=BASELINE) == ["baseline", "int4", "chat+int8"]
 
 
 def test_eval_usage_errors(stories_onnx: Path, tinystories_text: Path) -> None:

@@ -23,37 +23,10 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from _server import Served, make_service as _service  # noqa: E402
 from conftest import STORIES_SAMPLE, free_port, stop_process, wait_for_http  # noqa: E402
 
 PROMPT = "Once upon a time"
-
-
-def _service(folder: Path, profile: str | None = None, **kwargs: Any) -> Any:
-    from inferos_cli.profiles import resolve_settings
-    from inferos_cli.models.info import inspect_folder
-    from inferos_cli.server.service import InferenceService
-
-    info = inspect_folder(folder)
-    resolved = resolve_settings(profile, param_count=info.param_count, use_env=False)
-    return InferenceService(info, resolved, profile=profile, snapshot_interval_s=0.2, **kwargs)
-
-
-class Served:
-    """A service, its app and a uvicorn thread on a free loopback port."""
-
-    def __init__(self, folder: Path, token: str | None = None, max_body: int = 64 * 1024, **kwargs: Any) -> None:
-        from inferos_cli.server.app import ServerState, ServerThread, create_app
-
-        self.service = _service(folder, **kwargs)
-        self.app = create_app(ServerState(service=self.service, token=token, max_body_bytes=max_body))
-        self.server = ServerThread(self.app).start()
-        self.url = self.server.url
-        self.client = httpx.Client(base_url=self.url, timeout=60)
-
-    def close(self) -> None:
-        self.client.close()
-        self.server.stop()
-        self.service.close()
 
 
 @pytest.fixture(scope="module")
@@ -419,7 +392,7 @@ def test_real_gaia_cli_runs_on_inferos_serve(served: Served, tmp_path: Path) -> 
 
 def test_kv_levels_map_cache_tiers_to_guide_levels() -> None:
     from inferos_cli.events import KVStats
-    from inferos_cli.server.service import kv_levels, percentile
+    from inferos_cli.server.metrics import kv_levels, percentile
 
     stats = KVStats(tokens={"fp": 132, "int8": 40, "int4": 300}, bytes={"fp": 1, "int8": 1, "int4": 1}, evicted=7)
     assert kv_levels(stats) == {"L0": 132, "L1": 40, "L2": 300, "L3": 7}
@@ -513,7 +486,7 @@ def test_gqa_model_with_kv_profile_is_served_by_the_batcher(oga_dir: Path) -> No
         threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
         [t.start() for t in threads]
         [t.join(300) for t in threads]
-        assert not errors and svc.requests_failed == 0
+        assert not errors and svc.recorder.requests_failed == 0
         assert [len(outs[0]), len(outs[1])] == [4, 4]
         assert [outs[0][0], outs[1][0]] == [alone[0][0], alone[1][0]]  # prefilled alone: same first token
         batcher = svc._batcher(svc.policy)
