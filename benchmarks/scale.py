@@ -263,6 +263,8 @@ def measure_model(name: str, quant: str, args, tok_gguf: Path, env: dict, llama_
                          "rss_method": "exact: os.wait4 ru_maxrss of the `inferos pull` child"}
     if conv["rc"] != 0:
         result["convert"] = {"wall_s": None, "peak_rss_bytes": None, "reason": child_failure(conv, "inferos pull")}
+        if not args.keep:
+            gguf.unlink(missing_ok=True)
         return result
     pulled = json.loads(conv["stdout"])
     result["convert"]["size_bytes"] = pulled.get("size_bytes")
@@ -333,7 +335,8 @@ def measure_model(name: str, quant: str, args, tok_gguf: Path, env: dict, llama_
     keys_kv = ["kv_bytes", "peak_rss_bytes", "decode_tps"]
     rows = [{"engine": "inferos", "config": c, **pick(get("inferos", c, kv_seq, t_hi), keys_kv + ["kv_backend"])}
             for c in kv_configs]
-    rows += [{"engine": "llama.cpp", "config": kv, **pick(get("llama.cpp", kv, kv_seq, t_hi), keys_kv)}
+    rows += [{"engine": "llama.cpp", "config": kv,
+              **pick(get("llama.cpp", kv, kv_seq, t_hi), keys_kv + ["process_peak_rss_bytes"])}
              for kv in ("f16", "q8_0", "q4_0")]
     f16 = rows[len(kv_configs)]
     for r in rows:

@@ -13,7 +13,8 @@ from pydantic import BaseModel
 
 from inferos_cli import paths
 from inferos_cli.errors import InferosError
-from inferos_cli.settings import Policy, allowed_values, format_bytes
+from inferos_cli.settings import Policy, allowed_values
+from inferos_cli.units import format_bytes
 
 HEADER = """\
 # inferos configuration, written by `inferos config init`.

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from inferos_cli.machine import host
+from inferos_cli.units import format_bytes
 
 Status = Literal["ok", "warn", "fail"]
 HTTP_TIMEOUT_S = 1.5
@@ -58,12 +59,6 @@ class DoctorReport:
         return {"checks": [c.to_json() for c in self.checks]}
 
 
-def _human(n: float | None) -> str:
-    from inferos_cli.settings import format_bytes
-
-    return format_bytes(n)
-
-
 # --------------------------------------------------------------------------------------------- host
 
 
@@ -92,7 +87,7 @@ def check_cpu() -> Check:
 def check_ram() -> Check:
     """Total and available memory."""
     total, available = host.memory()
-    detail = f"{_human(total)} total, {_human(available)} available"
+    detail = f"{format_bytes(total)} total, {format_bytes(available)} available"
     if available < LOW_RAM_BYTES:
         return Check("ram", "warn", detail, "close other programs or use a smaller model / tighter KV profile")
     return Check("ram", "ok", detail)
@@ -409,8 +404,8 @@ def check_cache() -> Check:
             if entry.is_dir() and not entry.name.startswith("."):
                 count += 1
                 cached += sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
-    state = f"{count} models, {_human(cached)}" if models.is_dir() else "not created yet"
-    detail = f"{models} ({state}); {_human(usage.free)} free of {_human(usage.total)}"
+    state = f"{count} models, {format_bytes(cached)}" if models.is_dir() else "not created yet"
+    detail = f"{models} ({state}); {format_bytes(usage.free)} free of {format_bytes(usage.total)}"
     if usage.free < LOW_DISK_BYTES:
         return Check("model cache", "warn", detail, "free disk space or set INFEROS_HOME to a larger disk")
     return Check("model cache", "ok", detail)

@@ -13,6 +13,7 @@ Values that cannot be measured are None, never a guess.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
@@ -77,6 +78,15 @@ class Event:
             data["kv"]["reserved_bytes"] = self.kv.reserved_bytes
             data["kv"]["ratio_vs_fp16"] = self.kv.ratio_vs_fp16
         return data
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of ``values``, as the server's p50/p95 use it; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
 
 
 @dataclass

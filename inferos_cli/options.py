@@ -95,3 +95,28 @@ StopOpt = Annotated[
     typer.Option("--stop", callback=unescape_all, show_default=False,
                  help='Stop string (repeatable); \\n, \\t, \\\\ and \\" are understood, e.g. --stop "\\n\\n".'),
 ]
+
+
+# Sampling: left unset, each takes Ollama's chat default (GenerationConfig.chat in engine/sampling.py).
+TemperatureOpt = Annotated[
+    Optional[float],
+    typer.Option("--temperature", "-t", min=0.0, show_default=False,
+                 help="Sampling temperature; 0 = greedy (the same text every run). Default 0.8, as Ollama; "
+                 "with --seed a sampled run repeats exactly."),
+]
+TopKOpt = Annotated[
+    Optional[int],
+    typer.Option("--top-k", min=0, show_default=False,
+                 help="Sample from the k most likely tokens (0 = all). Default 40."),
+]
+TopPOpt = Annotated[
+    Optional[float],
+    typer.Option("--top-p", min=0.0, max=1.0, show_default=False,
+                 help="Nucleus sampling: the smallest set of tokens with this much probability. Default 0.9."),
+]
+RepetitionPenaltyOpt = Annotated[
+    Optional[float],
+    typer.Option("--repetition-penalty", min=0.01, show_default=False,
+                 help="Penalty on the tokens of the last 64 (1 = off). Default 1.1; off with --temperature 0 "
+                 "unless given."),
+]

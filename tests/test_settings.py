@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from inferos_cli.errors import ConfigError
-from inferos_cli.settings import Policy, env_layer, format_bytes, parse_bytes, resolve, validate_policy
+from inferos_cli.settings import Policy, env_layer, parse_bytes, resolve, validate_policy
+from inferos_cli.units import format_bytes
 
 
 @pytest.mark.parametrize(

@@ -7,12 +7,12 @@ greedy with EOS ignored, so every row makes exactly ``gen_tokens`` tokens.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from inferos_cli.errors import InferosError, UsageError
+from inferos_cli.quality.texts import default_text  # noqa: F401  (old location of the default text)
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -20,7 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 METRICS: tuple[str, ...] = (
     "ttft_ms", "prefill_tps", "decode_tps", "e2e_ms", "peak_rss_mb", "kv_bytes", "kv_ratio_vs_fp16",
 )
-DEFAULT_TEXT = Path("data") / "wikitext2-raw-test.txt"
 
 
 # ---------------------------------------------------------------------------------------------- specs
@@ -81,22 +80,6 @@ def resolve_info(model: str | None, *, dtype: str | None = None) -> "ModelInfo":
 
 
 # ---------------------------------------------------------------------------------------------- prompts
-def default_text() -> Path:
-    """The prompt text when ``--text`` is not given: ``INFEROS_BENCH_TEXT``, else wikitext-2 from the
-    shared data folder (``INFEROS_SHARED`` or ``../shared`` beside the checkout)."""
-    env = os.environ.get("INFEROS_BENCH_TEXT")
-    if env:
-        return Path(env)
-    roots = [Path(os.environ["INFEROS_SHARED"])] if os.environ.get("INFEROS_SHARED") else []
-    roots.append(Path(__file__).resolve().parents[2].parent / "shared")
-    for root in roots:
-        candidate = root / DEFAULT_TEXT
-        if candidate.is_file():
-            return candidate
-    raise UsageError("no prompt text found (wikitext-2 is not beside this checkout)",
-                     "pass --text FILE with a few KB of real prose (or set INFEROS_BENCH_TEXT)")
-
-
 def corpus_ids(info: "ModelInfo", text_path: Path, need: int) -> list[int]:
     """Token ids of the text (no special tokens), enough for ``need`` tokens; repeats the text if short."""
     from inferos_cli.models.tokenizer import Tokenizer

@@ -270,5 +270,5 @@ def quality_for(
             continue
         out[name] = {"ppl": r.ppl, "delta_ppl": r.delta_ppl, "kl_mean": r.kl_mean,
                      "top1_agreement": r.top1_agreement, "tokens_scored": r.tokens_scored, "kv": r.kv,
-                     "eval_config": entry, "ctx": report.ctx, "prefix": report.prefix}
+                     "eval_config": entry, "ctx": report.ctx, "prefix": report.prefix, "graph": report.graph}
     return {c.name: out[c.name] for c in configs if c.name in out}

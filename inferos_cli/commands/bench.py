@@ -42,7 +42,8 @@ WarmupOpt = Annotated[int, typer.Option("--warmup", min=0, help="Discarded runs 
 QualityOpt = Annotated[bool, typer.Option("--quality", help="Also measure ppl, delta_ppl, kl_mean, top1_agreement vs baseline.")]
 QualityTokensOpt = Annotated[int, typer.Option("--quality-tokens", min=16, help="Tokens of --text scored by --quality.")]
 TextOpt = Annotated[Optional[Path], typer.Option(
-    "--text", help="Real text the prompts are cut from (default: wikitext-2 test split from the shared data).",
+    "--text", help="Real text the prompts are cut from (default: the WikiText-2 raw test split that ships with "
+    "inferos, unpacked once into the inferos cache).",
     show_default=False)]
 BenchFormatOpt = Annotated[BenchFormat, typer.Option(
     "--format", "-f", case_sensitive=False, help="table for people; json, jsonl, csv or md (paste-ready) for files.")]
@@ -95,8 +96,9 @@ def bench(
     Example: inferos bench --model smollm2-135m --compare baseline,inferos,ort-genai --plot bench.html
     """
     from inferos_cli.bench.configs import build_configs, parse_compare, parse_int_list
-    from inferos_cli.bench.grid import Grid, default_text, resolve_info
+    from inferos_cli.bench.grid import Grid, resolve_info
     from inferos_cli.bench.run import quality_compare, quality_for, run_bench
+    from inferos_cli.quality.texts import default_text
     from inferos_cli.ui.bench_table import bench_table, quality_table, render_text, skip_lines
     from inferos_cli.ui.output import is_terminal
 

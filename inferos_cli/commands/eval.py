@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Iterator, Optional
 
 import typer
 
 from inferos_cli.options import FormatOpt, KVBudgetOpt, ModelOpt, TableFormat, ThreadsOpt
 
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.quality.eval import Progress
+
 
 def evaluate(
-    text: Annotated[Path, typer.Option("--text", help="UTF-8 text to score (e.g. wikitext-2 test split).",
-                                       exists=True, dir_okay=False, show_default=False)],
+    text: Annotated[Optional[Path], typer.Option(
+        "--text", help="UTF-8 text to score (default: the WikiText-2 raw test split that ships with inferos, "
+        "unpacked once into the inferos cache).", exists=True, dir_okay=False, show_default=False)] = None,
     model: ModelOpt = None,
     ctx: Annotated[int, typer.Option("--ctx", min=2, help="Window length in tokens.")] = 512,
     prefix: Annotated[int, typer.Option("--prefix", min=1, help="Tokens prefilled per window before "
@@ -25,10 +31,11 @@ def evaluate(
     = "baseline,int8,int4",
     rss: Annotated[bool, typer.Option("--rss/--no-rss", help="Measure peak RSS per configuration in a fresh "
                                       "subprocess (one window).")] = True,
-    exact: Annotated[bool, typer.Option("--exact/--as-shipped", help="Score on an exact-compute twin of the "
-                                        "graph (MatMulNBits accuracy_level 0: float activations, same weights), so "
-                                        "the KV cache's error is not buried under the int8-activation rounding "
-                                        "noise of int4 graphs; --as-shipped scores the graph as it is.")] = True,
+    exact: Annotated[Optional[bool], typer.Option("--exact/--as-shipped", help="--exact (the default) scores an exact-compute "
+                                        "twin of the graph (float activations in every matmul, same weights), so the "
+                                        "KV cache's error is not buried under the int8-activation rounding noise of "
+                                        "int4 graphs; --as-shipped scores the graph as it is (faster, noisier).",
+                                        show_default=False)] = None,
     kv_budget: KVBudgetOpt = None,
     fmt: FormatOpt = TableFormat.table,
     threads: ThreadsOpt = None,
@@ -39,13 +46,15 @@ def evaluate(
     """Teacher-forced evaluation of KV configurations on the same windows: perplexity, ΔPPL and mean KL vs
     the baseline, top-1 agreement, mean/peak KV bytes and their ratio to fp16, peak RSS.
 
-    Example: inferos eval --model smollm2-135m --text wikitext2-raw-test.txt --ctx 512 --compare baseline,int8,int4
-    -o eval.json
+    Without --text it scores the WikiText-2 raw test split that ships with inferos. Progress goes to stderr: a
+    bar in a terminal, else a plain line every few seconds.
+
+    Example: inferos eval --model smollm2-135m --ctx 512 --max-tokens 2000 --compare baseline,int8,int4 -o eval.json
     """
     from inferos_cli.bench.configs import parse_compare
     from inferos_cli.errors import UsageError
     from inferos_cli.models.resolve import resolve_model
-    from inferos_cli.quality.eval import BASELINE, resolve_configs, run_eval
+    from inferos_cli.quality.eval import BASELINE, EXACT_DEFAULT, resolve_configs, run_eval
     from inferos_cli.settings import parse_bytes
 
     flags = None
@@ -57,24 +66,14 @@ def evaluate(
     names = parse_compare(compare, reference=BASELINE, example="baseline,int8,int4")
     info = resolve_model(model, progress=True)
     configs = resolve_configs(names, info, flags)  # the settings of every configuration, resolved once here
+    from inferos_cli.quality.texts import default_text
     from inferos_cli.ui.eval_table import eval_lines, eval_table
-    from inferos_cli.ui.output import is_terminal, print_json, print_table
+    from inferos_cli.ui.output import print_json, print_table
 
-    if is_terminal() and fmt == TableFormat.table:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        with Progress(TextColumn("scoring tokens"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                      transient=True) as bar:
-            task = bar.add_task("eval", total=None)
-
-            def tick(done: int, total: int) -> None:
-                bar.update(task, completed=done, total=total)
-
-            report = run_eval(info, configs, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, exact=exact,
-                              threads=threads, measure_rss=rss, progress=tick)
-    else:
-        report = run_eval(info, configs, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens, exact=exact,
-                          threads=threads, measure_rss=rss)
+    text = text if text is not None else default_text()
+    with _progress() as progress:
+        report = run_eval(info, configs, text, ctx=ctx, prefix=prefix, max_tokens=max_tokens,
+                          exact=EXACT_DEFAULT if exact is None else exact, threads=threads, measure_rss=rss, progress=progress)
     snapshot = report.to_json()
     if output is not None:
         import json
@@ -86,3 +85,28 @@ def evaluate(
         print_json(snapshot)
     else:
         print_table(eval_table(snapshot), eval_lines(snapshot))
+
+
+@contextmanager
+def _progress() -> Iterator["Progress"]:
+    """Progress on stderr: a rich bar when stderr is a terminal, else plain lines every few seconds
+    (:class:`inferos_cli.ui.eval_table.ProgressLines`), so a run in a pipe or a log is never silent."""
+    if not sys.stderr.isatty():
+        from inferos_cli.ui.eval_table import ProgressLines
+
+        yield ProgressLines(lambda line: typer.echo(line, err=True))
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeRemainingColumn
+
+    with Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+             console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("scoring tokens", total=None)
+
+        def tick(stage: str, done: int, total: int) -> None:
+            if stage == "rss":
+                bar.update(task, description="peak RSS probes", completed=done, total=total)
+            else:
+                bar.update(task, completed=done, total=total)
+
+        yield tick

@@ -10,7 +10,8 @@ from typing import Annotated, Optional
 import typer
 
 from inferos_cli.errors import UsageError
-from inferos_cli.options import ConfigOpt, ModelOpt, ProfileOpt, StrictDevicesOpt, ThreadsOpt
+from inferos_cli.options import (ConfigOpt, ModelOpt, ProfileOpt, RepetitionPenaltyOpt, StopOpt, StrictDevicesOpt,
+                                 TemperatureOpt, ThreadsOpt, TopKOpt, TopPOpt)
 
 
 NO_PROMPT_HINT = 'pass a prompt, e.g. inferos run "Tell me a story", or use --interactive'
@@ -40,14 +41,12 @@ def run(
                                                  show_default=False)] = None,
     system: Annotated[Optional[str], typer.Option("--system", help="System message for chat models.",
                                                   show_default=False)] = None,
-    temperature: Annotated[float, typer.Option("--temperature", "-t", min=0.0, help="0 = greedy.")] = 0.0,
-    top_k: Annotated[int, typer.Option("--top-k", min=0, help="Sample from the k most likely tokens (0 = all).")] = 0,
-    top_p: Annotated[float, typer.Option("--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")] = 1.0,
-    repetition_penalty: Annotated[float, typer.Option("--repetition-penalty", min=0.01,
-                                                      help="CTRL-style penalty on seen tokens (1 = off).")] = 1.0,
+    temperature: TemperatureOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    repetition_penalty: RepetitionPenaltyOpt = None,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed for sampling.", show_default=False)] = None,
-    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop string (repeatable).",
-                                                      show_default=False)] = None,
+    stop: StopOpt = None,
     prefill_chunk: Annotated[Optional[int], typer.Option("--prefill-chunk", min=1,
                                                          help="Prefill the prompt in chunks of this many tokens.",
                                                          show_default=False)] = None,
@@ -98,7 +97,7 @@ def run(
     req = RunRequest(
         prompt=prompt, model=model, profile=profile, interactive=interactive,
         json_lines=json_lines, chat=chat, system=system,
-        generation=GenerationConfig(
+        generation=GenerationConfig.chat(
             max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
             repetition_penalty=repetition_penalty, seed=seed, stop=list(stop or []), prefill_chunk=prefill_chunk,
             ignore_eos=ignore_eos,

@@ -295,7 +295,7 @@ function renderPolicy() {
     ["baseline mode", baseline ? `on (requests run with KV mode ${effective.kv.mode})` : "off"],
     ["KV mode", policy.kv.mode], ["KV preset", policy.kv.quant], ["recent window", `${policy.kv.recent_window} tokens`],
     ["sink tokens", policy.kv.sink_tokens], ["thresholds", `L1 int8 ${th.L1_int8} · L2 int4 ${th.L2_int4} · L3 evict ${th.L3_evict}`],
-    ["KV caps", `${policy.kv.max_tokens ?? "no"} tokens · ${fmtBytes(policy.kv.budget_bytes)} budget`],
+    ["KV caps", `${policy.kv.max_tokens ?? "no"} token cap · ${policy.kv.budget_bytes == null ? "no" : fmtBytes(policy.kv.budget_bytes)} byte budget`],
     ["max delta-PPL", policy.quality.max_delta_ppl], ["scheduler", policy.scheduler.mode],
     ["devices", `prefill ${policy.scheduler.prefill_device} · decode ${policy.scheduler.decode_device}`],
     ["providers in use", providers || "n/a (no request yet)"],

@@ -70,7 +70,7 @@ class Engine:
         # memory this engine adds from here on is backed with huge pages (see settle_huge_pages)
         self._huge_mark: dict[int, int] | None = anonymous_regions() if huge_pages_wanted() else None
         self.plan = make_plan(info, self.policy, threads=threads, strict=strict_devices,
-                              pressure=self.pressure_level, last_logits=last_logits)
+                              pressure=self.pressure_level, last_logits=last_logits, sources=resolved.sources)
         assert self.plan.info is not None and self.plan.layout is not None
         self.info: "ModelInfo" = self.plan.info
         self.layout: "KVLayout" = self.plan.layout

@@ -66,6 +66,17 @@ def phase_devices(policy: "Policy") -> tuple[str, str, bool]:
     return sch.prefill_device, sch.decode_device, False
 
 
+def cuda_phases(policy: "Policy") -> tuple[bool, bool]:
+    """(prefill, decode) each True when that phase is asked to run on ``cuda`` and the CUDA provider
+    passes the strict probe here."""
+    from inferos_cli.engine.sessions import probe_provider
+
+    pre_dev, dec_dev, _ = phase_devices(policy)
+    if "cuda" not in (pre_dev, dec_dev) or not probe_provider("cuda").works:
+        return False, False
+    return pre_dev == "cuda", dec_dev == "cuda"
+
+
 def settle_mode(policy: "Policy", sources: Mapping[str, str] | None) -> "Policy":
     """``policy`` with a ``gpu_only`` mode whose devices name no GPU but were set to ``cpu`` by some
     settings layer (``INFEROS_SCHEDULER__PREFILL_DEVICE=cpu`` over the 3b profile's ``gpu_only``) turned

@@ -9,9 +9,9 @@ the ONNX ``Attention`` op (opset 23) run every node but a few shape ops on CUDA 
 This module derives that twin from a GQA graph: each GQA node becomes ``Split`` (when q/k/v arrive
 packed) -> ``RotaryEmbedding`` on q and k from the graph's ``position_ids`` -> ``Attention`` with an
 additive bias built once from ``attention_mask`` (padding + causality, the converter's own
-:func:`~inferos_cli.models.builder.attention_bias`). Same inputs, outputs and weights (the twin reads
-the source's external data; see :mod:`inferos_cli.graphs.naming` for where it is written); the presents follow the concat convention
-(``present = past + new columns``), so a caller that keeps a GQA-style packed cache copies the new
+:func:`~inferos_cli.models.builders.base.attention_bias`). Same inputs, outputs and weights (the twin reads
+the source's external data; :mod:`inferos_cli.graphs.naming` says where it is written); the presents follow
+the concat convention (``present = past + new columns``), so a caller that keeps a GQA-style packed cache copies the new
 columns into it (:mod:`inferos_cli.engine.step` does, for the prefill of the ``hybrid`` plan).
 
 Only GQA nodes whose RoPE reads a ``position_ids`` input (inferos conversions), without local windows,
@@ -88,7 +88,8 @@ def rewrite(model: Any) -> bool:
     graph has none or one that cannot be translated (see :func:`translatable`)."""
     from onnx import helper
 
-    from inferos_cli.models.builder import GraphWriter, attention_bias, rope_attention
+    from inferos_cli.models.builders.base import attention_bias, rope_attention
+    from inferos_cli.models.builders.writer import GraphWriter
 
     graph = model.graph
     gqa = _gqa_nodes(model)

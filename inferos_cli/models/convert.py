@@ -11,7 +11,9 @@ into place) holds::
     inferos.json                  name, source, source sha256, dtype, param count, converter version and a
                                   manifest of every file's size and sha256 (inferos_cli/models/manifest.py)
 
-Supported: llama (Llama 2/3, SmolLM/SmolLM2, TinyLlama), mistral without sliding window, qwen2 (q/k/v bias).
+Supported: llama (Llama 2/3 with ``llama3`` RoPE scaling, SmolLM/SmolLM2, TinyLlama), mistral without sliding
+window, qwen2 (q/k/v bias), qwen3 (q/k RMSNorm), phi3 (fused qkv and gate/up, long-RoPE), gemma2 (soft-capping)
+and gemma3 (sliding-window local layers, q/k norms), one builder each under :mod:`~inferos_cli.models.builders`.
 Weights ``dtype``: fp32, fp16 (fp16 storage, cast to fp32 at load), int8 / int4 (block-32 ``MatMulNBits``).
 
 ``head_bits`` (default None: the head is stored like the other tensors) caps the width of the logits projection
@@ -33,6 +35,7 @@ from inferos_cli.models.manifest import META_FILE, build_manifest, folder_digest
 from inferos_cli.models.weights import (
     DecoderSpec,
     DecoderWeights,
+    QuantWeight,
     describe_storage,
     param_count,
     store,
@@ -40,7 +43,7 @@ from inferos_cli.models.weights import (
     store_head,
 )
 
-CONVERTER_VERSION = "3"  # 2: ReduceSum block sums, Gemm(transB) offsets; 3: GroupQueryAttention by default
+CONVERTER_VERSION = "4"  # 2: block sums, Gemm offsets; 3: GroupQueryAttention; 4: K-quants kept low-bit, builders
 DTYPES = ("fp32", "fp16", "int8", "int4")
 HEAD_BITS = (4, 8)
 ATTENTION_OP_MIN_ORT = (1, 24)  # ONNX Attention-23 and GQA with position_ids on CPU; be conservative
@@ -127,7 +130,7 @@ def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *,
     fast kernel, when the model has quantized weights). ``head_bits`` caps the logits projection only (see
     :func:`store_head`; None, the default, keeps e.g. SmolLM2's tied Q8_0 head at 8 bits).
     """
-    from inferos_cli.models.gguf import gguf_spec, gguf_weights, open_gguf
+    from inferos_cli.models.gguf import gguf_spec, gguf_weights, has_blocks, open_gguf
     from inferos_cli.models.gguf_tokenizer import tokenizer_files
 
     path, dst = Path(path), Path(dst)
@@ -141,7 +144,9 @@ def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *,
     arch = _arch(reader)
     files = tokenizer_files(reader, spec.context_length)
     weights = store_head(gguf_weights(reader, spec, arch, dtype, store, store_embedding, progress), head_bits)
-    quantized = any(k.endswith("bit") for k in describe_storage(weights))
+    # the layers stream during the build: whether any weight is quantized is read from the file's types
+    quantized = dtype in ("int4", "int8") or (dtype is None and has_blocks(reader)) or any(
+        isinstance(w, QuantWeight) for w in (weights.embed, weights.lm_head))
     level = accuracy_level if accuracy_level is not None else (4 if quantized else 0)
     return write_model_folder(
         spec, weights, dst, name=name or path.stem, source=str(path.resolve()),
@@ -167,10 +172,25 @@ def _file_types(reader: Any) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------------------------------ output folder
+HF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                    "qwen3": "Qwen3ForCausalLM", "phi3": "Phi3ForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                    "gemma3": "Gemma3ForCausalLM"}
+NO_BOS_ARCHS = ("qwen2", "qwen3")  # HF's Qwen tokenizers add no BOS token
+
+
 def hf_config(spec: DecoderSpec) -> dict[str, Any]:
-    """The HF-style ``config.json`` of a converted model."""
+    """The HF-style ``config.json`` of a converted model (the sliding-window and soft-capping facts only
+    when the spec sets them)."""
+    optional = {
+        "sliding_window": spec.sliding_window,
+        "layer_types": spec.layer_types,
+        "rope_local_base_freq": spec.rope_local_theta,
+        "query_pre_attn_scalar": spec.query_pre_attn_scalar,
+        "attn_logit_softcapping": spec.attn_softcap,
+        "final_logit_softcapping": spec.final_softcap,
+    }
     return {
-        "architectures": ["Qwen2ForCausalLM" if spec.arch == "qwen2" else "LlamaForCausalLM"],
+        "architectures": [HF_ARCHITECTURES.get(spec.arch, "LlamaForCausalLM")],
         "model_type": spec.arch,
         "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size,
@@ -188,6 +208,7 @@ def hf_config(spec: DecoderSpec) -> dict[str, Any]:
         "bos_token_id": spec.bos_token_id,
         "eos_token_id": spec.eos_token_ids[0] if len(spec.eos_token_ids) == 1 else (spec.eos_token_ids or None),
         "pad_token_id": spec.pad_token_id,
+        **{key: value for key, value in optional.items() if value is not None},
     }
 
 
@@ -200,9 +221,9 @@ def write_model_folder(spec: DecoderSpec, weights: DecoderWeights, dst: Path, *,
 
     attention = attention or default_attention(spec.head_dim)
     with atomic_dir(dst) as tmp:
+        build_decoder(spec, weights, tmp, accuracy_level=accuracy_level, attention=attention)
         if progress:
             progress("write", 0, 1)
-        build_decoder(spec, weights, tmp, accuracy_level=accuracy_level, attention=attention)
         (tmp / "config.json").write_text(json.dumps(hf_config(spec), indent=2), encoding="utf-8")
         for fname, content in tokenizer_files.items():
             target = tmp / fname
@@ -210,7 +231,7 @@ def write_model_folder(spec: DecoderSpec, weights: DecoderWeights, dst: Path, *,
                 target.write_bytes(content)
             else:
                 target.write_text(content, encoding="utf-8")
-        _finish_tokenizer_config(tmp, spec)
+        finish_tokenizer_config(tmp, spec)
         meta = {
             "name": name,
             "source": source,
@@ -231,7 +252,7 @@ def write_model_folder(spec: DecoderSpec, weights: DecoderWeights, dst: Path, *,
     return dst
 
 
-def _finish_tokenizer_config(folder: Path, spec: DecoderSpec) -> None:
+def finish_tokenizer_config(folder: Path, spec: DecoderSpec) -> None:
     """Make sure ``tokenizer_config.json`` states add_bos_token and carries the chat template."""
     path = folder / "tokenizer_config.json"
     cfg: dict[str, Any] = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
@@ -240,5 +261,5 @@ def _finish_tokenizer_config(folder: Path, spec: DecoderSpec) -> None:
         cfg["chat_template"] = template_file.read_text(encoding="utf-8")
     elif isinstance(cfg.get("chat_template"), str) and not template_file.is_file():
         template_file.write_text(cfg["chat_template"], encoding="utf-8")
-    cfg.setdefault("add_bos_token", spec.bos_token_id is not None and spec.arch != "qwen2")
+    cfg.setdefault("add_bos_token", spec.bos_token_id is not None and spec.arch not in NO_BOS_ARCHS)
     path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")

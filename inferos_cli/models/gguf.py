@@ -14,6 +14,10 @@ any other type is dequantized with
 With ``dtype`` fp32 / fp16 everything is dequantized to that float type. llama.cpp stores Llama Q/K rows
 permuted for its interleaved RoPE; the rows are moved back to the Hugging Face order (whole blocks move, so
 this stays lossless) and the graph applies the HF rotate-half RoPE.
+
+The weights stream: :func:`gguf_weights` reads the embedding, head and final norm, and each layer only when
+the builder asks for it (:class:`~inferos_cli.models.weights.LazyLayers`), every tensor with a plain file
+read (:class:`TensorFile`), so a conversion holds about one layer at a time whatever the model size.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from typing import Any, Callable
 import numpy as np
 
 from inferos_cli.errors import ConversionError
-from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, QuantWeight, Weight
-from inferos_cli.models.quants import decode, to_weight
+from inferos_cli.models.quants import FORMS, decode, to_weight
+from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, LazyLayers, QuantWeight, Weight
 
 ProgressFn = Callable[[str, int, int], None]
 GGUF_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3")
@@ -266,17 +270,59 @@ def split_rows(w: Weight, sizes: list[int]) -> list[Weight]:
     return [_take_rows(w, np.arange(a, b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
+class TensorFile:
+    """Reads a GGUF's tensors with plain file reads, each into a fresh array freed with the weight made from
+    it (never through the reader's memory map, whose touched pages would stay resident until the end), and
+    reports the bytes read so far of all tensor bytes as the ``"convert"`` progress stage."""
+
+    def __init__(self, reader: Any, progress: ProgressFn | None = None) -> None:
+        self.path = Path(reader.data.filename)
+        self.tensors: dict[str, Any] = {t.name: t for t in reader.tensors}
+        self.total = sum(int(t.n_bytes) for t in reader.tensors)
+        self.done = 0
+        self.progress = progress
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def read(self, name: str) -> Any:
+        """Tensor ``name`` (the reader's ``ReaderTensor``) with ``data`` read from the file."""
+        try:
+            tensor = self.tensors[name]
+        except KeyError:
+            raise ConversionError(f"tensor {name} is missing from the GGUF file") from None
+        data = np.empty(tensor.data.shape, tensor.data.dtype)
+        with open(self.path, "rb") as handle:
+            handle.seek(int(tensor.data_offset))
+            if handle.readinto(memoryview(data).cast("B")) != data.nbytes:
+                raise ConversionError(f"{self.path} is truncated: tensor {name} runs past the end of the file",
+                                      "download the file again")
+        self.report(data.nbytes)
+        return tensor._replace(data=data)
+
+    def report(self, nbytes: int) -> None:
+        """Count ``nbytes`` more as read (capped at the total) and report them."""
+        self.done = min(self.done + nbytes, self.total)
+        if self.progress:
+            self.progress("convert", self.done, self.total)
+
+    def finish(self) -> None:
+        """Report every byte as read (tensors never needed, e.g. rope factors, count as done)."""
+        self.report(self.total)
+
+
+def has_blocks(reader: Any) -> bool:
+    """True when some matrix of the file is in a block format kept as blocks (:func:`native_blocks`)."""
+    return any(len(t.shape) == 2 and t.tensor_type.name in FORMS for t in reader.tensors)
+
+
 def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
                  store: Callable[[np.ndarray, str], Weight], store_embedding: Callable[[np.ndarray, str], Weight],
                  progress: ProgressFn | None = None) -> DecoderWeights:
-    """Map llama.cpp tensor names to :class:`DecoderWeights`."""
-    tensors = {t.name: t for t in reader.tensors}
-
-    def get(name: str) -> Any:
-        try:
-            return tensors[name]
-        except KeyError:
-            raise ConversionError(f"tensor {name} is missing from the GGUF file") from None
+    """Map llama.cpp tensor names to :class:`DecoderWeights`; the layers are read when the builder asks for
+    each (:class:`~inferos_cli.models.weights.LazyLayers`), ``progress`` gets the bytes read."""
+    tensors = TensorFile(reader, progress)
+    get = tensors.read
 
     def vec(name: str) -> np.ndarray:
         return as_float(get(name)).astype(np.float32).reshape(-1)
@@ -292,8 +338,8 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
         spec.rope_scaling = {"rope_type": "freq_factors", "factors": factors.tolist()}
     permute = arch in _PERMUTED_ARCHS
     q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    layers = []
-    for i in range(spec.num_layers):
+
+    def layer(i: int) -> LayerWeights:
         p = f"blk.{i}."
         if p + "attn_qkv.weight" in tensors:  # phi3: q, k, v stacked along the output rows
             q, k, v = split_rows(lin(p + "attn_qkv.weight"), [q_rows, kv_rows, kv_rows])
@@ -313,7 +359,7 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
             gate, up = lin(p + "ffn_gate.weight"), lin(p + "ffn_up.weight")
         else:  # phi3: ffn_up holds gate then up
             gate, up = split_rows(lin(p + "ffn_up.weight"), [spec.intermediate_size] * 2)
-        layers.append(LayerWeights(
+        weights = LayerWeights(
             attn_norm=vec(p + "attn_norm.weight"),
             q=q, k=k, v=v, o=lin(p + "attn_output.weight"),
             ffn_norm=vec(p + "ffn_norm.weight"),
@@ -322,9 +368,11 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
             q_norm=opt_vec(p + "attn_q_norm.weight"), k_norm=opt_vec(p + "attn_k_norm.weight"),
             post_attn_norm=opt_vec(p + "post_attention_norm.weight"),
             post_ffn_norm=opt_vec(p + "post_ffw_norm.weight"),
-        ))
-        if progress:
-            progress("convert", i + 1, spec.num_layers)
+        )
+        if i == spec.num_layers - 1:
+            tensors.finish()
+        return weights
+
     embd = get("token_embd.weight")
     embed: Weight
     if dtype in ("fp32", "fp16"):
@@ -337,6 +385,5 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
             embed = native_float(embd)
         else:
             embed = store_embedding(as_float(embd), dtype)
-    head = tensors.get("output.weight")
-    lm_head = lin("output.weight") if head is not None else None
-    return DecoderWeights(embed, layers, vec("output_norm.weight"), lm_head)
+    lm_head = lin("output.weight") if "output.weight" in tensors else None
+    return DecoderWeights(embed, LazyLayers(spec.num_layers, layer), vec("output_norm.weight"), lm_head)

@@ -1,7 +1,9 @@
 """Read a Hugging Face safetensors folder into a :class:`DecoderSpec` and :class:`DecoderWeights` (no torch).
 
-The safetensors files are memory-mapped (BF16 widened to fp32); ``config.json`` gives the spec; weights are
-stored at the requested dtype as they are mapped. Family differences in the checkpoint layout are resolved
+Each tensor is read from the safetensors files when it is needed (BF16 widened to fp32) and the layers are
+produced one at a time as the builder writes them (:class:`~inferos_cli.models.weights.LazyLayers`), so a
+conversion holds about one layer whatever the model size; ``config.json`` gives the spec; weights are stored
+at the requested dtype. Family differences in the checkpoint layout are resolved
 here: phi3's fused ``qkv_proj`` / ``gate_up_proj`` are split into rows, Gemma's ``(1 + w)`` norm gains get
 their 1 added (the graph uses plain gains, as llama.cpp's GGUF files store them). The GGUF counterpart is :mod:`inferos_cli.models.gguf`.
 """
@@ -11,13 +13,13 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
 from inferos_cli.errors import ConversionError
 from inferos_cli.models.builders import BUILDERS
-from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, store, store_embedding
+from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, LazyLayers, store, store_embedding
 
 ProgressFn = Callable[[str, int, int], None]
 SUPPORTED_ARCHS = tuple(BUILDERS)  # llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text: gemma3_text)
@@ -27,8 +29,52 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}
 
 
-def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
-    """All tensors of a (possibly sharded) safetensors checkpoint, memory-mapped; BF16 widened to fp32."""
+class SafetensorsTensors(Mapping[str, np.ndarray]):
+    """The tensors of a (possibly sharded) safetensors checkpoint by name, each read with a plain file read
+    when asked for (BF16 widened to fp32) into a fresh array freed with the weight made from it, so a
+    conversion never keeps the checkpoint resident; the bytes read so far of all tensor bytes go to
+    ``progress`` as the ``"convert"`` stage."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.entries: dict[str, tuple[Path, int, str, tuple[int, ...], int]] = {}
+        for path in files:
+            self.entries.update(_safetensors_header(path))
+        self.total = sum(entry[4] for entry in self.entries.values())
+        self.done = 0
+        self.progress: ProgressFn | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        path, offset, kind, shape, nbytes = self.entries[name]
+        raw = np.empty(nbytes, np.uint8)
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            handle.readinto(memoryview(raw))
+        self.report(nbytes)
+        arr = raw.view(_ST_DTYPES[kind]).reshape(shape)
+        return (arr.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else arr
+
+    def report(self, nbytes: int) -> None:
+        """Count ``nbytes`` more as read (capped at the total) and report them."""
+        self.done = min(self.done + nbytes, self.total)
+        if self.progress:
+            self.progress("convert", self.done, self.total)
+
+    def finish(self) -> None:
+        """Report every byte as read (tensors never needed, e.g. a tied head, count as done)."""
+        self.report(self.total)
+
+    def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default reads it)
+        return name in self.entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+def read_safetensors(folder: Path) -> SafetensorsTensors:
+    """All tensors of a (possibly sharded) safetensors checkpoint, read on access; BF16 widened to fp32."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
@@ -37,13 +83,11 @@ def read_safetensors(folder: Path) -> dict[str, np.ndarray]:
         files = sorted(folder.glob("*.safetensors"))
     if not files:
         raise ConversionError(f"no .safetensors file in {folder}", "pass a Hugging Face folder with model.safetensors")
-    tensors: dict[str, np.ndarray] = {}
-    for file in files:
-        tensors.update(_read_one_safetensors(file))
-    return tensors
+    return SafetensorsTensors(files)
 
 
-def _read_one_safetensors(path: Path) -> dict[str, np.ndarray]:
+def _safetensors_header(path: Path) -> dict[str, tuple[Path, int, str, tuple[int, ...], int]]:
+    """``{name: (path, absolute offset, dtype, shape, bytes)}`` of one safetensors file."""
     try:
         with open(path, "rb") as handle:
             (header_len,) = struct.unpack("<Q", handle.read(8))
@@ -51,22 +95,16 @@ def _read_one_safetensors(path: Path) -> dict[str, np.ndarray]:
     except (OSError, struct.error, ValueError) as exc:
         raise ConversionError(f"{path} is not a readable safetensors file: {exc}") from None
     size = path.stat().st_size
-    raw = np.memmap(path, dtype=np.uint8, mode="r") if size > 8 + header_len else np.zeros(0, np.uint8)
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, tuple[Path, int, str, tuple[int, ...], int]] = {}
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        dtype = _ST_DTYPES.get(entry["dtype"])
-        if dtype is None:
+        if entry["dtype"] not in _ST_DTYPES:
             raise ConversionError(f"{path.name}: tensor {name} has unsupported dtype {entry['dtype']}")
         start, end = entry["data_offsets"]
-        begin = 8 + header_len + start
         if 8 + header_len + end > size:
             raise ConversionError(f"{path} is truncated (tensor {name} runs past the end)", "download it again")
-        arr = raw[begin:8 + header_len + end].view(dtype).reshape(entry["shape"])
-        if entry["dtype"] == "BF16":
-            arr = (arr.astype(np.uint32) << 16).view(np.float32)
-        out[name] = arr
+        out[name] = (path, 8 + header_len + start, entry["dtype"], tuple(entry["shape"]), end - start)
     return out
 
 
@@ -137,9 +175,12 @@ def _split(w: np.ndarray, sizes: list[int]) -> list[np.ndarray]:
     return np.split(np.asarray(w), np.cumsum(sizes)[:-1], axis=0)
 
 
-def hf_weights(tensors: dict[str, np.ndarray], spec: DecoderSpec, dtype: str,
+def hf_weights(tensors: Mapping[str, np.ndarray], spec: DecoderSpec, dtype: str,
                progress: ProgressFn | None = None) -> DecoderWeights:
-    """Map HF tensor names to :class:`DecoderWeights`, stored at ``dtype``."""
+    """Map HF tensor names to :class:`DecoderWeights`, stored at ``dtype``; the layers are read when the
+    builder asks for each. ``progress`` gets the bytes read from a :class:`SafetensorsTensors`."""
+    if isinstance(tensors, SafetensorsTensors):
+        tensors.progress = progress
 
     def get(name: str) -> np.ndarray:
         try:
@@ -163,8 +204,7 @@ def hf_weights(tensors: dict[str, np.ndarray], spec: DecoderSpec, dtype: str,
         return gain(name) if name in tensors else None
 
     q_rows, kv_rows = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-    layers = []
-    for i in range(spec.num_layers):
+    def layer(i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         if p + "self_attn.qkv_proj.weight" in tensors:  # phi3
             q, k, v = _split(get(p + "self_attn.qkv_proj.weight"), [q_rows, kv_rows, kv_rows])
@@ -174,7 +214,7 @@ def hf_weights(tensors: dict[str, np.ndarray], spec: DecoderSpec, dtype: str,
             gate, up = _split(get(p + "mlp.gate_up_proj.weight"), [spec.intermediate_size] * 2)
         else:
             gate, up = get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")
-        layers.append(LayerWeights(
+        weights = LayerWeights(
             attn_norm=gain(p + "input_layernorm.weight"),
             q=store(q, dtype), k=store(k, dtype), v=store(v, dtype),
             o=store(get(p + "self_attn.o_proj.weight"), dtype),
@@ -188,16 +228,14 @@ def hf_weights(tensors: dict[str, np.ndarray], spec: DecoderSpec, dtype: str,
             k_norm=opt_gain(p + "self_attn.k_norm.weight"),
             post_attn_norm=gain(p + "post_attention_layernorm.weight") if gemma else None,
             post_ffn_norm=gain(p + "post_feedforward_layernorm.weight") if gemma else None,
-        ))
-        if progress:
-            progress("convert", i + 1, spec.num_layers)
-    embed = get("model.embed_tokens.weight")
-    head = tensors.get("lm_head.weight")
-    if spec.tie_embeddings or head is None:
-        lm_head = None
-    else:
-        lm_head = store(head, dtype)
-    return DecoderWeights(store_embedding(embed, dtype), layers, gain("model.norm.weight"), lm_head)
+        )
+        if i == spec.num_layers - 1 and isinstance(tensors, SafetensorsTensors):
+            tensors.finish()
+        return weights
+
+    embed = store_embedding(get("model.embed_tokens.weight"), dtype)
+    head = None if spec.tie_embeddings or "lm_head.weight" not in tensors else store(get("lm_head.weight"), dtype)
+    return DecoderWeights(embed, LazyLayers(spec.num_layers, layer), gain("model.norm.weight"), head)
 
 
 def hf_tokenizer_files(src: Path) -> dict[str, str | bytes]:

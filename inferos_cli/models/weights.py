@@ -9,7 +9,7 @@ nibble packing, row concatenation, the storage of a float weight at a dtype, par
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
@@ -207,12 +207,41 @@ class LayerWeights:
     post_ffn_norm: np.ndarray | None = None  # RMSNorm gain on the MLP output (gemma2/3)
 
 
+class LazyLayers(Sequence[LayerWeights]):
+    """Decoder layers produced one at a time by ``load(i)`` and never kept, so a converter holds one layer's
+    tensors while it writes them, whatever the model size. Each layer's parameter count and storage forms are
+    remembered when it is produced (:meth:`summary`): the folder's metadata needs no second pass."""
+
+    def __init__(self, count: int, load: Callable[[int], LayerWeights]) -> None:
+        self.count = count
+        self.load = load
+        self.summaries: dict[int, tuple[int, dict[str, int]]] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> LayerWeights:  # type: ignore[override]
+        if not 0 <= i < self.count:
+            raise IndexError(i)
+        layer = self.load(i)
+        self.summaries[i] = layer_summary(layer)
+        return layer
+
+    def __iter__(self) -> Iterator[LayerWeights]:
+        return (self[i] for i in range(self.count))
+
+    def summary(self, i: int) -> tuple[int, dict[str, int]]:
+        """(parameters, storage forms) of layer ``i``, loading it only if it was never produced."""
+        return self.summaries[i] if i in self.summaries else layer_summary(self[i])
+
+
 @dataclass
 class DecoderWeights:
-    """All weights of a decoder. ``lm_head`` None means tied to ``embed``."""
+    """All weights of a decoder. ``lm_head`` None means tied to ``embed``. ``layers`` is a list, or
+    :class:`LazyLayers` when the reader streams them."""
 
     embed: Weight  # [vocab, hidden]
-    layers: list[LayerWeights]
+    layers: Sequence[LayerWeights]
     final_norm: np.ndarray
     lm_head: Weight | None = None
 
@@ -258,36 +287,57 @@ def store_head(weights: DecoderWeights, bits: int | None) -> DecoderWeights:
     return weights
 
 
+LINEAR_FIELDS = ("q", "k", "v", "o", "gate", "up", "down")
+LAYER_FIELDS = ("attn_norm", *LINEAR_FIELDS[:4], "ffn_norm", *LINEAR_FIELDS[4:], "q_bias", "k_bias", "v_bias",
+                "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm")
+
+
+def _numel(w: Weight | None) -> int:
+    if w is None:
+        return 0
+    if isinstance(w, QuantWeight):
+        rows, cols = w.shape
+        return rows * cols
+    return int(np.prod(w.shape))
+
+
+def _form(w: Weight) -> str:
+    if isinstance(w, QuantWeight):
+        return f"{w.source}->{w.bits}bit"
+    return "fp16" if w.dtype == np.float16 else "fp32"
+
+
+def _count(counts: dict[str, int], items: list[Weight]) -> dict[str, int]:
+    for w in items:
+        counts[_form(w)] = counts.get(_form(w), 0) + 1
+    return counts
+
+
+def layer_summary(layer: LayerWeights) -> tuple[int, dict[str, int]]:
+    """A layer's logical parameter count and how many of its linear weights are stored in each form."""
+    return (sum(_numel(getattr(layer, f)) for f in LAYER_FIELDS),
+            _count({}, [getattr(layer, f) for f in LINEAR_FIELDS]))
+
+
+def _layer_summaries(weights: DecoderWeights) -> Iterator[tuple[int, dict[str, int]]]:
+    """Every layer's summary; a streamed layer already written is not loaded again."""
+    layers = weights.layers
+    if isinstance(layers, LazyLayers):
+        return (layers.summary(i) for i in range(len(layers)))
+    return (layer_summary(layer) for layer in layers)
+
+
 def param_count(weights: DecoderWeights, *, tied: bool = False) -> int:
     """Logical parameter count (tied embeddings counted once, also when ``tied`` and the head was re-stored
     as a separate initializer by :func:`store_head`)."""
-
-    def n(w: Weight | np.ndarray | None) -> int:
-        if w is None:
-            return 0
-        if isinstance(w, QuantWeight):
-            rows, cols = w.shape
-            return rows * cols
-        return int(np.prod(w.shape))
-
-    total = n(weights.embed) + (0 if tied else n(weights.lm_head)) + n(weights.final_norm)
-    for layer in weights.layers:
-        total += sum(n(getattr(layer, f)) for f in (
-            "attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down", "q_bias", "k_bias", "v_bias",
-            "q_norm", "k_norm", "post_attn_norm", "post_ffn_norm"))
-    return total
+    total = _numel(weights.embed) + (0 if tied else _numel(weights.lm_head)) + _numel(weights.final_norm)
+    return total + sum(params for params, _ in _layer_summaries(weights))
 
 
 def describe_storage(weights: DecoderWeights) -> dict[str, int]:
     """How many linear weights are stored in each form (e.g. ``{"Q4_1->4bit": 210, "fp32": 2}``)."""
-    counts: dict[str, int] = {}
-    items: list[Weight] = [weights.embed] + ([weights.lm_head] if weights.lm_head is not None else [])
-    for layer in weights.layers:
-        items += [layer.q, layer.k, layer.v, layer.o, layer.gate, layer.up, layer.down]
-    for w in items:
-        if isinstance(w, QuantWeight):
-            key = f"{w.source}->{w.bits}bit"
-        else:
-            key = "fp16" if w.dtype == np.float16 else "fp32"
-        counts[key] = counts.get(key, 0) + 1
+    counts = _count({}, [weights.embed] + ([weights.lm_head] if weights.lm_head is not None else []))
+    for _, forms in _layer_summaries(weights):
+        for key, n in forms.items():
+            counts[key] = counts.get(key, 0) + n
     return counts

@@ -13,6 +13,11 @@ runs the first window alone in a fresh subprocess (``python -m inferos_cli.quali
 other configuration's sessions are resident; the value is the highest RSS sampled after each step (the
 transient peak of loading the model, the same for every configuration, is left out).
 
+By default (``exact``) every configuration is scored on the exact-compute twin of the graph
+(:mod:`inferos_cli.graphs.exact`: float activations in every matmul, so the KV cache's own error is not
+buried under int8-activation rounding noise); ``exact=False`` scores the graph as shipped. The report names
+the graph it scored.
+
 Settings are resolved by the command (:func:`resolve_configs`); the engines and the probe get them
 resolved.
 """
@@ -38,6 +43,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.settings import Resolved
 
 BASELINE = "baseline"
+EXACT_DEFAULT = True  # the exact-compute twin: 8-bit heads dequantized once, so it costs ~1-1.5x the graph as shipped
+GRAPH_AS_SHIPPED = "as shipped"
+GRAPH_EXACT = "exact-compute twin"
+
+Progress = Callable[[str, int, int], None]
+"""``progress(stage, done, total)``: stage ``"score"`` after each scored token (done/total tokens), stage
+``"rss"`` before each peak-RSS probe and once after the last (done/total configurations)."""
 
 
 @dataclass
@@ -80,6 +92,7 @@ class EvalReport:
     results: list[ConfigResult]
     rss_note: str = ""
     exact_matmul: bool = False  # MatMulNBits ran at accuracy_level 0 (inferos_cli/graphs/exact.py)
+    graph: str = GRAPH_AS_SHIPPED  # which graph was scored: GRAPH_AS_SHIPPED or GRAPH_EXACT
 
     def to_json(self) -> dict[str, Any]:
         """The issue's JSON shape (plus a few extra keys)."""
@@ -92,6 +105,7 @@ class EvalReport:
             "windows": self.windows,
             "rss_note": self.rss_note,
             "exact_matmul": self.exact_matmul,
+            "graph": self.graph,
             "results": [asdict(r) for r in self.results],
         }
 
@@ -184,12 +198,12 @@ def run_eval(
     max_tokens: int | None = None,
     threads: int | None = None,
     measure_rss: bool = True,
-    progress: Callable[[int, int], None] | None = None,
-    exact: bool = True,
+    progress: Progress | None = None,
+    exact: bool = EXACT_DEFAULT,
 ) -> EvalReport:
     """Score every configuration (``baseline``, the reference, first) on the same windows of ``text``
-    (see module doc). ``exact`` (default): score on the exact-compute twin of the graph, so the KV cache's
-    own error is not buried under int8-activation rounding noise (:mod:`inferos_cli.graphs.exact`)."""
+    (see module doc). ``exact``: score the exact-compute twin of the graph instead of the graph as
+    shipped (a graph that already computes in float is its own twin)."""
     from inferos_cli.graphs.exact import exact_info
 
     info, exact_used = exact_info(info) if exact else (info, False)
@@ -222,7 +236,7 @@ def run_eval(
                 acc.kv(caches[k])
             done += 1
             if progress is not None:
-                progress(done, total)
+                progress("score", done, total)
     results = []
     base_ppl = float(np.exp(accs[0].nll / accs[0].n))
     for cfg, eng, acc, cache in zip(configs, engines, accs, caches):
@@ -249,10 +263,15 @@ def run_eval(
         rss_note = (f"highest RSS sampled after each step of a fresh process running the first window "
                     f"({len(windows[0])} tokens) alone; model loading peaks are excluded")
         by_name = {cfg.name: cfg for cfg in configs}
-        for res in results:
+        for i, res in enumerate(results):
+            if progress is not None:
+                progress("rss", i, len(results))
             res.peak_rss_mb = rss_probe(str(info.path), by_name[res.config], windows[0], prefix, threads, exact_used)
+        if progress is not None:
+            progress("rss", len(results), len(results))
     return EvalReport(model=info.name, text=str(text), ctx=ctx, prefix=prefix, tokens_scored=total,
-                      windows=len(windows), results=results, rss_note=rss_note, exact_matmul=exact_used)
+                      windows=len(windows), results=results, rss_note=rss_note, exact_matmul=exact_used,
+                      graph=GRAPH_EXACT if exact else GRAPH_AS_SHIPPED)
 
 
 def rss_probe(model: str, config: EvalConfig, window: list[int], prefix: int, threads: int | None,

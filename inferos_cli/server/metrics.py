@@ -8,14 +8,13 @@ Every value is measured or None: nothing here is a guess.
 
 from __future__ import annotations
 
-import math
 import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
-from inferos_cli.events import Event, KVStats, RunStats
+from inferos_cli.events import Event, KVStats, RunStats, percentile
 from inferos_cli.machine.rss import current_rss
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -186,15 +185,6 @@ class RequestRecord:
             "error": self.error, "policy_version": self.policy_version, "baseline": self.baseline,
             "kv": None if kv is None else kv.to_json(),
         }
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of ``values``; None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def kv_levels(kv: KVStats | KVMemory | None) -> dict[str, int | None]:

@@ -64,8 +64,13 @@ def error_body(message: str, kind: str, **extra: Any) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, **extra}}
 
 
+#: Pages that carry no data (the dashboard's shell asks for the token and sends it with every data request).
+PUBLIC_PAGES = frozenset({"/", "/dashboard"})
+
+
 class TokenMiddleware:
-    """Refuse every request without the agent token (401), when a token is configured."""
+    """Refuse every request without the agent token (401), when a token is configured; only ``GET``/``HEAD``
+    of the data-free :data:`PUBLIC_PAGES` pass, so a browser can open the dashboard and be asked for it."""
 
     def __init__(self, app: ASGIApp, token: str) -> None:
         self.app = app
@@ -73,6 +78,9 @@ class TokenMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope.get("method") in ("GET", "HEAD") and scope.get("path") in PUBLIC_PAGES:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}

@@ -2,7 +2,7 @@
 a request queue or the continuous batcher, and each request's event stream.
 
 Transport-agnostic: the FastAPI app (:mod:`inferos_cli.server.app`) is a thin view of this object. Engines
-come from :class:`~inferos_cli.server.engines.EngineProvider`; measurements go to
+come from :class:`~inferos_cli.engine.provider.EngineProvider`; measurements go to
 :class:`~inferos_cli.server.metrics.MetricsRecorder`. The service is the auto-tuner's ``TuneTarget``.
 
 Isolation: every request gets its own KV cache (``Engine.generate`` or a batcher row), so concurrent
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from inferos_cli.errors import ContextOverflowError, InferosError
 from inferos_cli.events import Event
 from inferos_cli.quality.autotune import baseline_policy
-from inferos_cli.server.engines import EngineFactory, EngineProvider, default_engine_factory, policy_key
+from inferos_cli.engine.provider import EngineFactory, EngineProvider, default_engine_factory, policy_key
 from inferos_cli.server.metrics import DTYPE_BYTES, SNAPSHOT_INTERVAL_S, MetricsRecorder, RequestRecord
 from inferos_cli.settings import Policy, Resolved, deep_merge
 

@@ -1,8 +1,10 @@
-"""Renderers of `inferos eval`: a report snapshot (``EvalReport.to_json()``) in, a rich Table / lines out."""
+"""Renderers of `inferos eval`: a report snapshot (``EvalReport.to_json()``) in, a rich Table / lines out;
+and the plain progress lines written to stderr when it is not a terminal."""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Callable
 
 from rich.table import Table
 
@@ -44,16 +46,16 @@ def eval_table(snapshot: dict[str, Any]) -> Table:
     notes = [f"{r['config']}: {r['kv']}" for r in snapshot["results"]]
     notes += [f"{r['config']}: {n}" for r in snapshot["results"] for n in r.get("notes", [])]
     notes.append(f"peak RSS: {snapshot.get('rss_note', '')}")
-    if snapshot.get("exact_matmul"):
-        notes.append("scored on the exact-compute twin (MatMulNBits accuracy_level 0; --as-shipped for the graph as is)")
+    notes.append(graph_note(snapshot))
     table.caption = "\n".join(notes)
     return table
 
 
 def eval_lines(snapshot: dict[str, Any]) -> list[str]:
     """Plain lines for pipes: one ``key=value`` line per configuration."""
-    lines = [f"model={snapshot['model']} text={snapshot['text']} ctx={snapshot['ctx']} "
-             f"prefix={snapshot['prefix']} tokens_scored={snapshot['tokens_scored']} windows={snapshot['windows']}"]
+    lines = [(f"model={snapshot['model']} text={snapshot['text']} ctx={snapshot['ctx']} "
+             f"prefix={snapshot['prefix']} tokens_scored={snapshot['tokens_scored']} windows={snapshot['windows']} "
+             f"graph={snapshot.get('graph', '').replace(' ', '-')}")]
     keys = ["config", "ppl", "delta_ppl", "kl_mean", "top1_agreement", "kv_mean", "kv_peak", "kv_vs_fp16",
             "peak_rss", "tokens"]
     for row in eval_rows(snapshot):
@@ -61,3 +63,46 @@ def eval_lines(snapshot: dict[str, Any]) -> list[str]:
     for r in snapshot["results"]:
         lines.append(f"kv[{r['config']}]={r['kv']}")
     return lines
+
+
+def graph_note(snapshot: dict[str, Any]) -> str:
+    """Which graph was scored, and the flag that scores the other one."""
+    if snapshot.get("graph") == "exact-compute twin":
+        how = ("float activations in every MatMulNBits" if snapshot.get("exact_matmul")
+               else "the graph already computes in float")
+        return f"graph: exact-compute twin ({how}; --as-shipped scores the graph as is)"
+    return "graph: as shipped (--exact scores the exact-compute twin: float activations in every matmul)"
+
+
+class ProgressLines:
+    """Eval progress for a pipe or a log: one plain line on ``write`` at most every ``interval`` seconds
+    while tokens are scored (tokens scored / total, tokens/s, time left), one when scoring ends, and one
+    per peak-RSS probe. Called as ``progress(stage, done, total)`` (see ``quality.eval.Progress``)."""
+
+    def __init__(self, write: Callable[[str], None], interval: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.write = write
+        self.interval = interval
+        self.clock = clock
+        self.start = clock()
+        self.last = self.start
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self.clock()
+        if stage == "rss":
+            if done < total:
+                self.write(f"eval: peak RSS of configuration {done + 1}/{total} (a fresh process, one window)")
+            return
+        if done < total and now - self.last < self.interval:
+            return
+        self.last = now
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else None
+        line = f"eval: {done}/{total} tokens scored ({100 * done / total:.0f}%)"
+        if rate:
+            line += f", {rate:.1f} tok/s"
+        if done >= total:
+            line += f", done in {elapsed:.0f} s"
+        elif rate:
+            line += f", about {(total - done) / rate:.0f} s left"
+        self.write(line)

@@ -14,17 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-
-def human_bytes(n: int | None) -> str:
-    """``123.4 MiB`` style size with its unit (``n/a`` when unknown)."""
-    if n is None:
-        return "n/a"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
+from inferos_cli.units import format_bytes
 
 
 def human_params(n: int | None) -> str:
@@ -40,7 +30,7 @@ def models_table(snapshot: dict[str, Any]) -> Table:
     for col in ("name", "size", "dtype", "params", "arch", "status", "source"):
         table.add_column(col, overflow="fold")
     for m in snapshot["models"]:
-        table.add_row(m["name"], human_bytes(m["size_bytes"]), str(m["dtype"] or "n/a"), human_params(m["param_count"]),
+        table.add_row(m["name"], format_bytes(m["size_bytes"]), str(m["dtype"] or "n/a"), human_params(m["param_count"]),
                       str(m["architecture"] or "n/a"), m["status"], str(m["source"] or ""))
     if not snapshot["models"]:
         table.add_row("(none)", "", "", "", "", "", "inferos pull smollm2-135m")
@@ -80,7 +70,7 @@ def pull_rows(snapshot: dict[str, Any]) -> list[tuple[str, str]]:
     return [
         ("path", snapshot["path"]),
         ("format", snapshot["source_format"]),
-        ("size", human_bytes(snapshot["size_bytes"])),
+        ("size", format_bytes(snapshot["size_bytes"])),
         ("dtype", str(snapshot["dtype"] or "n/a")),
         ("parameters", human_params(snapshot["param_count"])),
         ("architecture", f"{snapshot['architecture']}: {snapshot['layers']} layers, {snapshot['heads']} heads / "

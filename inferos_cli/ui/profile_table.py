@@ -39,7 +39,7 @@ def format_value(key: str, value: Any) -> str:
     if value is None:
         return "unset"
     if key in BYTE_KEYS and isinstance(value, int):
-        from inferos_cli.settings import format_bytes
+        from inferos_cli.units import format_bytes
 
         return f"{value} B ({format_bytes(value)})"
     if isinstance(value, bool):

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from inferos_cli.errors import InferosError, UsageError
 from inferos_cli.engine.sampling import GenerationConfig
 from inferos_cli.settings import Resolved
+from inferos_cli.ui.output import is_terminal
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -60,7 +61,7 @@ class RunRequest:
     @property
     def progress(self) -> bool:
         """Show download / conversion progress (a terminal, not ``--json``)."""
-        return stdout_is_terminal() and not self.json_lines
+        return is_terminal() and not self.json_lines
 
     @property
     def threads_for_run(self) -> int | None:
@@ -108,7 +109,7 @@ def _tuned_engine(req: RunRequest, info: "ModelInfo", resolved: Resolved) -> tup
     the engine of the tuned policy (the tuner built it already) and what was decided."""
     from inferos_cli.engine.engine import Engine
     from inferos_cli.quality.autotune import summary, tune_for_run
-    from inferos_cli.server.engines import EngineProvider
+    from inferos_cli.engine.provider import EngineProvider
 
     def build(model: "ModelInfo", policy: Any) -> Any:
         settings = Resolved(policy=policy, sources=dict(resolved.sources), profiles=list(resolved.profiles),
@@ -128,10 +129,6 @@ def _plain_decision(entry: dict[str, Any]) -> dict[str, Any]:
     """A history decision as JSON-able data (``t`` as a Unix time in seconds)."""
     return json.loads(json.dumps({k: v for k, v in entry.items() if k != "type"}, default=str))
 
-
-def stdout_is_terminal() -> bool:
-    """Whether standard output is a terminal (live table, progress bars)."""
-    return bool(getattr(sys.stdout, "isatty", lambda: False)())
 
 
 def _err(line: str) -> None:
@@ -159,7 +156,7 @@ def run_request(req: RunRequest, resolved: Resolved, info: "ModelInfo | None" = 
     from inferos_cli.engine.engine import Engine
     from inferos_cli.ui.run_table import RunSnapshot, summary_line
 
-    mode = "json" if req.json_lines else ("live" if stdout_is_terminal() else "plain")
+    mode = "json" if req.json_lines else ("live" if is_terminal() else "plain")
     if not req.local:
         return _remote(req, resolved, mode, Console())
     assert info is not None, "the in-process engine needs the resolved model"

@@ -11,7 +11,6 @@ peak); "no baseline measured" until both exist, never a comparison with a consta
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from inferos_cli.events import percentile
 from inferos_cli.units import format_bytes, format_value
 
 #: Requests and samples kept for the baseline comparison; the RSS peak's window (seconds).
@@ -53,15 +53,6 @@ class Kpi:
     change: str = ""
     better: str = ""  # "higher", "lower" or "" (no direction)
     delta_pct: float | None = None
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (the server's definition)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
-    return ordered[min(rank, len(ordered)) - 1]
 
 
 def median(values: list[float]) -> float | None:

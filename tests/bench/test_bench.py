@@ -244,7 +244,20 @@ def test_quality_scores_come_from_the_eval_machinery(stories_onnx: Path, tinysto
     base = quality["baseline"]
     assert 1.0 < base["ppl"] < 100.0  # stories260K on TinyStories text: a real, low perplexity
     assert base["delta_ppl"] == 0.0 and base["top1_agreement"] == 1.0 and base["tokens_scored"] == 64
+    assert base["graph"] == "exact-compute twin"  # the eval's default graph, named in the result
     assert quality["ort-genai"].get("ppl") is None and quality["ort-genai"]["reason"]  # a peer: no logits here
+
+
+def test_without_text_the_prompts_come_from_the_text_inferos_ships(stories_onnx: Path, tmp_path: Path) -> None:
+    """No --text: WikiText-2 from inferos' own data, unpacked into the cache (never ../shared)."""
+    home = tmp_path / "home"
+    result = invoke(["bench", "--model", str(stories_onnx), "--compare", "baseline", "--batch-sizes", "1",
+                     "--seq-lengths", "16", "--gen-tokens", "4", "--repeats", "1", "--warmup", "0", "--format", "json"],
+                    home)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["text"] == str(home / "cache" / "texts" / "wikitext2-raw-test.txt")
+    help_text = " ".join(CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "default: the WikiText-2 raw test split that ships with inferos" in help_text
 
 
 @pytest.fixture(scope="module")

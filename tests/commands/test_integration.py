@@ -46,7 +46,7 @@ def _kv_bytes_per_token_fp32(info: ModelInfo) -> int:
 
 def _run_events(home: Path, model: str, profile: str, tokens: int) -> list[dict[str, Any]]:
     out = _inferos("run", "Once upon a time", "--model", model, "--profile", profile, "--max-tokens", str(tokens),
-                   "--json", home=home).stdout
+                   "--temperature", "0", "--json", home=home).stdout
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -155,7 +155,7 @@ def served(stories_onnx: Path, tmp_path_factory: pytest.TempPathFactory) -> Iter
 
 def _run16(env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run([sys.executable, "-m", "inferos_cli", "run", "Once upon a time", "--max-tokens", "16",
-                           *extra], capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
+                           "--temperature", "0", *extra], capture_output=True, text=True, env=env, cwd=REPO, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-1500:]
     return proc
 

@@ -75,7 +75,8 @@ def test_fallback_label_and_strict(tmp_path: Path) -> None:
     path = tiny_model(tmp_path)
     pol = policy(mode="hybrid", prefill_device="cpu", decode_device="npu")
     plan = Plan.open(path, pol, threads=1)
-    assert not plan.shared
+    # decode falls back onto the prefill's device: one session (one copy of the weights), two labels
+    assert plan.shared and plan.prefill is not plan.decode
     assert plan.prefill.label() == "cpu" and plan.prefill.fallback_reason is None
     npu_name = sessions.npu_provider()
     assert plan.decode.label() == f"npu -> cpu ({npu_name} not available)"

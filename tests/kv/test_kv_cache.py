@@ -265,3 +265,56 @@ def test_select_drops_columns_of_retired_rows(stories_onnx: Path) -> None:
     got = eng.forward(step, a, phase="decode")[0, -1]
     want = eng.forward(step, solo_b, phase="decode")[0, -1]
     assert np.abs(got - want).max() <= 1e-4
+
+
+# ----- what KV numbers mean (issue 17, item 3) -------------------------------------------------------------
+def _left_padded(eng, lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of ``lengths`` real tokens, left-padded to the longest, and their mask."""
+    ids = np.zeros((len(lengths), max(lengths)), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, max(lengths) - n:] = tokens(eng, n)
+        mask[row, max(lengths) - n:] = 1
+    return ids, mask
+
+
+def test_plain_cache_counts_bytes_that_hold_tokens(stories_onnx: Path, oga_dir: Path) -> None:
+    """``bytes`` = real tokens x bytes per token; padding and preallocated capacity are ``reserved``. Both
+    caches are fp32, so the ratio to fp16 is exactly 2 (the cache really holds more), whatever was
+    allocated ahead (it read 12.8 for 10 tokens in a 64-column buffer, and more than 2 with padding)."""
+    base = engine(stories_onnx, "baseline")
+    per_token = 2 * 5 * 4 * 8 * 4  # keys + values, 5 layers, 4 kv heads, head_dim 8, fp32
+    cache = base.new_cache(2)
+    ids, mask = _left_padded(base, [30, 12])
+    base.prefill(ids, cache, None, mask)
+    st = cache.stats()
+    assert st.tokens == {"fp": 42} and st.bytes == {"fp": 42 * per_token} and st.ratio_vs_fp16 == 2.0
+    assert st.reserved == {"fp": 2 * 30 * per_token} and st.reserved_bytes > st.total_bytes  # padding
+
+    oga = load_engine(oga_dir.parent, "baseline", flags={"scheduler": {"mode": "cpu"}})
+    info = oga.info
+    per_token = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 4
+    packed = oga.new_cache(1, capacity=64)
+    assert packed.shares_buffers
+    oga.prefill(np.asarray([oga.tokenizer.encode("Once upon a time there was")]), packed)
+    st = packed.stats()
+    n = st.tokens["fp"]
+    assert n == int(packed.seen_tokens[0]) and st.bytes == {"fp": n * per_token} and st.ratio_vs_fp16 == 2.0
+    assert st.reserved == {"fp": 64 * per_token}
+
+
+def test_segmented_cache_counts_bytes_that_hold_tokens(stories_onnx: Path) -> None:
+    """Per tier: real tokens x that tier's bytes per token (int8: codes + fp16 scale + uint8 zero per group),
+    not the columns allocated for every row of a batch; the ring and tier capacities are ``reserved``."""
+    eng = engine(stories_onnx, "int8", recent_window=16, sink_tokens=4)
+    cache = eng.new_cache(2)
+    ids, mask = _left_padded(eng, [60, 25])
+    eng.prefill(ids, cache, None, mask)
+    st = cache.stats()
+    elements = 2 * 5 * 4  # keys + values, 5 layers, 4 kv heads
+    assert sum(st.tokens.values()) == 85 and st.tokens["int8"] > 0
+    assert st.bytes["fp"] == st.tokens["fp"] * elements * 8 * 4
+    assert st.bytes["int8"] == st.tokens["int8"] * elements * (8 + 2 + 1)
+    assert cache.token_bytes("int8") == elements * (8 + 2 + 1)
+    assert all(st.reserved[tier] >= st.bytes[tier] for tier in st.bytes)
+    assert st.bytes_fp16 == 85 * elements * 8 * 2

@@ -478,9 +478,8 @@ def test_llama3_rope_scaling_matches_gguf_frequency_factors() -> None:
 
 
 def test_builders_pick_the_family_by_architecture() -> None:
-    import inferos_cli.models.builder as old
     from inferos_cli.errors import ConversionError
-    from inferos_cli.models import builders, weights
+    from inferos_cli.models import builders
     from inferos_cli.models.builders.gemma import GemmaBuilder
     from inferos_cli.models.builders.llama import LlamaBuilder
     from inferos_cli.models.builders.phi3 import Phi3Builder
@@ -491,6 +490,3 @@ def test_builders_pick_the_family_by_architecture() -> None:
                                  "gemma3": GemmaBuilder}
     with pytest.raises(ConversionError, match="no graph builder for architecture 'gpt_neox'"):
         builders.builder_for("gpt_neox")
-    # the old module keeps re-exporting the moved names (models/gguf.py and graphs/attention.py import them)
-    assert old.QuantWeight is weights.QuantWeight and old.build_decoder is builders.build_decoder
-    assert old.GraphWriter is builders.GraphWriter

@@ -111,3 +111,32 @@ def test_unsupported_architecture_is_one_line(tmp_path: Path, stories_src: Path)
     with pytest.raises(ConversionError) as err:
         resolve_model(str(src), progress=False)
     assert "gpt_neox" in err.value.one_line() and "\n" not in err.value.one_line()
+
+
+def test_config_json_states_each_architecture(tmp_path: Path) -> None:
+    """config.json names the HF class per architecture and carries the gemma facts, which read back the same;
+    Qwen3, like Qwen2, adds no BOS token."""
+    from inferos_cli.models.convert import HF_ARCHITECTURES, finish_tokenizer_config, hf_config
+    from inferos_cli.models.hf import hf_spec
+    from inferos_cli.models.weights import DecoderSpec
+
+    base = {"hidden_size": 64, "num_layers": 3, "num_heads": 4, "num_kv_heads": 1, "head_dim": 32,
+            "intermediate_size": 96, "vocab_size": 300, "context_length": 256, "bos_token_id": 2, "eos_token_ids": [1]}
+    llama = hf_config(DecoderSpec(arch="llama", **base))
+    assert llama["architectures"] == ["LlamaForCausalLM"] and "sliding_window" not in llama
+    assert HF_ARCHITECTURES["qwen3"] == "Qwen3ForCausalLM" and HF_ARCHITECTURES["phi3"] == "Phi3ForCausalLM"
+    gemma = DecoderSpec(arch="gemma3", **base, sliding_window=16, rope_local_theta=10000.0, query_pre_attn_scalar=32.0,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention"])
+    cfg = hf_config(gemma)
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["rope_local_base_freq"] == 10000.0
+    back = hf_spec(cfg)
+    for key in ("sliding_window", "layer_types", "rope_local_theta", "query_pre_attn_scalar", "attn_softcap",
+                "final_softcap", "head_dim", "num_kv_heads"):
+        assert getattr(back, key) == getattr(gemma, key), key
+    capped = hf_config(DecoderSpec(arch="gemma2", **base, attn_softcap=50.0, final_softcap=30.0))
+    assert (capped["attn_logit_softcapping"], capped["final_logit_softcapping"]) == (50.0, 30.0)
+    for arch, bos in (("qwen3", False), ("qwen2", False), ("gemma3", True)):
+        folder = tmp_path / arch
+        folder.mkdir()
+        finish_tokenizer_config(folder, DecoderSpec(arch=arch, **base))
+        assert json.loads((folder / "tokenizer_config.json").read_text())["add_bos_token"] is bos, arch

@@ -145,7 +145,7 @@ def test_tune_for_run_returns_a_measured_policy(stories_onnx: Path) -> None:
     from inferos_cli.profiles import resolve_settings
     from inferos_cli.quality.autotune import tune_for_run
     from inferos_cli.models.info import inspect_folder
-    from inferos_cli.server.engines import EngineProvider
+    from inferos_cli.engine.provider import EngineProvider
     from inferos_cli.settings import Resolved
 
     info = inspect_folder(stories_onnx)

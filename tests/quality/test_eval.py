@@ -84,3 +84,80 @@ def test_eval_usage_errors(stories_onnx: Path, tinystories_text: Path) -> None:
     unknown = runner.invoke(app, ["eval", "--model", str(stories_onnx), "--text", str(tinystories_text),
                                   "--ctx", "64", "--compare", "baseline,nope", "--no-rss"])
     assert unknown.exit_code == 1 and "nope" in unknown.output and "Traceback" not in unknown.output
+
+
+# ----------------------------------------------------------------------------- issue 17 item 4
+def test_eval_without_text_scores_the_text_inferos_ships(stories_onnx: Path, inferos_home: Path) -> None:
+    """No --text: the WikiText-2 test split from inferos' own data (not ../shared), unpacked into the cache;
+    the default graph is the exact-compute one (for this float graph: the graph itself), and the report says so."""
+    result = CliRunner().invoke(app, ["eval", "--model", str(stories_onnx), "--ctx", "64", "--prefix", "16",
+                                      "--max-tokens", "48", "--compare", "baseline,int8", "--no-rss",
+                                      "--format", "json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["text"] == str(inferos_home / "cache" / "texts" / "wikitext2-raw-test.txt")
+    assert data["tokens_scored"] == 48 and data["results"][0]["ppl"] > 1
+    assert data["graph"] == "exact-compute twin" and data["exact_matmul"] is False  # nothing to lower here
+    assert "the graph already computes in float" in eval_table(data).caption
+    assert "graph=exact-compute-twin" in eval_lines(data)[0]
+
+
+def test_eval_help_names_the_defaults() -> None:
+    text = " ".join(CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output.split())
+    assert "default: the WikiText-2 raw test split that ships with inferos" in text
+    assert "--exact (the default) scores an exact-compute twin" in text and "--as-shipped" in text
+
+
+def test_eval_in_a_pipe_prints_plain_progress_on_stderr(stories_onnx: Path, tinystories_text: Path,
+                                                        inferos_home: Path) -> None:
+    """A real `inferos eval` whose stdout and stderr are pipes: JSON alone on stdout, plain progress lines
+    (tokens scored / total, tok/s) on stderr, no terminal control codes."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "inferos_cli", "eval", "--model", str(stories_onnx), "--text", str(tinystories_text),
+         "--ctx", "96", "--prefix", "16", "--max-tokens", "160", "--compare", "baseline,int8", "--format", "json"],
+        check=False, capture_output=True, text=True, timeout=600, env=os.environ | {"INFEROS_HOME": str(inferos_home)})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["tokens_scored"] == 160
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("eval: ")]
+    assert any(line.startswith("eval: 160/160 tokens scored (100%), ") and " tok/s, done in " in line
+               for line in lines), proc.stderr
+    assert "eval: peak RSS of configuration 1/2 (a fresh process, one window)" in lines
+    assert "eval: peak RSS of configuration 2/2 (a fresh process, one window)" in lines
+    assert "\x1b" not in proc.stderr and "\r" not in proc.stderr
+
+
+def test_progress_lines_come_every_few_seconds_with_rate_and_time_left() -> None:
+    from inferos_cli.ui.eval_table import ProgressLines
+
+    now = [100.0]
+    out: list[str] = []
+    progress = ProgressLines(out.append, interval=5.0, clock=lambda: now[0])
+    for done in range(1, 601):  # 600 tokens at 10 tok/s: one line per 5 s, then the last one
+        now[0] = 100.0 + done / 10
+        progress("score", done, 600)
+    assert len(out) == 12
+    assert out[0] == "eval: 50/600 tokens scored (8%), 10.0 tok/s, about 55 s left"
+    assert out[-1] == "eval: 600/600 tokens scored (100%), 10.0 tok/s, done in 60 s"
+    progress("rss", 0, 3)
+    progress("rss", 3, 3)
+    assert out[-1] == "eval: peak RSS of configuration 1/3 (a fresh process, one window)" and len(out) == 13
+
+
+def test_exact_is_the_default_and_the_report_names_the_graph(oga_dir: Path, wikitext: Path) -> None:
+    """On an int4 graph (MatMulNBits): the default scores the exact-compute twin; --as-shipped the graph."""
+    runner = CliRunner()
+    base = ["eval", "--model", str(oga_dir.parent), "--text", str(wikitext), "--ctx", "24", "--prefix", "16",
+            "--max-tokens", "4", "--compare", "baseline", "--no-rss", "--format", "json"]
+    shipped = runner.invoke(app, [*base, "--as-shipped"])
+    assert shipped.exit_code == 0, shipped.output
+    exact = runner.invoke(app, base)
+    assert exact.exit_code == 0, exact.output
+    s, e = json.loads(shipped.stdout), json.loads(exact.stdout)
+    assert (s["graph"], s["exact_matmul"]) == ("as shipped", False)
+    assert (e["graph"], e["exact_matmul"]) == ("exact-compute twin", True)
+    assert s["results"][0]["ppl"] != e["results"][0]["ppl"]  # int8 activations vs float: different numbers
+    assert "--exact scores" in eval_table(s).caption and "float activations in every MatMulNBits" in eval_table(e).caption

@@ -260,19 +260,19 @@ def test_policy_form_shows_the_422_and_applies_a_good_value(served: tuple[str, A
 def test_off_loopback_rule_the_page_asks_for_the_token(stories_onnx: Path, browser: Any) -> None:
     with serve(stories_onnx, token=TOKEN) as (url, client):
         bare = httpx.Client(base_url=url, timeout=30)
-        for path in ("/dashboard", "/", "/v1/metrics", "/v1/history", "/v1/policy"):
+        for path in ("/v1/metrics", "/v1/history", "/v1/policy", "/v1/health", "/metrics"):
             r = bare.get(path, follow_redirects=False)
-            assert r.status_code == 401 and "<html" not in r.text, path  # nothing is served without it
+            assert r.status_code == 401 and "<html" not in r.text, path  # no data is served without it
+        page_html = bare.get("/dashboard").text  # the shell carries no data: it asks for the token
+        assert "<html" in page_html and client.get("/v1/health").json()["model"] not in page_html
+        assert bare.get("/", follow_redirects=False).status_code in (302, 307)
         assert bare.post("/v1/policy", json={"kv": {"recent_window": 32}}).status_code == 401
         bare.close()
         assert "<html" in client.get("/dashboard").text  # with the token, the page
 
         context = browser.new_context()
         page = context.new_page()
-        # the document itself comes with the token (as through a proxy that adds it); every call the page
-        # makes is its own: it must ask for the token and send it
-        page.route("**/dashboard", lambda route: route.continue_(
-            headers={**route.request.headers, "x-inferos-token": TOKEN}))
+        # the shell is served without the token; every call the page makes must carry it: it asks for it
         page.goto(url + "/dashboard")
         page.wait_for_selector("#token-form", state="visible")
         assert page.is_hidden("#main")

@@ -215,8 +215,8 @@ class DecoderBuilder:
             self.mask_local = attention_bias(w, form, spec.sliding_window) if local else self.mask
         residual = self.embedding(weights.embed)  # [B*T, hidden]
         pending: str | None = None  # a block's output not yet added to the residual stream
-        for i, layer in enumerate(weights.layers):
-            pending, residual = self.layer(i, layer, pending, residual)
+        for i in range(len(weights.layers)):  # by index: a streamed layer is dropped once written
+            pending, residual = self.layer(i, weights.layers[i], pending, residual)
         x, _ = self.norm(pending, residual, weights.final_norm, "final_norm", first=not weights.layers)
         logits = self.lm_head(x, weights)
         w.node("Reshape", [logits, self.bt_shape], outputs=["logits"])

@@ -56,7 +56,7 @@ class GraphWriter:
             if pad:
                 self.handle.write(b"\0" * pad)
             offset = self.handle.tell()
-            self.handle.write(array.tobytes())
+            self.handle.write(memoryview(array).cast("B"))  # the array's own buffer, no copy
             tensor = TensorProto()
             tensor.name = name
             tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
