@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
-    from inferos_cli.bench.configs import profile_of
+    from inferos_cli.profiles import profile_of
     from inferos_cli.models.resolve import resolve_model
     from inferos_cli.quality.eval import load_engines, resolve_configs
 

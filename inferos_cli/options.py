@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from inferos_cli.errors import UsageError
+
 
 class TableFormat(str, Enum):
     """Output formats of commands that print one table."""
@@ -120,3 +122,31 @@ RepetitionPenaltyOpt = Annotated[
                  help="Penalty on the tokens of the last 64 (1 = off). Default 1.1; off with --temperature 0 "
                  "unless given."),
 ]
+
+
+# Comma lists of the comparing commands (bench, eval).
+def parse_compare(text: str | None, *, reference: str | None = None,
+                  example: str = "baseline,inferos") -> list[str]:
+    """``"baseline,inferos,7b+chat"`` -> names in order, a name given twice kept once.
+
+    ``reference`` (``eval``'s ``baseline``) is always included and put first. An empty list is a
+    UsageError whose hint shows ``example``.
+    """
+    names = [p.strip() for p in (text or "").split(",") if p.strip()]
+    if not names:
+        raise UsageError("--compare is empty", f"e.g. --compare {example}")
+    names = list(dict.fromkeys(names))
+    if reference is not None:
+        names = [reference] + [n for n in names if n != reference]
+    return names
+
+
+def parse_int_list(text: str, what: str) -> list[int]:
+    """``"1,4,8"`` -> ``[1, 4, 8]``; a one-line UsageError for anything else."""
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise UsageError(f"{what} must be a comma list of integers, got {text!r}", f"e.g. {what} 1,4,8") from None
+    if not values or any(v < 1 for v in values):
+        raise UsageError(f"{what} needs positive integers, got {text!r}", f"e.g. {what} 1,4,8")
+    return list(dict.fromkeys(values))

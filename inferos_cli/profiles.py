@@ -228,3 +228,8 @@ def policy_snapshot(resolved: Resolved, *, param_count: int | None = None) -> di
         "policy": resolved.as_dict(),
         "sources": dict(resolved.sources),
     }
+
+
+def profile_of(config: str) -> str:
+    """``chat+int4`` -> ``chat,int4`` (profiles merged left to right)."""
+    return ",".join(p.strip() for p in config.split("+") if p.strip())

@@ -353,3 +353,13 @@ def resolve(layers: list[tuple[str, dict[str, Any]]]) -> Resolved:
         for key in flatten(layer):
             sources[key] = name
     return Resolved(policy=validate_policy(merged, sources, order), sources=sources)
+
+
+def resolved_to_json(resolved: Resolved) -> dict[str, Any]:
+    """What a subprocess needs of resolved settings: the validated policy and the profiles applied."""
+    return {"policy": resolved.policy.model_dump(mode="json"), "profiles": list(resolved.profiles)}
+
+
+def resolved_from_json(data: dict[str, Any]) -> Resolved:
+    """The inverse of :func:`resolved_to_json` (no layer is read again)."""
+    return Resolved(policy=Policy.model_validate(data["policy"]), profiles=list(data.get("profiles") or []))

@@ -2,9 +2,10 @@
 
 A command the test cannot run here carries its reason in the README itself, as a trailing comment that starts
 with ``needs`` (``inferos run "Hi" --backend gaia   # needs the GAIA CLI ...``); the test checks that every
-command is either run or carries such a reason. Commands run in one temporary folder with a temporary
+command is either run or carries such a reason. A comment ``# exits N ...`` states the exit code the example
+shows (an error example); every other command must exit 0 without a traceback. Commands run in one temporary folder with a temporary
 ``INFEROS_HOME`` (the default model is pulled once, as a new user's first command would), through ``bash -c``
-so pipes in the examples (``| head -3``) are real. ``serve`` commands must answer ``/health`` on their port;
+so pipes in the examples (``| head -3``) are real. ``serve`` commands must answer ``/v1/health`` on their port;
 ``--interactive`` gets ``/exit`` on stdin.
 """
 
@@ -26,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 SHARED = REPO.parent / "shared"
 SKIP_MARK = re.compile(r"#\s*needs\b")
+EXIT_MARK = re.compile(r"#\s*exits (\d+)\b")
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="the README examples are run through bash")
 
@@ -49,7 +51,9 @@ def readme_commands(text: str | None = None) -> list[tuple[str, str | None]]:
             if code.startswith("pip install"):  # the set-up line: the test suite itself is the install check
                 code = code.split("&&", 1)[1].strip()
             reason = comment if comment and SKIP_MARK.match(comment) else None
-            out.append((re.sub(r"\s+", " ", code), reason))
+            code = re.sub(r"\s+", " ", code)
+            _COMMENTS[code] = comment
+            out.append((code, reason))
     return out
 
 
@@ -97,29 +101,44 @@ def _free_port_of(cmd: str) -> int:
     return int(m.group(1)) if m else 7031
 
 
-def _run_serve(cmd: str, cwd: Path, env: dict[str, str]) -> None:
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _run_serve(cmd: str, cwd: Path, env: dict[str, str], check_only: bool = False) -> subprocess.Popen | None:
+    """Start a README ``serve`` command; it must answer ``/v1/health``. ``check_only``: stop it again."""
     port = _free_port_of(cmd)
     proc = subprocess.Popen(["bash", "-c", "exec " + cmd], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    up = False
     try:
         deadline = time.monotonic() + 600
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not up:
             if proc.poll() is not None:
                 pytest.fail(f"{cmd!r} exited {proc.returncode}: {proc.stdout.read()[-2000:]}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as resp:
-                    assert resp.status == 200
-                    return
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/health", timeout=2) as resp:
+                    up = resp.status == 200
             except OSError:
                 time.sleep(0.5)
-        pytest.fail(f"{cmd!r} did not answer /health on port {port}")
+        if not up:
+            pytest.fail(f"{cmd!r} did not answer /v1/health on port {port}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+        if check_only or not up:
+            _stop(proc)
+    return None if check_only else proc
+
+
+_COMMENTS: dict[str, str | None] = {}
+
+
+def _comment_of(cmd: str) -> str | None:
+    return _COMMENTS.get(cmd)
 
 
 def _commands() -> list[tuple[str, str | None]]:
@@ -137,10 +156,22 @@ def test_readme_command_runs(cmd: str, reason: str | None, workdir: tuple[Path, 
         pytest.skip("../shared is not beside the checkout")
     work, env = workdir
     if re.match(r"inferos serve\b", cmd):
-        _run_serve(cmd, work, env)
+        _run_serve(cmd, work, env, check_only=True)
         return
-    stdin = "/exit\n" if "--interactive" in cmd else ""
-    proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=work, env=env, input=stdin, text=True,
-                          capture_output=True, timeout=1800)
-    assert proc.returncode == 0, f"{cmd!r} exited {proc.returncode}\nstdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}"
+    if re.match(r"inferos top\b", cmd):  # a client of a running server: start the README's own serve example
+        server = _run_serve(f"inferos serve --model smollm2-135m --port {_free_port_of(cmd)}", work, env)
+    else:
+        server = None
+    try:
+        stdin = "/exit\n" if "--interactive" in cmd else ""
+        proc = subprocess.run(["bash", "-o", "pipefail", "-c", cmd], cwd=work, env=env, input=stdin, text=True,
+                              capture_output=True, timeout=1800)
+    finally:
+        if server is not None:
+            _stop(server)
+    want = int(EXIT_MARK.search(comment).group(1)) if (comment := _comment_of(cmd)) and EXIT_MARK.search(comment) else 0
+    assert proc.returncode == want, (f"{cmd!r} exited {proc.returncode}, the README says {want}\n"
+                                     f"stdout: {proc.stdout[-2000:]}\nstderr: {proc.stderr[-3000:]}")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if want:
+        assert len(proc.stderr.strip().splitlines()) >= 1 and proc.stderr.startswith("error:"), proc.stderr

@@ -1,8 +1,8 @@
 """What a comparison compares: the ``--compare`` names (shared by ``bench`` and ``eval``), and each bench
 config resolved to its settings once, in the parent, before anything runs.
 
-A worker or probe subprocess gets the resolved settings as JSON (:func:`resolved_to_json`) and rebuilds
-them with :func:`resolved_from_json`, so settings are never resolved a second time below the command.
+A worker or probe subprocess gets the resolved settings as JSON (:func:`inferos_cli.settings.resolved_to_json`) and rebuilds
+them with :func:`inferos_cli.settings.resolved_from_json`, so settings are never resolved a second time below the command.
 """
 
 from __future__ import annotations
@@ -11,55 +11,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from inferos_cli.errors import UsageError
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
     from inferos_cli.settings import Resolved
-
-
-def parse_compare(text: str | None, *, reference: str | None = None,
-                  example: str = "baseline,inferos") -> list[str]:
-    """``"baseline,inferos,7b+chat"`` -> names in order, a name given twice kept once.
-
-    ``reference`` (``eval``'s ``baseline``) is always included and put first. An empty list is a
-    UsageError whose hint shows ``example``.
-    """
-    names = [p.strip() for p in (text or "").split(",") if p.strip()]
-    if not names:
-        raise UsageError("--compare is empty", f"e.g. --compare {example}")
-    names = list(dict.fromkeys(names))
-    if reference is not None:
-        names = [reference] + [n for n in names if n != reference]
-    return names
-
-
-def parse_int_list(text: str, what: str) -> list[int]:
-    """``"1,4,8"`` -> ``[1, 4, 8]``; a one-line UsageError for anything else."""
-    try:
-        values = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise UsageError(f"{what} must be a comma list of integers, got {text!r}", f"e.g. {what} 1,4,8") from None
-    if not values or any(v < 1 for v in values):
-        raise UsageError(f"{what} needs positive integers, got {text!r}", f"e.g. {what} 1,4,8")
-    return list(dict.fromkeys(values))
-
-
-def profile_of(config: str) -> str:
-    """``chat+int4`` -> ``chat,int4`` (profiles merged left to right)."""
-    return ",".join(p.strip() for p in config.split("+") if p.strip())
-
-
-def resolved_to_json(resolved: "Resolved") -> dict[str, Any]:
-    """What a subprocess needs of resolved settings: the validated policy and the profiles applied."""
-    return {"policy": resolved.policy.model_dump(mode="json"), "profiles": list(resolved.profiles)}
-
-
-def resolved_from_json(data: dict[str, Any]) -> "Resolved":
-    """The inverse of :func:`resolved_to_json` (no layer is read again)."""
-    from inferos_cli.settings import Policy, Resolved
-
-    return Resolved(policy=Policy.model_validate(data["policy"]), profiles=list(data.get("profiles") or []))
 
 
 @dataclass

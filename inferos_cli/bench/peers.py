@@ -22,6 +22,7 @@ import json
 import os
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferos_cli.backends.lemonade import ServerHTTPError, default_url, get_json, stream_completion
@@ -82,7 +83,7 @@ def genai_config(info: "ModelInfo") -> dict[str, Any]:
     }
 
 
-def genai_folder(info: "ModelInfo") -> "Path":
+def genai_folder(info: "ModelInfo") -> Path:
     """The folder onnxruntime-genai loads: the model's own when it has ``genai_config.json``, else a cached
     copy made of links to the model's files (hard links, symlinks, or copies where neither works) plus a
     generated ``genai_config.json``."""

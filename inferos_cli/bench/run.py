@@ -29,7 +29,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from inferos_cli.bench.configs import ConfigSpec, parse_compare, resolved_to_json
+from inferos_cli.bench.configs import ConfigSpec
+from inferos_cli.options import parse_compare
+from inferos_cli.settings import resolved_to_json
 from inferos_cli.bench.grid import METRICS, Grid, Step, corpus_ids, make_prompts, schedule
 from inferos_cli.bench.results import BenchResult, CellResult, host_record
 from inferos_cli.bench.runner import Runner, WorkerProcess

@@ -50,7 +50,7 @@ class EngineTarget:
     def __init__(self, msg: dict[str, Any]) -> None:
         from pathlib import Path
 
-        from inferos_cli.bench.configs import resolved_from_json
+        from inferos_cli.settings import resolved_from_json
         from inferos_cli.engine.engine import Engine
         from inferos_cli.models.info import inspect_folder
 

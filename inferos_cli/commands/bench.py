@@ -95,7 +95,8 @@ def bench(
 
     Example: inferos bench --model smollm2-135m --compare baseline,inferos,ort-genai --plot bench.html
     """
-    from inferos_cli.bench.configs import build_configs, parse_compare, parse_int_list
+    from inferos_cli.bench.configs import build_configs
+    from inferos_cli.options import parse_compare, parse_int_list
     from inferos_cli.bench.grid import Grid, resolve_info
     from inferos_cli.bench.run import quality_compare, quality_for, run_bench
     from inferos_cli.quality.texts import default_text

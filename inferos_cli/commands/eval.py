@@ -51,7 +51,7 @@ def evaluate(
 
     Example: inferos eval --model smollm2-135m --ctx 512 --max-tokens 2000 --compare baseline,int8,int4 -o eval.json
     """
-    from inferos_cli.bench.configs import parse_compare
+    from inferos_cli.options import parse_compare
     from inferos_cli.errors import UsageError
     from inferos_cli.models.resolve import resolve_model
     from inferos_cli.quality.eval import BASELINE, EXACT_DEFAULT, resolve_configs, run_eval

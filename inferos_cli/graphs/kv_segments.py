@@ -167,7 +167,7 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     import onnx
     from onnx import TensorProto, helper
 
-    from inferos_cli.kv.quant import can_rotate, hadamard
+    from inferos_cli.graphs.rotation import can_rotate, hadamard
 
     try:
         model = onnx.load(str(info.onnx_path), load_external_data=False)

@@ -57,7 +57,7 @@ class SegmentedLayout(KVLayout):
     def __init__(self, info: "ModelInfo", policy: "Policy", *, pressure: Any = None, note: str = "") -> None:
         from inferos_cli.kv.segmented import CacheConfig
         from inferos_cli.kv.tiers import TierPlan
-        from inferos_cli.kv.quant import can_rotate
+        from inferos_cli.graphs.rotation import can_rotate
         from inferos_cli.graphs.kv_segments import RewriteSpec, rewritten_graph
 
         kv = policy.kv

@@ -23,7 +23,6 @@ outlier channels over the group, which is what makes 4-bit keys usable (QuaRot /
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
@@ -109,26 +108,6 @@ def pack4(codes: np.ndarray) -> np.ndarray:
 def unpack4(packed: np.ndarray) -> np.ndarray:
     """Inverse of :func:`pack4`."""
     return np.concatenate([packed & 0x0F, packed >> 4], axis=-1).astype(np.uint8)
-
-
-@lru_cache(maxsize=8)
-def _hadamard(dim: int) -> np.ndarray:
-    h = np.ones((1, 1), dtype=np.float64)
-    while h.shape[0] < dim:
-        h = np.block([[h, h], [h, -h]])
-    return (h / np.sqrt(dim)).astype(np.float32)
-
-
-def hadamard(dim: int) -> np.ndarray:
-    """The orthonormal Sylvester-Hadamard matrix of size ``dim`` (a power of two): ``H @ H.T = I``."""
-    if dim <= 0 or dim & (dim - 1):
-        raise ValueError(f"a Hadamard rotation needs a power-of-two head_dim, got {dim}")
-    return _hadamard(dim).copy()
-
-
-def can_rotate(dim: int) -> bool:
-    """True when :func:`hadamard` exists for this head_dim."""
-    return dim > 0 and not dim & (dim - 1)
 
 
 def nbytes_per_token(head_dim: int, bits: int, group: int) -> int:

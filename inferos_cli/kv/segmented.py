@@ -37,7 +37,8 @@ import numpy as np
 from inferos_cli.errors import InferosError
 from inferos_cli.kv import tiers as pol
 from inferos_cli.kv.base import KVCache
-from inferos_cli.kv.quant import dequantize, hadamard, quantize, QTensor
+from inferos_cli.graphs.rotation import hadamard
+from inferos_cli.kv.quant import QTensor, dequantize, quantize
 from inferos_cli.graphs.kv_segments import new_output_name, segment_name
 from inferos_cli.events import KVStats
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import shutil
 import sys
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,20 +48,28 @@ class PullResult:
 
 
 # ------------------------------------------------------------------------------------------------ progress
+PLAIN_PROGRESS_S = 5.0  # seconds between plain progress lines of one stage
+
+
 @contextmanager
 def progress_reporter(enabled: bool, label: str) -> Iterator[ProgressFn | None]:
-    """A ``(stage, done, total)`` callback: a rich bar on a terminal, one plain line per stage otherwise."""
+    """A ``(stage, done, total)`` callback: a rich bar with byte counts on a terminal; otherwise a plain line
+    when a stage starts and, for long stages counted in bytes, one every few seconds (``convert 512 / 3617 MiB``)."""
     if not enabled:
         yield None
         return
     if not sys.stderr.isatty():
-        seen: set[str] = set()
+        last: dict[str, float] = {}
 
         def plain(stage: str, done: int, total: int) -> None:
             key = stage.split(" ")[0]
-            if key not in seen:
-                seen.add(key)
+            now = time.monotonic()
+            if key not in last:
+                last[key] = now
                 print(f"{label}: {stage}...", file=sys.stderr, flush=True)
+            elif total > 1 and now - last[key] >= PLAIN_PROGRESS_S and done < total:
+                last[key] = now
+                print(f"{label}: {stage} {done / 2**20:.0f} / {total / 2**20:.0f} MiB", file=sys.stderr, flush=True)
 
         yield plain
         return
@@ -69,12 +78,14 @@ def progress_reporter(enabled: bool, label: str) -> Iterator[ProgressFn | None]:
 
     tasks: dict[str, Any] = {}
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                  TimeElapsedColumn(), console=Console(stderr=True), transient=False) as bar:
+                  TextColumn("{task.fields[size]}"), TimeElapsedColumn(), console=Console(stderr=True),
+                  transient=False) as bar:
 
         def rich_cb(stage: str, done: int, total: int) -> None:
+            size = f"{done / 2**20:.0f}/{total / 2**20:.0f} MiB" if total > 1 else ""
             if stage not in tasks:
-                tasks[stage] = bar.add_task(f"{label}: {stage}", total=max(total, 1))
-            bar.update(tasks[stage], completed=done, total=max(total, 1))
+                tasks[stage] = bar.add_task(f"{label}: {stage}", total=max(total, 1), size=size)
+            bar.update(tasks[stage], completed=done, total=max(total, 1), size=size)
 
         yield rich_cb
 

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from inferos_cli.bench.configs import profile_of, resolved_from_json, resolved_to_json
+from inferos_cli.profiles import profile_of
+from inferos_cli.settings import resolved_from_json, resolved_to_json
 from inferos_cli.errors import InferosError, UsageError
 from inferos_cli.quality.perplexity import log_softmax, teacher_forced
 
@@ -43,7 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.settings import Resolved
 
 BASELINE = "baseline"
-EXACT_DEFAULT = True  # the exact-compute twin: 8-bit heads dequantized once, so it costs ~1-1.5x the graph as shipped
+EXACT_DEFAULT = True  # the exact-compute twin (8-bit heads dequantized once, so it costs about the graph as shipped)
 GRAPH_AS_SHIPPED = "as shipped"
 GRAPH_EXACT = "exact-compute twin"
 

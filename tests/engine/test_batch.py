@@ -6,11 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from _events import by_row
-from conftest import make_engine
 from inferos_cli.cli import app
 from inferos_cli.kv.plain import PlainCache
 from inferos_cli.engine.engine import Engine

@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from inferos_cli.graphs.rotation import hadamard
 from inferos_cli.kv.quant import (
-    dequantize, error_bound, fp16_ceil, hadamard, nbytes_per_token, pack4, quantize, unpack4,
+    dequantize, error_bound, fp16_ceil, nbytes_per_token, pack4, quantize, unpack4,
 )
 
 

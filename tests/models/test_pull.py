@@ -225,3 +225,23 @@ def test_renderers_are_pure_and_show_units() -> None:
     text = console.export_text()
     assert "1.5 KiB" in text and "0.3 M params" in text and "512 tokens" in text and "converted" in text
     assert pull_lines(pulled)[0] == "converted\tm"
+
+
+def test_pull_progress_in_a_pipe_prints_bytes_every_few_seconds(monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a terminal: one line when a stage starts, then for a stage counted in bytes a line every 5 s."""
+    from inferos_cli.models import resolve
+
+    clock = iter([0.0, 1.0, 6.0, 7.0, 12.5, 13.0])
+    monkeypatch.setattr(resolve.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(resolve.sys.stderr, "isatty", lambda: False, raising=False)
+    with resolve.progress_reporter(True, "m") as cb:
+        assert cb is not None
+        cb("convert", 0, 100 * 2**20)          # t=0: stage starts
+        cb("convert", 10 * 2**20, 100 * 2**20)  # t=1: too soon
+        cb("convert", 40 * 2**20, 100 * 2**20)  # t=6: a line
+        cb("convert", 50 * 2**20, 100 * 2**20)  # t=7: too soon
+        cb("convert", 90 * 2**20, 100 * 2**20)  # t=12.5: a line
+        cb("write", 0, 1)                        # t=13: a new stage
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == ["m: convert...", "m: convert 40 / 100 MiB", "m: convert 90 / 100 MiB", "m: write..."]

@@ -71,17 +71,23 @@ def write_q4_0_gguf(path: Path, *, layers: int, hidden: int, ffn: int, seed: int
     return sizes
 
 
+# The measured process is started from this small launcher, not from pytest: on Linux a child's ru_maxrss
+# starts at its parent's RSS at fork (the forked address space is counted until exec), and pytest may be big.
+LAUNCHER = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss * 1024)  # kilobytes on Linux
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def pull_peak_rss(gguf: Path, home: Path) -> tuple[int, str]:
     """``inferos pull gguf`` in a child process: (its exact peak RSS in bytes from ``wait4``, its stderr)."""
     env = dict(os.environ, INFEROS_HOME=str(home))
-    child = subprocess.Popen([sys.executable, "-m", "inferos_cli", "pull", str(gguf)], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    assert child.stderr is not None
-    err = child.stderr.read().decode()
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    assert child.returncode == 0, err
-    return usage.ru_maxrss * 1024, err  # kilobytes on Linux
+    done = subprocess.run([sys.executable, "-c", LAUNCHER, sys.executable, "-m", "inferos_cli", "pull", str(gguf)],
+                          env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1]), done.stderr
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in kilobytes on Linux")

@@ -10,7 +10,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from inferos_cli.cli import app
-from inferos_cli.bench.configs import parse_compare
+from inferos_cli.options import parse_compare
 from inferos_cli.quality.eval import BASELINE, make_windows
 from inferos_cli.ui.eval_table import eval_lines, eval_table
 
