@@ -43,7 +43,7 @@ from inferos_cli.models.weights import (
     store_head,
 )
 
-CONVERTER_VERSION = "5"  # 2: block sums, Gemm offsets; 3: GroupQueryAttention; 4: K-quants kept low-bit, builders; 5: GGUF scales and offsets stored as the file's fp16 / small-integer factors
+CONVERTER_VERSION = "4"  # 2: block sums, Gemm offsets; 3: GroupQueryAttention; 4: K-quants kept low-bit, builders
 DTYPES = ("fp32", "fp16", "int8", "int4")
 HEAD_BITS = (4, 8)
 ATTENTION_OP_MIN_ORT = (1, 24)  # ONNX Attention-23 and GQA with position_ids on CPU; be conservative

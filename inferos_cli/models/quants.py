@@ -109,8 +109,7 @@ def _q4_0(b: np.ndarray) -> Parts:
 
 
 def _q4_1(b: np.ndarray) -> Parts:  # d*q + m = d*(q-8) + (8d + m)
-    d, m = Factors(_f16(b[..., 0:2])), Factors(_f16(b[..., 2:4]))
-    return _nibbles(b[..., 4:20])[..., None, :], BlockScales(d, m, 8.0)
+    return _nibbles(b[..., 4:20])[..., None, :], BlockScales(Factors(_f16(b[..., 0:2])), Factors(_f16(b[..., 2:4])), 8.0)
 
 
 def _q8_0(b: np.ndarray) -> Parts:
@@ -215,12 +214,10 @@ def decode(raw: np.ndarray, kind: str, n: int, k: int) -> Codes | None:
         return None
     bits, block, width, size, fn = FORMS[kind]
     blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // width, size)
-    codes, parts = fn(blocks)
-    rows = lambda a: np.ascontiguousarray(a.reshape(n, -1))  # noqa: E731
-    scales = Factors(rows(parts.scales.d), None if parts.scales.q is None else rows(parts.scales.q))
-    offsets = None if parts.offsets is None else Factors(
-        rows(parts.offsets.d), None if parts.offsets.q is None else rows(parts.offsets.q))
-    factors = BlockScales(scales, offsets, parts.shift)
+    codes, factors = fn(blocks)
+    contiguous = lambda f: None if f is None else Factors(  # noqa: E731
+        np.ascontiguousarray(f.d.reshape(n, -1)), None if f.q is None else np.ascontiguousarray(f.q.reshape(n, -1)))
+    factors = BlockScales(contiguous(factors.scales), contiguous(factors.offsets), factors.shift)  # type: ignore[arg-type]
     return Codes(bits, block, np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, k // block, block), factors, kind)
 
 

@@ -2,9 +2,8 @@
 
 :class:`DecoderSpec` (the architecture), :class:`LayerWeights` / :class:`DecoderWeights` (every tensor, in
 Hugging Face orientation ``[out, in]``), :class:`QuantWeight` (block-32 weights ready for ``MatMulNBits``)
-with :class:`BlockScales` (a GGUF weight's scales and offsets as the few bytes the file holds), and the
-helpers the readers (HF safetensors, GGUF) and the builders share: round-to-nearest quantization, nibble
-packing, row concatenation, the storage of a float weight at a dtype, parameter counts.
+with :class:`BlockScales` (a GGUF weight's scales and offsets as the few bytes the file holds), and the helpers the readers (HF safetensors, GGUF) and the builders share: round-to-nearest quantization,
+nibble packing, row concatenation, the storage of a float weight at a dtype, parameter counts.
 """
 
 from __future__ import annotations
@@ -96,7 +95,7 @@ class Factors:
         n, b = self.q.shape
         return (d[..., None] * self.q.reshape(n, d.shape[1], -1).astype(np.float32)).reshape(n, b)
 
-    def take_rows(self, index: np.ndarray) -> Factors:
+    def take_rows(self, index: np.ndarray) -> "Factors":
         return Factors(self.d[index], None if self.q is None else self.q[index])
 
 
@@ -129,9 +128,9 @@ class BlockScales:
         scales = self.scale_values() if scales is None else scales
         return np.float32(self.shift) * scales + self.offsets.values()
 
-    def take_rows(self, index: np.ndarray) -> BlockScales:
-        offsets = None if self.offsets is None else self.offsets.take_rows(index)
-        return BlockScales(self.scales.take_rows(index), offsets, self.shift)
+    def take_rows(self, index: np.ndarray) -> "BlockScales":
+        return BlockScales(self.scales.take_rows(index), None if self.offsets is None else self.offsets.take_rows(index),
+                           self.shift)
 
 
 def stack_block_scales(parts: list[BlockScales | None]) -> BlockScales | None:
@@ -139,11 +138,8 @@ def stack_block_scales(parts: list[BlockScales | None]) -> BlockScales | None:
     if any(p is None for p in parts) or len({p.layout for p in parts}) != 1:  # type: ignore[union-attr]
         return None
     ps: list[BlockScales] = parts  # type: ignore[assignment]
-
-    def cat(fs: list[Factors]) -> Factors:
-        return Factors(np.concatenate([f.d for f in fs]), None if fs[0].q is None else np.concatenate([f.q for f in fs]))
-
-    offsets = None if ps[0].offsets is None else cat([p.offsets for p in ps])  # type: ignore[misc]
+    cat = lambda fs: Factors(np.concatenate([f.d for f in fs]), None if fs[0].q is None else np.concatenate([f.q for f in fs]))  # noqa: E731
+    offsets = None if ps[0].offsets is None else cat([p.offsets for p in ps])
     return BlockScales(cat([p.scales for p in ps]), offsets, ps[0].shift)
 
 

@@ -15,9 +15,7 @@ keys causally), so the KV-boundary rewrite can replace the past inputs and keep 
 GQA, RoPE is applied from ``position_ids`` inside the graph (``com.microsoft.RotaryEmbedding`` gathering
 precomputed cos/sin tables). Norms use ORT's fused ``SimplifiedLayerNormalization`` /
 ``SkipSimplifiedLayerNormalization`` (the residual add folded into the next norm); q/k/v and gate/up are
-fused into one matmul each. Quantized weights use ``com.microsoft.MatMulNBits`` with block size 32 (16 for
-some K-quants); a GGUF weight's scales and offsets are stored as the file's fp16 / one-byte factors and
-multiplied out in float32 by nodes onnxruntime folds into constants at load (:meth:`DecoderBuilder.quant_inits`).
+fused into one matmul each. Quantized weights use ``com.microsoft.MatMulNBits`` with block size 32.
 
 Sliding-window layers (``spec.is_local``) attend to the last ``sliding_window`` keys only (GQA's
 ``local_window_size``, or a windowed bias), with their own RoPE tables when ``spec.rope_local_theta`` is set.
@@ -36,16 +34,8 @@ import numpy as np
 
 from inferos_cli.errors import ConversionError
 from inferos_cli.models.builders.writer import GraphWriter
-from inferos_cli.models.weights import (
-    BLOCK,
-    DecoderSpec,
-    DecoderWeights,
-    Factors,
-    LayerWeights,
-    QuantWeight,
-    Weight,
-    concat_rows,
-)
+from inferos_cli.models.weights import (BLOCK, DecoderSpec, DecoderWeights, Factors, LayerWeights, QuantWeight, Weight,
+                                        concat_rows)
 
 NEG_INF_BIAS = -1.0e9  # additive mask; finite so a fully padded query row stays a valid softmax
 ATTENTION_MODES = ("op", "plain", "gqa")
