@@ -6,8 +6,9 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 
 class ServerThread:
@@ -77,3 +78,22 @@ class Served:
         self.client.close()
         self.server.stop()
         self.service.close()
+
+
+@contextmanager
+def serve(folder: Path, token: str | None = None) -> Iterator[tuple[str, Any]]:
+    """A service on ``folder`` behind its app (as `inferos serve` builds it) on a free loopback port:
+    ``(url, client)``, the httpx client sending ``token`` when one is set."""
+    import httpx
+
+    from inferos_cli.server.app import ServerState, create_app
+
+    service = make_service(folder)
+    server = ServerThread(create_app(ServerState(service=service, token=token))).start()
+    client = httpx.Client(base_url=server.url, timeout=60, headers={"X-Inferos-Token": token} if token else {})
+    try:
+        yield server.url, client
+    finally:
+        client.close()
+        server.stop()
+        service.close()

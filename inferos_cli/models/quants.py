@@ -2,27 +2,24 @@
 
 ``MatMulNBits`` computes ``scale * (code - zp)`` per block with ``zp`` = 8 (4-bit) or 128 (8-bit); a format
 with a per-block minimum adds the exact float offset term :class:`~inferos_cli.models.weights.QuantWeight`
-carries as ``mins``. Every form below reproduces ``gguf.quants.dequantize`` up to fp32 rounding of the sum.
-Scales and offsets stay the file's own factors (:class:`~inferos_cli.models.weights.BlockScales`: fp16 ``d``
-per block or super-block, the sub-block's 4/6/8-bit ``sc`` as one byte), multiplied out in float32 inside the
-graph, exactly; "bits" is what a weight then takes on disk, against the file's own:
+carries as ``mins``. Every form below reproduces ``gguf.quants.dequantize`` up to fp32 rounding of the sum:
 
-======  ====================================  ===========================================  ===============
-GGUF    value                                 form (bits, block: code, scale, offset)      bits (file)
-======  ====================================  ===========================================  ===============
-Q4_0    ``d*(q-8)``                           4, 32: ``q``, ``d``                          4.5 (4.5)
-Q4_1    ``d*q + m``                           4, 32: ``q``, ``d``, ``8d + m``              5 (5)
-Q8_0    ``d*q``                               8, 32: ``q+128``, ``d``                      8.5 (8.5)
-Q5_0    ``d*(q-16)``                          8, 32: ``q+112``, ``d``                      8.5 (5.5)
-Q5_1    ``d*q + m``                           8, 32: ``q+128``, ``d``, ``m``               9 (6)
-Q4_K    ``d*sc*q - dmin*m``                   4, 32: ``q``, ``d*sc``, ``8*d*sc - dmin*m``  4.625 (4.5)
-Q5_K    ``d*sc*q - dmin*m``                   8, 32: ``q+128``, ``d*sc``, ``-dmin*m``      8.625 (5.5)
-Q6_K    ``d*sc*(q-32)``, 16-wide sub-blocks   8, 16: ``q+96``, ``d*sc``                    8.5625 (6.5625)
-Q2_K    ``d*sc*q - dmin*m``, 16-wide          4, 16: ``q+8``, ``d*sc``, ``-dmin*m``        5.125 (2.625)
-Q3_K    ``d*(sc-32)*q``, q in -4..3, 16-wide  4, 16: ``q+8``, ``d*(sc-32)``                4.5625 (3.4375)
-IQ4_NL  ``d*kvalues[i]`` (non-linear table)   8, 32: ``kvalues[i]+128``, ``d``             8.5 (4.5)
-IQ4_XS  ``d*(sc-32)*kvalues[i]``              8, 32: ``kvalues[i]+128``, ``d*(sc-32)``     8.3125 (4.25)
-======  ====================================  ===========================================  ===============
+========  ====================================  =============================================
+GGUF      value                                 form (bits, block: code, scale, offset)
+========  ====================================  =============================================
+Q4_0      ``d*(q-8)``                           4, 32: ``q``, ``d``
+Q4_1      ``d*q + m``                           4, 32: ``q``, ``d``, ``m + 8d``
+Q8_0      ``d*q``                               8, 32: ``q+128``, ``d``
+Q5_0      ``d*(q-16)``                          8, 32: ``q+112``, ``d``
+Q5_1      ``d*q + m``                           8, 32: ``q+128``, ``d``, ``m``
+Q4_K      ``d*sc*q - dmin*m``                   4, 32: ``q``, ``d*sc``, ``8*d*sc - dmin*m``
+Q5_K      ``d*sc*q - dmin*m``                   8, 32: ``q+128``, ``d*sc``, ``-dmin*m``
+Q6_K      ``d*sc*(q-32)``, 16-wide sub-blocks   8, 16: ``q+96``, ``d*sc``
+Q2_K      ``d*sc*q - dmin*m``, 16-wide          4, 16: ``q+8``, ``d*sc``, ``-dmin*m``
+Q3_K      ``d*(sc-32)*q``, q in -4..3, 16-wide  4, 16: ``q+8``, ``d*(sc-32)``
+IQ4_NL    ``d*kvalues[i]`` (non-linear table)   8, 32: ``kvalues[i]+128``, ``d``
+IQ4_XS    ``d*(sc-32)*kvalues[i]``              8, 32: ``kvalues[i]+128``, ``d*(sc-32)``
+========  ====================================  =============================================
 
 IQ4_NL / IQ4_XS have no exact 4-bit form (their 16 levels are not evenly spaced), so they take 8 bits. Other
 types (IQ1/IQ2/IQ3, TQ, MXFP4, ...) have no form here: the reader dequantizes them to fp16.
@@ -36,7 +33,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from inferos_cli.models.weights import BlockScales, Factors, QuantWeight, pack_nibbles
+from inferos_cli.models.weights import QuantWeight, pack_nibbles
 
 QK_K = 256  # K-quant super-block width
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16)
@@ -48,32 +45,22 @@ class Codes(NamedTuple):
     bits: int
     block: int
     codes: np.ndarray  # uint8 [N, K/block, block], values < 2**bits
-    factors: BlockScales  # the scales and offsets, [N, K/block] each, as the file's fp16 / small-integer factors
+    scales: np.ndarray  # float32 [N, K/block]
+    mins: np.ndarray | None  # float32 [N, K/block] or None
     source: str  # the GGUF type name
-
-    @property
-    def scales(self) -> np.ndarray:
-        """float32 ``[N, K/block]``."""
-        return self.factors.scale_values()
-
-    @property
-    def mins(self) -> np.ndarray | None:
-        """float32 ``[N, K/block]`` offsets, or None."""
-        return self.factors.offset_values()
 
     def values(self) -> np.ndarray:
         """The float32 ``[N, K]`` matrix, computed as ``MatMulNBits`` (+ the offset term) does."""
         n = self.codes.shape[0]
         x = (self.codes.astype(np.float32) - float(1 << (self.bits - 1))) * self.scales[..., None]
-        mins = self.mins
-        if mins is not None:
-            x = x + mins[..., None]
+        if self.mins is not None:
+            x = x + self.mins[..., None]
         return x.reshape(n, -1).astype(np.float32)
 
 
 def _f16(raw: np.ndarray) -> np.ndarray:
-    """Little-endian fp16 ``[N, S]`` from ``[N, S, 2]`` bytes (the bit pattern, not widened)."""
-    return np.ascontiguousarray(raw).view(np.float16)[..., 0]
+    """Little-endian fp16 from two trailing bytes, widened to fp32 (exact)."""
+    return np.ascontiguousarray(raw).view(np.float16)[..., 0].astype(np.float32)
 
 
 def _nibbles(qs: np.ndarray) -> np.ndarray:
@@ -87,34 +74,30 @@ def _bit_planes(qh: np.ndarray) -> np.ndarray:
 
 
 def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit minimums (uint8) per super-block."""
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit minimums per super-block."""
     d, m, md = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
     sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return sc, mn
+    return sc.astype(np.float32), mn.astype(np.float32)
 
 
-def _per_sub(d: np.ndarray, q: np.ndarray) -> Factors:
-    """``d`` ``[N, S]`` per super-block times ``q`` ``[N, S, groups]`` per sub-block."""
-    return Factors(d, q.reshape(q.shape[0], -1))
-
-
-# Each decoder takes the blocks ``[N, S, bytes]`` (S blocks per row) and returns the codes
-# ``[N, S, groups, width]`` (uint8) and the scales and offsets as :class:`BlockScales` (``[N, S*groups]`` each).
-Parts = tuple[np.ndarray, BlockScales]
+# Each decoder takes the blocks ``[N, S, bytes]`` (S blocks per row) and returns
+# (codes [N, S, groups, width] uint8, scales [N, S, groups], mins [N, S, groups] or None).
+Parts = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
 
 
 def _q4_0(b: np.ndarray) -> Parts:
-    return _nibbles(b[..., 2:18])[..., None, :], BlockScales(Factors(_f16(b[..., 0:2])))
+    return _nibbles(b[..., 2:18])[..., None, :], _f16(b[..., 0:2])[..., None], None
 
 
-def _q4_1(b: np.ndarray) -> Parts:  # d*q + m = d*(q-8) + (8d + m)
-    return _nibbles(b[..., 4:20])[..., None, :], BlockScales(Factors(_f16(b[..., 0:2])), Factors(_f16(b[..., 2:4])), 8.0)
+def _q4_1(b: np.ndarray) -> Parts:
+    d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
+    return _nibbles(b[..., 4:20])[..., None, :], d[..., None], (m + 8.0 * d)[..., None]
 
 
 def _q8_0(b: np.ndarray) -> Parts:
     q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return q[..., None, :], BlockScales(Factors(_f16(b[..., 0:2])))
+    return q[..., None, :], _f16(b[..., 0:2])[..., None], None
 
 
 def _q5(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
@@ -124,26 +107,27 @@ def _q5(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
 
 
 def _q5_0(b: np.ndarray) -> Parts:
-    return _q5(b[..., 6:22], b[..., 2:6]) + 112, BlockScales(Factors(_f16(b[..., 0:2])))
+    return _q5(b[..., 6:22], b[..., 2:6]) + 112, _f16(b[..., 0:2])[..., None], None
 
 
 def _q5_1(b: np.ndarray) -> Parts:
-    return _q5(b[..., 8:24], b[..., 4:8]) + 128, BlockScales(Factors(_f16(b[..., 0:2])), Factors(_f16(b[..., 2:4])))
+    return _q5(b[..., 8:24], b[..., 4:8]) + 128, _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
 
 
-def _q4_k(b: np.ndarray) -> Parts:  # d*sc*q - dmin*m = d*sc*(q-8) + (8*d*sc - dmin*m)
-    d, neg_dmin = _f16(b[..., 0:2]), -_f16(b[..., 2:4])
+def _q4_k(b: np.ndarray) -> Parts:
+    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
     sc, mn = _k_scale_min(b[..., 4:16])
     q = _nibbles(b[..., 16:144].reshape(*b.shape[:2], 4, 32)).reshape(*b.shape[:2], 8, 32)
-    return q, BlockScales(_per_sub(d, sc), _per_sub(neg_dmin, mn), 8.0)
+    scale = d * sc
+    return q, scale, 8.0 * scale - dmin * mn
 
 
 def _q5_k(b: np.ndarray) -> Parts:
-    d, neg_dmin = _f16(b[..., 0:2]), -_f16(b[..., 2:4])
+    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
     sc, mn = _k_scale_min(b[..., 4:16])
     low = _nibbles(b[..., 48:176].reshape(*b.shape[:2], 4, 32)).reshape(*b.shape[:2], 8, 32)
     q = low | (_bit_planes(b[..., 16:48]) << 4)
-    return q + 128, BlockScales(_per_sub(d, sc), _per_sub(neg_dmin, mn))
+    return q + 128, d * sc, -(dmin * mn)
 
 
 def _q6_k(b: np.ndarray) -> Parts:
@@ -153,15 +137,16 @@ def _q6_k(b: np.ndarray) -> Parts:
     qh = b[..., 128:192].reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
     qh = (qh & 0x03).reshape(n, s, 8, 32)
     q = (ql | (qh << 4)).reshape(n, s, 16, 16)
-    return q + 96, BlockScales(_per_sub(_f16(b[..., 208:210]), b[..., 192:208].view(np.int8)))
+    scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
+    return q + 96, scale, None
 
 
 def _q2_k(b: np.ndarray) -> Parts:
     n, s = b.shape[:2]
     sc = b[..., 0:16]
     q = (b[..., 16:80].reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
-    d, neg_dmin = _f16(b[..., 80:82]), -_f16(b[..., 82:84])
-    return q.reshape(n, s, 16, 16) + 8, BlockScales(_per_sub(d, sc & 0x0F), _per_sub(neg_dmin, sc >> 4))
+    d, dmin = _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
+    return q.reshape(n, s, 16, 16) + 8, d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
 
 
 def _q3_k(b: np.ndarray) -> Parts:
@@ -169,25 +154,25 @@ def _q3_k(b: np.ndarray) -> Parts:
     hmask, qs, packed = b[..., 0:32], b[..., 32:96], b[..., 96:108]
     low = (packed[..., 0:8].reshape(n, s, 1, 8) >> np.array([0, 4], np.uint8).reshape(2, 1)).reshape(n, s, 16)
     high = (packed[..., 8:12].reshape(n, s, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)).reshape(n, s, 16)
-    sc = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int8) - np.int8(32)
+    sc = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.float32) - 32.0
     ql = ((qs.reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03).reshape(n, s, 16, 16)
     hb = ((hmask.reshape(n, s, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 0x01).reshape(n, s, 16, 16)
     q = ql + 8 - 4 * (1 - hb)  # q - 4*(1-hbit) in -4..3, plus 8
-    return q.astype(np.uint8), BlockScales(_per_sub(_f16(b[..., 108:110]), sc))
+    return q.astype(np.uint8), _f16(b[..., 108:110])[..., None] * sc, None
 
 
 def _iq4_nl(b: np.ndarray) -> Parts:
     q = (IQ4_VALUES[_nibbles(b[..., 2:18])] + 128).astype(np.uint8)
-    return q[..., None, :], BlockScales(Factors(_f16(b[..., 0:2])))
+    return q[..., None, :], _f16(b[..., 0:2])[..., None], None
 
 
 def _iq4_xs(b: np.ndarray) -> Parts:
     n, s = b.shape[:2]
     high = b[..., 2:4].copy().view(np.uint16).reshape(n, s, 1) >> (2 * np.arange(8, dtype=np.uint16))
     low = (b[..., 4:8].reshape(n, s, 4, 1) >> np.array([0, 4], np.uint8)).reshape(n, s, 8)
-    sc = ((low & 0x0F) | ((high & 0x03).astype(np.uint8) << 4)).astype(np.int8) - np.int8(32)
+    sc = ((low & 0x0F) | ((high & 0x03).astype(np.uint8) << 4)).astype(np.float32) - 32.0
     q = (IQ4_VALUES[_nibbles(b[..., 8:136].reshape(n, s, 8, 16))] + 128).astype(np.uint8)
-    return q, BlockScales(_per_sub(_f16(b[..., 0:2]), sc))
+    return q, _f16(b[..., 0:2])[..., None] * sc, None
 
 
 # GGUF type -> (bits, block, super-block width, bytes per super-block, decoder)
@@ -214,17 +199,13 @@ def decode(raw: np.ndarray, kind: str, n: int, k: int) -> Codes | None:
         return None
     bits, block, width, size, fn = FORMS[kind]
     blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // width, size)
-    codes, factors = fn(blocks)
-    contiguous = lambda f: None if f is None else Factors(  # noqa: E731
-        np.ascontiguousarray(f.d.reshape(n, -1)), None if f.q is None else np.ascontiguousarray(f.q.reshape(n, -1)))
-    factors = BlockScales(contiguous(factors.scales), contiguous(factors.offsets), factors.shift)  # type: ignore[arg-type]
-    return Codes(bits, block, np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, k // block, block), factors, kind)
+    codes, scales, mins = fn(blocks)
+    f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // block)  # noqa: E731
+    return Codes(bits, block, np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, k // block, block),
+                 f32(scales), None if mins is None else f32(mins), kind)
 
 
 def to_weight(codes: Codes) -> QuantWeight:
-    """``codes`` as a :class:`QuantWeight` for the graph builder (float32 scales and offsets, and the factors
-    they are made of, which the builder stores)."""
+    """``codes`` as a :class:`QuantWeight` for the graph builder."""
     data = pack_nibbles(codes.codes) if codes.bits == 4 else codes.codes
-    scales = codes.factors.scale_values()
-    return QuantWeight(codes.bits, data, scales, None, codes.factors.offset_values(scales), codes.source, codes.block,
-                       codes.factors)
+    return QuantWeight(codes.bits, data, codes.scales, None, codes.mins, codes.source, codes.block)

@@ -1,8 +1,8 @@
 """The weights a decoder graph is built from, held in numpy: architecture facts, block-quantized weights.
 
 :class:`DecoderSpec` (the architecture), :class:`LayerWeights` / :class:`DecoderWeights` (every tensor, in
-Hugging Face orientation ``[out, in]``), :class:`QuantWeight` (block-32 weights ready for ``MatMulNBits``)
-with :class:`BlockScales` (a GGUF weight's scales and offsets as the few bytes the file holds), and the helpers the readers (HF safetensors, GGUF) and the builders share: round-to-nearest quantization,
+Hugging Face orientation ``[out, in]``), :class:`QuantWeight` (block-32 weights ready for ``MatMulNBits``),
+and the helpers the readers (HF safetensors, GGUF) and the builders share: round-to-nearest quantization,
 nibble packing, row concatenation, the storage of a float weight at a dtype, parameter counts.
 """
 
@@ -71,79 +71,6 @@ class DecoderSpec:
 
 
 @dataclass
-class Factors:
-    """Per-block floats ``[N, B]`` held exactly in a few bytes: ``d`` (float16 ``[N, G]``, one value for each run
-    of ``B/G`` consecutive blocks: a GGUF super-block, or every block when ``G == B``) times ``q`` (int8 / uint8
-    ``[N, B]``, a sub-block's small integer scale; None: 1). The product has at most 11 + 8 significant bits, so
-    it is exact in float32, whether numpy or the graph computes it."""
-
-    d: np.ndarray
-    q: np.ndarray | None = None
-
-    @property
-    def layout(self) -> tuple[int, str]:
-        """What must agree for two of them to be stacked along N: blocks per ``d``, the dtype of ``q``."""
-        if self.q is None:
-            return 1, ""
-        return self.q.shape[1] // self.d.shape[1], self.q.dtype.str
-
-    def values(self) -> np.ndarray:
-        """The float32 ``[N, B]`` array."""
-        d = self.d.astype(np.float32)
-        if self.q is None:
-            return d
-        n, b = self.q.shape
-        return (d[..., None] * self.q.reshape(n, d.shape[1], -1).astype(np.float32)).reshape(n, b)
-
-    def take_rows(self, index: np.ndarray) -> "Factors":
-        return Factors(self.d[index], None if self.q is None else self.q[index])
-
-
-@dataclass
-class BlockScales:
-    """A block-quantized weight's scales and offsets in the form the GGUF file holds them: ``scales`` as
-    :class:`Factors`, and the offsets (``QuantWeight.mins``) as ``shift * scales + offsets`` (``shift`` is the
-    ``8*d`` a Q4_1 / Q4_K minimum needs under the symmetric 4-bit code; ``offsets`` None: no offsets). The
-    graph stores these fp16 / int8 factors and multiplies them out in float32 (folded to constants when the
-    session loads), about a quarter of the bytes of float32 scales and offsets, with the same values."""
-
-    scales: Factors
-    offsets: Factors | None = None
-    shift: float = 0.0
-
-    @property
-    def layout(self) -> tuple[Any, ...]:
-        return self.scales.layout, None if self.offsets is None else self.offsets.layout, self.shift
-
-    def scale_values(self) -> np.ndarray:
-        """float32 ``[N, B]`` scales."""
-        return self.scales.values()
-
-    def offset_values(self, scales: np.ndarray | None = None) -> np.ndarray | None:
-        """float32 ``[N, B]`` offsets (``scales``: :meth:`scale_values`, when already computed), or None."""
-        if self.offsets is None:
-            return None
-        if not self.shift:
-            return self.offsets.values()
-        scales = self.scale_values() if scales is None else scales
-        return np.float32(self.shift) * scales + self.offsets.values()
-
-    def take_rows(self, index: np.ndarray) -> "BlockScales":
-        return BlockScales(self.scales.take_rows(index), None if self.offsets is None else self.offsets.take_rows(index),
-                           self.shift)
-
-
-def stack_block_scales(parts: list[BlockScales | None]) -> BlockScales | None:
-    """Factors stacked along N; None when a part has none or their layouts differ (float32 then)."""
-    if any(p is None for p in parts) or len({p.layout for p in parts}) != 1:  # type: ignore[union-attr]
-        return None
-    ps: list[BlockScales] = parts  # type: ignore[assignment]
-    cat = lambda fs: Factors(np.concatenate([f.d for f in fs]), None if fs[0].q is None else np.concatenate([f.q for f in fs]))  # noqa: E731
-    offsets = None if ps[0].offsets is None else cat([p.offsets for p in ps])
-    return BlockScales(cat([p.scales for p in ps]), offsets, ps[0].shift)
-
-
-@dataclass
 class QuantWeight:
     """A weight of logical shape ``[N, K]`` (out, in) in blocks of 32 along K, ready for ``MatMulNBits``.
 
@@ -153,8 +80,7 @@ class QuantWeight:
     (float, per block) when given, else 0. GGUF Q4_1 (``d*q + m``) is stored exactly as
     ``d*(q - 8) + (m + 8d)``: the fast symmetric ``MatMulNBits`` plus a per-block offset term that the graph
     adds as ``Gemm(blocksum(x), mins, y, transB=1)`` (MatMulNBits' own float zero points take ORT's slow
-    unpacked path). ``factors``, when given, are the few bytes ``scales`` and ``mins`` are exactly made of
-    (:class:`BlockScales`); the graph then stores those instead of the float32 arrays.
+    unpacked path).
     """
 
     bits: int
@@ -164,7 +90,6 @@ class QuantWeight:
     mins: np.ndarray | None = None  # float32 [N, K/32]
     source: str = ""  # e.g. "Q4_1" (the file's own blocks) or "rtn" (quantized here)
     block_size: int = BLOCK  # values per block along K: 32, or 16 (GGUF Q6_K / Q2_K / Q3_K sub-blocks)
-    factors: BlockScales | None = None  # scales and mins as the GGUF file holds them (exact; less disk)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -181,8 +106,7 @@ class QuantWeight:
         """Reorder output rows (lossless: whole blocks move)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return QuantWeight(self.bits, self.data[index], self.scales[index], pick(self.zero_points),
-                           pick(self.mins), self.source, self.block_size,
-                           None if self.factors is None else self.factors.take_rows(index))
+                           pick(self.mins), self.source, self.block_size)
 
     def unpacked(self) -> np.ndarray:
         """The integer codes ``[N, K/32, 32]`` as uint8."""
@@ -226,7 +150,7 @@ def concat_rows(parts: list[Weight]) -> Weight | None:
             return None
         cat = lambda attr: None if getattr(qs[0], attr) is None else np.concatenate([getattr(q, attr) for q in qs])  # noqa: E731
         return QuantWeight(qs[0].bits, cat("data"), cat("scales"), cat("zero_points"), cat("mins"), qs[0].source,
-                           qs[0].block_size, stack_block_scales([q.factors for q in qs]))
+                           qs[0].block_size)
     return None
 
 

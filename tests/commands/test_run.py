@@ -210,3 +210,17 @@ def test_auto_tune_on_baseline_and_remote_backend(stories_onnx: Path) -> None:
     assert "auto-tune: no change (KV policy off (baseline): nothing to tune)" in result.stderr.strip().splitlines()[-1]
     result = invoke("x", "--backend", "lemonade", "--auto-tune", "--url", "http://127.0.0.1:9")
     assert result.exit_code == 2 and "--auto-tune tunes the in-process engine" in result.output
+
+
+def test_stop_strings_understand_escapes(stories_onnx: Path) -> None:
+    """Issue 17 item 6: a shell passes ``--stop "\\x20"`` as backslash-x-2-0; run reads it as a space, as
+    llama.cpp reads its escapes, so generation stops at the first space (it ran to the limit before)."""
+    base = ["Once upon a time", "--model", str(stories_onnx), "-n", "24", "--temperature", "0", "--json",
+            "-p", "baseline"]
+    free = [json.loads(line) for line in invoke(*base).stdout.splitlines() if line.strip()]
+    text = "".join(e["text"] for e in free)
+    assert free[-1]["finish_reason"] == "length" and " " in text.strip()
+    stopped = [json.loads(line) for line in invoke(*base, "--stop", "\\x20").stdout.splitlines() if line.strip()]
+    assert stopped[-1]["finish_reason"] == "stop"
+    assert stopped[-1]["generated"] < free[-1]["generated"]
+    assert " " not in "".join(e["text"] for e in stopped).strip()

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -22,32 +21,11 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from _server import ServerThread  # noqa: E402
+from _server import serve  # noqa: E402
 from conftest import free_port  # noqa: E402
 
 TOKEN = "top-test-token"
 INFEROS = [sys.executable, "-m", "inferos_cli"]
-
-
-@contextmanager
-def serve(folder: Path, token: str | None = None) -> Iterator[tuple[str, Any]]:
-    """A service on ``folder``, its app (as `inferos serve` builds it) on a free loopback port: (url, client)."""
-    from inferos_cli.models.info import inspect_folder
-    from inferos_cli.profiles import resolve_settings
-    from inferos_cli.server.app import ServerState, create_app
-    from inferos_cli.server.service import InferenceService
-
-    info = inspect_folder(folder)
-    service = InferenceService(info, resolve_settings(None, param_count=info.param_count, use_env=False),
-                               snapshot_interval_s=0.2)
-    server = ServerThread(create_app(ServerState(service=service, token=token))).start()
-    client = httpx.Client(base_url=server.url, timeout=60, headers={"X-Inferos-Token": token} if token else {})
-    try:
-        yield server.url, client
-    finally:
-        client.close()
-        server.stop()
-        service.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,10 @@ import numpy as np
 import pytest
 
 from inferos_cli.models.quants import FORMS, decode, to_weight
-from inferos_cli.models.weights import QuantWeight
 
 # where each type that gguf cannot quantize keeps its fp16 super-scales (byte offsets in a block)
 FP16_FIELDS = {"Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,), "Q2_K": (80, 82), "Q3_K": (108,),
                "IQ4_NL": (0,), "IQ4_XS": (0,)}
-# bits a weight takes in the converted model (codes + fp16 / one-byte factors), the quants module's table
-DISK_BITS = {"Q4_0": 4.5, "Q4_1": 5, "Q8_0": 8.5, "Q5_0": 8.5, "Q5_1": 9, "Q4_K": 4.625, "Q5_K": 8.625, "Q6_K": 8.5625,
-             "Q2_K": 5.125, "Q3_K": 4.5625, "IQ4_NL": 8.5, "IQ4_XS": 8.3125}
 SCALE = {"Q4_K": 4e-4, "Q5_K": 2e-4, "Q6_K": 4e-5, "Q2_K": 3e-3, "Q3_K": 1e-3, "IQ4_NL": 2e-3, "IQ4_XS": 1e-4}
 
 
@@ -71,91 +67,50 @@ def test_every_type_is_exact(kind: str) -> None:
     assert weight.shape == (n, k) and (weight.bits, weight.block_size) == (bits, block)
     assert (weight.mins is not None) == (codes.mins is not None) and weight.zero_points is None
     assert np.abs(weight.dequantize() - want).max() <= tol
-    # the factors are the file's own: fp16 d, one byte per sub-block scale (or minimum)
-    parts = [codes.factors.scales] + ([codes.factors.offsets] if codes.factors.offsets is not None else [])
-    assert all(f.d.dtype == np.float16 and (f.q is None or f.q.dtype in (np.int8, np.uint8)) for f in parts)
-    stored = sum(f.d.nbytes + (0 if f.q is None else f.q.nbytes) for f in parts)
-    assert bits + 8 * stored / (n * k) == DISK_BITS[kind]
 
 
-def nbits_folder(weight: QuantWeight, k: int, folder: Path) -> Path:
-    """``x @ W^T`` as the builder emits it (``MatMulNBits`` at accuracy_level 0, the scales and offsets from
-    their factors, the offset ``Gemm``), saved in ``folder``; outputs ``y`` and the float32 ``scales`` (and
-    ``mins``) the graph computes."""
-    import onnx
-    from onnx import TensorProto, helper
+def nbits_session(codes, k: int, n: int):
+    """A real onnxruntime session of ``x @ W^T`` as the builder emits it: ``MatMulNBits`` (accuracy_level 0)
+    plus, with offsets, ``Gemm(ReduceSum(x as [M, K/block, block]), mins, y, transB=1)``."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
 
-    from inferos_cli.models.builders.base import DecoderBuilder
-    from inferos_cli.models.builders.writer import GraphWriter
-    from inferos_cli.models.weights import DecoderSpec
-
-    writer = GraphWriter(folder / "model.onnx.data")
-    spec = DecoderSpec("llama", k, 1, 1, 1, 2, k, weight.shape[0], 8)
-    builder = DecoderBuilder(spec, writer, accuracy_level=0)
-    names = builder.quant_inits(weight, "w")
-    writer.node("Identity", [builder.nbits("x", weight, names)], outputs=["y"])
-    outs = ["y", "scales"] + (["mins"] if "mins" in names else [])
-    writer.node("Identity", [names["scales"]], outputs=["scales"])
-    if "mins" in names:
-        writer.node("Identity", [names["mins"]], outputs=["mins"])
-    writer.close()
-    graph = helper.make_graph(writer.nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
-                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs],
-                              writer.initializers)
+    c = codes.codes
+    data = (c[..., 0::2] | (c[..., 1::2] << 4)).astype(np.uint8) if codes.bits == 4 else c
+    inits = [numpy_helper.from_array(np.ascontiguousarray(data), "qweight"),
+             numpy_helper.from_array(codes.scales.reshape(-1), "scales")]
+    nodes = [helper.make_node("MatMulNBits", ["x", "qweight", "scales"], ["mm" if codes.mins is not None else "y"],
+                              domain="com.microsoft", K=k, N=n, bits=codes.bits, block_size=codes.block,
+                              accuracy_level=0)]
+    if codes.mins is not None:
+        inits += [numpy_helper.from_array(codes.mins, "mins"),
+                  numpy_helper.from_array(np.array([-1, k // codes.block, codes.block], np.int64), "view"),
+                  numpy_helper.from_array(np.array([-1], np.int64), "last")]
+        nodes += [helper.make_node("Reshape", ["x", "view"], ["xb"]),
+                  helper.make_node("ReduceSum", ["xb", "last"], ["sums"], keepdims=0),
+                  helper.make_node("Gemm", ["sums", "mins", "mm"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["M", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["M", n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     model.ir_version = 10
-    onnx.save(model, str(folder / "model.onnx"))
-    return folder / "model.onnx"
-
-
-def session(path: Path, optimized: Path | None = None):
-    import onnxruntime as ort
-
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = 1
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # as inferos loads models
-    if optimized is not None:
-        opts.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
 
 
 @pytest.mark.parametrize("kind", list(FORMS))
-def test_matmulnbits_computes_the_dequantized_product(kind: str, tmp_path: Path) -> None:
+def test_matmulnbits_computes_the_dequantized_product(kind: str) -> None:
     """Each form (4/8 bits, blocks of 32 and 16, with and without offsets) runs in onnxruntime's MatMulNBits
-    as the builder emits it and gives ``x @ W^T`` of the dequantized weight up to fp32 accumulation; the
-    scales and offsets the graph multiplies out of the stored factors are bit for bit the float32 ones."""
+    and gives ``x @ W^T`` of the dequantized weight up to fp32 accumulation."""
     rng = np.random.default_rng(7)
     n, k, m = 40, 512, 5
     raw = make_blocks(kind, n, k, rng)
     codes = decode(raw, kind, n, k)
-    weight = to_weight(codes)
     x = rng.normal(size=(m, k)).astype(np.float32)
     want = x.astype(np.float64) @ reference(raw, kind, n, k).astype(np.float64).T
-    got = session(nbits_folder(weight, k, tmp_path)).run(None, {"x": x})
+    got = nbits_session(codes, k, n).run(None, {"x": x})[0]
     bound = (np.abs(x).astype(np.float64) @ np.abs(codes.values()).astype(np.float64).T).max()
-    assert np.abs(got[0] - want).max() <= 2e-6 * bound
-    assert got[1].dtype == np.float32 and np.array_equal(got[1].view(np.uint32), weight.scales.reshape(-1).view(np.uint32))
-    if weight.mins is not None:
-        assert np.array_equal(got[2].view(np.uint32), weight.mins.view(np.uint32))
-
-
-@pytest.mark.parametrize("kind", ["Q4_K", "Q6_K", "Q8_0"])
-def test_stored_factors_fold_to_constants_at_load(kind: str, tmp_path: Path) -> None:
-    """onnxruntime folds the factor products into float32 initializers when the session loads, so
-    ``MatMulNBits`` sees constant scales (which it prepacks) and no factor arithmetic runs per call."""
-    import onnx
-
-    n, k = 40, 512
-    weight = to_weight(decode(make_blocks(kind, n, k, np.random.default_rng(1)), kind, n, k))  # type: ignore[arg-type]
-    model = onnx.load(str(nbits_folder(weight, k, tmp_path)), load_external_data=False)
-    assert "Cast" in {node.op_type for node in model.graph.node}
-    session(tmp_path / "model.onnx", tmp_path / "optimized.onnx")
-    optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
-    inits = {t.name for t in optimized.graph.initializer}
-    ops = {node.op_type for node in optimized.graph.node}
-    assert "Cast" not in ops and "Mul" not in ops
-    node = next(node for node in optimized.graph.node if node.op_type == "MatMulNBits")
-    assert node.input[2] in inits
+    assert np.abs(got - want).max() <= 2e-6 * bound
 
 
 # ------------------------------------------------------------------------------------------------ end to end
@@ -244,9 +199,9 @@ def logits(folder: Path, ids: list[int]) -> np.ndarray:
 
 
 def test_kquant_gguf_converts_low_bit_and_matches_the_reference(tmp_path: Path) -> None:
-    """Q4_K / Q5_0 / Q6_K stay MatMulNBits blocks (Q6_K in blocks of 16); the model holds exactly those
-    blocks and the file's scale factors (fp16 d, one-byte sub-block scales and minimums) and nothing wider;
-    logits match the numpy forward over the file's dequantized weights."""
+    """Q4_K / Q5_0 / Q6_K stay MatMulNBits blocks (Q6_K in blocks of 16); the data file
+    holds exactly those blocks (fp32 scales and offsets) and nothing wider; logits match the numpy forward
+    over the file's dequantized weights."""
     import gguf
     import onnx
     from _llama_ref import forward as ref_forward
@@ -263,22 +218,20 @@ def test_kquant_gguf_converts_low_bit_and_matches_the_reference(tmp_path: Path) 
         n, k = hf[name].shape
         bits, block = FORMS[kind][:2]
         key = f"{kind}->{bits}bit"
-        want_bytes += int(n * k * DISK_BITS[kind]) // 8
+        want_bytes += n * k * bits // 8 + 4 * (n * k // block) * (2 if kind in ("Q4_K", "Q5_1", "Q5_K") else 1)
         want_storage[key] = want_storage.get(key, 0) + 1
     meta = json.loads((out / "inferos.json").read_text())
     assert meta["storage"] == want_storage and "fp32" not in meta["storage"]
 
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     external = [i for i in model.graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
-    inline = sum(len(i.raw_data) for i in model.graph.initializer if i.data_location != onnx.TensorProto.EXTERNAL)
     floats = 4 * (HIDDEN * (2 * LAYERS + 1) + CTX * (HIDDEN // HEADS))  # norms + rope cos/sin tables
-    stored = (out / "model.onnx.data").stat().st_size + inline  # small factor arrays (<= 1 KiB) sit in the graph
-    # each initializer 64-byte aligned in the data file; the graph's own shape constants are a few int64s each
-    assert want_bytes <= stored <= want_bytes + floats + 64 * len(model.graph.initializer)
+    data = (out / "model.onnx.data").stat().st_size
+    assert want_bytes <= data <= want_bytes + floats + 64 * len(external)  # each initializer 64-byte aligned
     gguf_tensor_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(src)).tensors)
-    # bound for this mix: 8-bit Q5_0 / Q6_K codes + fp16 d (+ int8 sc) (8.5 and 8.56 bits a weight against the
-    # file's 5.5 and 6.56), 4-bit Q4_K + fp16 d, dmin + one-byte sc, m (4.625 against 4.5)
-    assert stored <= 1.25 * gguf_tensor_bytes  # 1.21 here, norms and RoPE tables included
+    # bound for this mix: 8-bit Q5_0 / Q6_K codes + fp32 scales (9 and 10 bits a weight against the file's
+    # 5.5 and 6.56), 4-bit Q4_K + fp32 scale + offset (6 against 4.5)
+    assert data <= 1.9 * gguf_tensor_bytes
 
     ids = [0, 5, 70, 100, 200, 30, 31, 260, 3]
     want = ref_forward(hf, cfg, ids)

@@ -18,35 +18,13 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from _server import ServerThread  # noqa: E402
+from _server import serve  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 INSTALL = "apt-get install -y chromium chromium-driver && pip install playwright"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 TOKEN = "dashboard-test-token"
-
-
-@contextmanager
-def serve(folder: Path, token: str | None = None) -> Iterator[tuple[str, Any]]:
-    """A service on ``folder``, its app (as `inferos serve` builds it) on a free loopback port: (url, client)."""
-    from inferos_cli.models.info import inspect_folder
-    from inferos_cli.profiles import resolve_settings
-    from inferos_cli.server.app import ServerState, create_app
-    from inferos_cli.server.service import InferenceService
-
-    info = inspect_folder(folder)
-    service = InferenceService(info, resolve_settings(None, param_count=info.param_count, use_env=False),
-                               snapshot_interval_s=0.2)
-    server = ServerThread(create_app(ServerState(service=service, token=token))).start()
-    headers = {"X-Inferos-Token": token} if token else {}
-    client = httpx.Client(base_url=server.url, timeout=60, headers=headers)
-    try:
-        yield server.url, client
-    finally:
-        client.close()
-        server.stop()
-        service.close()
 
 
 @contextmanager

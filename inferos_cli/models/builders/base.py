@@ -34,8 +34,7 @@ import numpy as np
 
 from inferos_cli.errors import ConversionError
 from inferos_cli.models.builders.writer import GraphWriter
-from inferos_cli.models.weights import (BLOCK, DecoderSpec, DecoderWeights, Factors, LayerWeights, QuantWeight, Weight,
-                                        concat_rows)
+from inferos_cli.models.weights import BLOCK, DecoderSpec, DecoderWeights, LayerWeights, QuantWeight, Weight, concat_rows
 
 NEG_INF_BIAS = -1.0e9  # additive mask; finite so a fully padded query row stays a valid softmax
 ATTENTION_MODES = ("op", "plain", "gqa")
@@ -140,41 +139,17 @@ class DecoderBuilder:
         return w.op("MatMul", x, weight_t)
 
     def quant_inits(self, weight: QuantWeight, name: str) -> dict[str, str]:
-        """Values of a block-quantized weight: qweight, scales (``[N*K/block]``), zero_points, mins
-        (``[N, K/block]``), and with factors ``scale_rows``: the scales with N first, unflattened. With
-        ``weight.factors`` the scales and mins are stored as those factors and multiplied out in the graph
-        (:meth:`factor_values`); else as float32 initializers."""
+        """Initializers of a block-quantized weight: qweight, scales, zero_points, mins (``[N, K/32]``)."""
         w = self.w
-        names = {"qweight": w.init(name + ".qweight", weight.data)}
+        names = {
+            "qweight": w.init(name + ".qweight", weight.data),
+            "scales": w.init(name + ".scales", weight.scales.reshape(-1).astype(np.float32)),
+        }
         if weight.zero_points is not None:
             names["zero_points"] = w.init(name + ".zero_points", weight.packed_zero_points())
-        f = weight.factors
-        if f is None:
-            names["scales"] = w.init(name + ".scales", weight.scales.reshape(-1).astype(np.float32))
-            if weight.mins is not None:
-                names["mins"] = w.init(name + ".mins", np.ascontiguousarray(weight.mins.astype(np.float32)))
-            return names
-        scales = names["scale_rows"] = self.factor_values(f.scales, name + ".scales")
-        names["scales"] = w.op("Reshape", scales, w.const([-1]))
-        if f.offsets is not None:
-            mins = self.factor_values(f.offsets, name + ".offsets")
-            if f.shift:  # scales and offsets share their layout in every format with a shift
-                mins = w.op("Add", w.op("Mul", scales, w.const(f.shift, np.float32)), mins)
-            n, k = weight.shape
-            names["mins"] = mins if f.offsets.q is None else w.op("Reshape", mins, w.const([n, k // weight.block_size]))
+        if weight.mins is not None:
+            names["mins"] = w.init(name + ".mins", np.ascontiguousarray(weight.mins.astype(np.float32)))
         return names
-
-    def factor_values(self, f: Factors, name: str) -> str:
-        """The float32 values of :class:`Factors`: ``Cast(d)`` (float16 ``[N, B]``) without ``q``, else
-        ``Cast(d) * Cast(q)`` (``[N, G, 1]`` times ``[N, G, B/G]``). Every input is an initializer, so
-        onnxruntime folds the result into a constant when the session loads and ``MatMulNBits`` prepacks it
-        as before; the float32 products are exact."""
-        w = self.w
-        if f.q is None:
-            return w.op("Cast", w.init(name + ".d", f.d), to=1)
-        (n, g), b = f.d.shape, f.q.shape[1]
-        d = w.op("Cast", w.init(name + ".d", f.d.reshape(n, g, 1)), to=1)
-        return w.op("Mul", d, w.op("Cast", w.init(name + ".q", f.q.reshape(n, g, b // g)), to=1))
 
     def nbits(self, x: str, weight: QuantWeight, names: dict[str, str], bias: str | None = None) -> str:
         """``MatMulNBits`` (+ the exact per-block offset ``Gemm(blocksum(x), mins, y, transB=1)`` when the weight
@@ -414,8 +389,7 @@ class DecoderBuilder:
             both = w.op("Concat", w.op("Unsqueeze", lo, w.const([-1])), w.op("Unsqueeze", hi, w.const([-1])), axis=-1)
             rows = w.op("Reshape", both, w.const([0, nb, embed.block_size]))
         q = w.op("Sub", w.op("Cast", rows, to=1), w.const(float(1 << (embed.bits - 1)), np.float32))
-        rows_of_scales = names.get("scale_rows") or w.op("Reshape", names["scales"], w.const([n, nb]))
-        scales = w.op("Reshape", w.op("Gather", rows_of_scales, ids, axis=0), w.const([-1, nb, 1]))
+        scales = w.op("Gather", w.op("Reshape", names["scales"], w.const([n, nb, 1])), ids, axis=0)
         vals = w.op("Mul", q, scales)
         if "mins" in names:
             mins = w.op("Gather", names["mins"], ids, axis=0)  # [M, nb]
