@@ -19,6 +19,11 @@ def format_bytes(n: int | float | None) -> str:
     return f"{size:.1f} TiB"
 
 
+def mib(n: float) -> str:
+    """Whole mebibytes (``1024 MiB``), the unit of memory-pressure reasons."""
+    return f"{n / MiB:.0f} MiB"
+
+
 def format_value(value: float | None, spec: str, suffix: str = "") -> str:
     """``value`` in format ``spec`` followed by ``suffix`` (e.g. ``" tok/s"``), or ``n/a``."""
     return "n/a" if value is None else f"{value:{spec}}{suffix}"

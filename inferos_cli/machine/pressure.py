@@ -20,7 +20,7 @@ import threading
 from typing import TYPE_CHECKING, Callable, Protocol
 
 from inferos_cli.machine import host
-from inferos_cli.units import format_bytes
+from inferos_cli.units import mib
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.settings import Policy
@@ -81,11 +81,11 @@ class MemoryPressure:
         parts: list[str] = []
         if avail is not None and self.host_pool_bytes > 0:
             host_level = max(0.0, min(1.0, 1.0 - avail / self.host_pool_bytes))
-            parts.append(f"host {host_level:.2f} ({format_bytes(avail)} available of a {format_bytes(self.host_pool_bytes)} pool)")
+            parts.append(f"host {host_level:.2f} ({mib(avail)} available of a {mib(self.host_pool_bytes)} pool)")
         used = self.kv_bytes() if self.kv_bytes is not None else None
         if self.kv_budget_bytes and used is not None:
             kv_level = max(0.0, min(1.0, used / self.kv_budget_bytes))
-            parts.append(f"kv {kv_level:.2f} ({format_bytes(used)} of a {format_bytes(self.kv_budget_bytes)} budget)")
+            parts.append(f"kv {kv_level:.2f} ({mib(used)} of a {mib(self.kv_budget_bytes)} budget)")
         levels = [x for x in (host_level, kv_level) if x is not None]
         with self._lock:
             self.available_bytes = avail

@@ -17,7 +17,7 @@ import math
 
 import numpy as np
 
-from inferos_cli.models.builders.base import DecoderBuilder, rope_tables
+from inferos_cli.models.builders.base import DecoderBuilder
 
 
 class Phi3Builder(DecoderBuilder):
