@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     run_sequential(engine, prompts_all[:1], GenerationConfig(max_tokens=4, ignore_eos=True))  # warm-up
 
     results: dict[str, Any] = {
-        "model": info.name, "plan": engine.plan.describe(), "kv": engine.backend.describe(),
+        "model": info.name, "plan": engine.plan.describe(), "kv": engine.layout.describe(),
         "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "repeats": args.repeats,
         "host": {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()},
         "sizes": {},

@@ -160,7 +160,7 @@ def bench_model(folder: Path, args: argparse.Namespace, tmp: Path) -> dict[str, 
     engine = Engine(info, resolved, threads=args.threads)
     peer_env = dict(item.split("=", 1) for item in args.peer_env)
     peer = Peer(args.peer_python, peer_folder(folder, tmp), peer_env)
-    result: dict[str, Any] = {"model": str(folder), "name": info.name, "kv": engine.backend.describe(),
+    result: dict[str, Any] = {"model": str(folder), "name": info.name, "kv": engine.layout.describe(),
                               "plan": engine.plan.describe(), "peer": peer.info, "peer_env": peer_env,
                               "inferos_huge_pages": huge_pages_wanted(),
                               "prompts": {}}

@@ -113,7 +113,8 @@ def main() -> None:
     import onnxruntime as ort
     import psutil
 
-    from inferos_cli.bench.grid import corpus_ids, default_text
+    from inferos_cli.bench.grid import corpus_ids
+    from inferos_cli.quality.texts import default_text
     from inferos_cli.bench.results import host_record
     from inferos_cli.models.resolve import resolve_model
 

@@ -64,7 +64,7 @@ def main() -> None:
                                    "decode_tps_median": med, "decode_tps_all": times[cfg],
                                    "ratio_vs_baseline_median": statistics.median(ratios),
                                    "ratio_of_medians": med / base,
-                                   "kv": eng.backend.describe()})
+                                   "kv": eng.layout.describe()})
     if args.json:
         print(json.dumps(out, indent=2))
     else:

@@ -58,7 +58,7 @@ def child(args: argparse.Namespace) -> None:
     st = cache.stats()
     print(json.dumps({"config": args.config, "rss_after_load": loaded, "peak_rss_sampled": peak,
                       "process_peak_rss": peak_rss_bytes(), "kv_bytes": st.total_bytes,
-                      "kv_bytes_fp16": st.bytes_fp16, "kv_tokens": st.tokens, "kv": eng.backend.describe()}))
+                      "kv_bytes_fp16": st.bytes_fp16, "kv_tokens": st.tokens, "kv": eng.layout.describe()}))
 
 
 def main() -> None:

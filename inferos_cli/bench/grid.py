@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 from inferos_cli.errors import InferosError, UsageError
-from inferos_cli.quality.texts import default_text  # noqa: F401  (old location of the default text)
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo

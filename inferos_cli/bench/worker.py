@@ -59,7 +59,7 @@ class EngineTarget:
                              strict_devices=bool(msg.get("strict_devices")))
 
     def facts(self) -> dict[str, Any]:
-        return {"providers": self.engine.plan.providers(), "kv_backend": self.engine.backend.describe()}
+        return {"providers": self.engine.plan.providers(), "kv_backend": self.engine.layout.describe()}
 
     def run(self, prompts: list[list[int]], gen_tokens: int, rss: PeakWindow) -> dict[str, Any]:
         from inferos_cli.engine.sampling import GenerationConfig

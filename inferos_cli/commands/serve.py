@@ -70,7 +70,7 @@ def serve(
                 port = probe.getsockname()[1]
         shown = f"[{host}]" if ":" in host else host
         typer.echo(
-            f"inferos serve: {service.info.name} ({service.engine().backend.describe()}) on http://{shown}:{port}\n"
+            f"inferos serve: {service.info.name} ({service.engine().layout.describe()}) on http://{shown}:{port}\n"
             f"  Lemonade/OpenAI API: http://{shown}:{port}/api/v1   control API: http://{shown}:{port}/v1/health\n"
             f"  auth: {'token required' if token else 'none (loopback only)'}; Ctrl-C stops",
             err=True,

@@ -80,11 +80,6 @@ class Engine:
         self._util_cache: tuple[float, dict[str, float | None]] | None = None
 
     @property
-    def backend(self) -> "KVLayout":
-        """The KV layout (older name, kept for callers that read ``engine.backend.describe()``)."""
-        return self.layout
-
-    @property
     def logits_note(self) -> str:
         """How many positions the LM head computes (from the plan)."""
         return self.plan.logits

@@ -246,7 +246,7 @@ def run_eval(
         mean_fp16 = acc.kv_fp16_sum / acc.kv_steps if acc.kv_steps else None
         results.append(ConfigResult(
             config=cfg.name,
-            kv=eng.backend.describe(),
+            kv=eng.layout.describe(),
             ppl=ppl,
             delta_ppl=ppl - base_ppl,
             kl_mean=acc.kl / acc.n if cfg.name != BASELINE else 0.0,

@@ -178,7 +178,7 @@ def run_request(req: RunRequest, resolved: Resolved, info: "ModelInfo | None" = 
     def new_snapshot(rows: int = 1) -> RunSnapshot:
         return RunSnapshot(
             model=engine.info.name, profile=",".join(engine.resolved.profiles) or "default",
-            kv_backend=engine.backend.describe(), providers=dict(engine.providers), rows=rows,
+            kv_backend=engine.layout.describe(), providers=dict(engine.providers), rows=rows,
         )
 
     snap_fn: Callable[[], dict[str, Any]] | None = telemetry.snapshot if telemetry is not None else None

@@ -87,7 +87,7 @@ def test_empty_prompt_is_a_usage_error_like_empty_stdin(stories_onnx: Path, prom
 def test_table_renders_in_recorded_console(stories_onnx: Path) -> None:
     info = inspect_folder(stories_onnx)
     engine = Engine(info, resolve_settings("baseline", param_count=info.param_count, use_env=False), threads=1)
-    snap = RunSnapshot(model=info.name, profile="baseline", kv_backend=engine.backend.describe())
+    snap = RunSnapshot(model=info.name, profile="baseline", kv_backend=engine.layout.describe())
     consume(engine.generate([1], GenerationConfig(max_tokens=10)), snap, "plain", out=open(os.devnull, "w"))
     snap.update_telemetry({"cpu": 42.0, "gpu": None, "npu": None, "vram_bytes": None, "reasons": {"gpu": "no GPU"}})
     console = Console(record=True, width=120)

@@ -193,15 +193,15 @@ def test_oga_int4_generates_coherent_text(oga: Engine) -> None:
 def test_oga_shared_buffer_equals_plain_presents(oga: Engine) -> None:
     ids = oga.encode_prompt("Tell me about the sea.")
     cfg = GenerationConfig(max_tokens=12, ignore_eos=True)
-    oga.backend.shared_buffer = True
+    oga.layout.shared_buffer = True
     shared = tokens(list(oga.generate(ids, cfg)))
     try:
-        oga.backend.shared_buffer = False
+        oga.layout.shared_buffer = False
         cache = oga.new_cache(1, capacity=64)
         assert isinstance(cache, PlainCache) and not cache.shares_buffers
         plain = tokens(list(oga.generate(ids, cfg)))
     finally:
-        oga.backend.shared_buffer = True
+        oga.layout.shared_buffer = True
     assert shared == plain
     cache = oga.new_cache(1, capacity=8)  # grows when full
     logits = oga.forward(np.asarray([ids]), cache)

@@ -37,16 +37,16 @@ def test_backend_choice(stories_onnx: Path) -> None:
     from inferos_cli.kv.plain import PlainCache
 
     base = engine(stories_onnx, "baseline")
-    assert isinstance(base.new_cache(1), PlainCache) and base.backend.onnx_path == base.info.onnx_path
+    assert isinstance(base.new_cache(1), PlainCache) and base.layout.onnx_path == base.info.onnx_path
     seg = engine(stories_onnx, "int4")
     assert isinstance(seg.new_cache(1), SegmentedCache)
-    assert seg.backend.onnx_path != seg.info.onnx_path and "int4" in seg.backend.describe()
-    assert seg.backend.config.group == 8  # head_dim 8 < group_size 32: one group per head
+    assert seg.layout.onnx_path != seg.info.onnx_path and "int4" in seg.layout.describe()
+    assert seg.layout.config.group == 8  # head_dim 8 < group_size 32: one group per head
 
 
 def test_each_token_quantized_exactly_once(stories_onnx: Path) -> None:
     eng = engine(stories_onnx, "int8", recent_window=16, sink_tokens=4)
-    eng.backend.config.track = True
+    eng.layout.config.track = True
     cache = eng.new_cache(1)
     ids = tokens(eng, 70)
     feed(eng, cache, ids, prefix=30)
@@ -83,7 +83,7 @@ def test_quantized_cache_tracks_baseline(stories_onnx: Path, preset: str, max_kl
 
 def test_eviction_keeps_true_positions(stories_onnx: Path) -> None:
     eng = engine(stories_onnx, "int8", recent_window=16)
-    eng.backend.config.l3_evict = 0.99  # almost every quantized token is a candidate
+    eng.layout.config.l3_evict = 0.99  # almost every quantized token is a candidate
     cache = eng.new_cache(1)
     ids = tokens(eng, 60)
     feed(eng, cache, ids, 40)
@@ -128,8 +128,8 @@ def test_eviction_keeps_true_positions(stories_onnx: Path) -> None:
 
 def test_budget_demotes_then_evicts(stories_onnx: Path) -> None:
     eng = engine(stories_onnx, "baseline", mode="dynamic", quant="tiered", recent_window=16)
-    eng.backend.config.l1_int8 = 0.0  # everything leaves the window as int8 ...
-    eng.backend.config.l3_evict = 0.5
+    eng.layout.config.l1_int8 = 0.0  # everything leaves the window as int8 ...
+    eng.layout.config.l3_evict = 0.5
     cache = eng.new_cache(1)
     ids = tokens(eng, 80)
     feed(eng, cache, ids, 40)
@@ -149,9 +149,9 @@ def test_budget_demotes_then_evicts(stories_onnx: Path) -> None:
 
 def test_pressure_tightens(stories_onnx: Path) -> None:
     eng = engine(stories_onnx, "baseline", mode="dynamic", quant="tiered", recent_window=16)
-    eng.backend.config.l1_int8 = 0.0
+    eng.layout.config.l1_int8 = 0.0
     level = {"p": 0.0}
-    eng.backend.config.pressure = lambda: level["p"]
+    eng.layout.config.pressure = lambda: level["p"]
     cache = eng.new_cache(1)
     ids = tokens(eng, 60)
     feed(eng, cache, ids[:40], 30)
@@ -222,7 +222,7 @@ def test_incremental_norm_range_matches_full_scan(stories_onnx: Path) -> None:
     """The min/max of resident key norms (importance normaliser) is kept incrementally; after appends,
     demotion, eviction and row changes it equals a scan of every resident column."""
     eng = engine(stories_onnx, "baseline", mode="dynamic", quant="tiered", recent_window=16, sink_tokens=2)
-    eng.backend.config.l3_evict = 0.5
+    eng.layout.config.l3_evict = 0.5
     ids = tokens(eng, 70)
 
     def scanned(c: SegmentedCache) -> list[float]:

@@ -46,12 +46,12 @@ def engines(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory):
 
 def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:
     eng = engines["int8-fused"]
-    assert isinstance(eng.backend, fused.FusedLayout)
-    assert "int8-fused" in eng.backend.describe()
+    assert isinstance(eng.layout, fused.FusedLayout)
+    assert "int8-fused" in eng.layout.describe()
     import onnx
 
-    model = onnx.load(str(eng.backend.onnx_path), load_external_data=False)
-    check_graph(eng.backend.onnx_path, eng.backend.onnx_path.parent, full=False)  # OGA graphs fail full shape checks as shipped
+    model = onnx.load(str(eng.layout.onnx_path), load_external_data=False)
+    check_graph(eng.layout.onnx_path, eng.layout.onnx_path.parent, full=False)  # OGA graphs fail full shape checks as shipped
     assert not [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
     ifs = [n for n in model.graph.node if n.op_type == "If"]
     assert len(ifs) == eng.info.num_layers  # prefill in float, decode steps on int8 codes
@@ -167,8 +167,8 @@ def test_fused_cache_applies_to_inferos_gqa_conversions(tmp_path: Path) -> None:
     want2 = base.forward(np.asarray([prompt[6:]]), cb, phase="prefill")[0, -1]
     assert isinstance(choose_layout(op, _policy("int8-fused")), SegmentedLayout)
     eng = load_engine(gqa.onnx_path.parent, "int8-fused", flags={"scheduler": {"mode": "cpu"}}, use_env=False)
-    assert isinstance(eng.backend, fused.FusedLayout)
-    check_graph(eng.backend.onnx_path, gqa.onnx_path.parent, full=False)
+    assert isinstance(eng.layout, fused.FusedLayout)
+    check_graph(eng.layout.onnx_path, gqa.onnx_path.parent, full=False)
     cf = eng.new_cache(1, capacity=len(prompt))
     got = eng.forward(np.asarray([prompt[:6]]), cf, phase="prefill")[0, -1]
     got2 = eng.forward(np.asarray([prompt[6:]]), cf, phase="prefill")[0, -1]  # reads the quantized past
