@@ -30,7 +30,8 @@ from typing import Any
 
 from inferos_cli.errors import ConversionError, ModelError
 from inferos_cli.models.builders import build_decoder
-from inferos_cli.models.hf import ProgressFn, hf_spec, hf_tokenizer_files, hf_weights, read_safetensors
+from inferos_cli.models.hf import hf_spec, hf_tokenizer_files, hf_weights, read_safetensors
+from inferos_cli.models.reading import ProgressFn
 from inferos_cli.models.manifest import META_FILE, build_manifest, folder_digest, sha256_file
 from inferos_cli.models.weights import (
     DecoderSpec,

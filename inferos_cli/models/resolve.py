@@ -30,7 +30,8 @@ from typing import Any, Iterator
 
 from inferos_cli import paths
 from inferos_cli.errors import ModelError, ModelNotFoundError
-from inferos_cli.models.convert import CONVERTER_VERSION, ProgressFn, check_dtype
+from inferos_cli.models.convert import CONVERTER_VERSION, check_dtype
+from inferos_cli.models.reading import ProgressFn
 from inferos_cli.models.info import ModelInfo, find_onnx, inspect_folder
 from inferos_cli.models.manifest import META_FILE, check_manifest
 from inferos_cli.models.params import gguf_param_count, safetensors_param_count
