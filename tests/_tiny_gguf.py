@@ -32,6 +32,19 @@ def vocab() -> tuple[list[str], list[int]]:
     return tokens, types
 
 
+def add_vocab(writer) -> list[str]:
+    """Write the tiny GPT-2 style vocabulary (:func:`vocab`, BOS 0, EOS 2) into a ``GGUFWriter``; the tokens."""
+    tokens, types = vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(MERGES)
+    writer.add_bos_token_id(0)
+    writer.add_eos_token_id(2)
+    return tokens
+
+
 def permute(w: np.ndarray, heads: int) -> np.ndarray:
     """llama.cpp's convert_hf_to_gguf permutation of Q/K rows (HF rotate-half -> interleaved pairs)."""
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
@@ -46,8 +59,7 @@ def write_tiny_gguf(path: Path, *, linear: str = "Q4_1", embed: str = "Q8_0", ar
     rng = np.random.default_rng(seed)
     hidden, heads, kvh, ffn, layers = 64, 4, 2, 96, 2
     d = hidden // heads
-    tokens, types = vocab()
-    n_vocab = len(tokens)
+    n_vocab = len(vocab()[0])
     cfg = {"hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kvh, "head_dim": d,
            "num_hidden_layers": layers, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": n_vocab}
     writer = gguf.GGUFWriter(str(path), arch)
@@ -59,13 +71,7 @@ def write_tiny_gguf(path: Path, *, linear: str = "Q4_1", embed: str = "Q8_0", ar
     writer.add_head_count_kv(kvh)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(2)
+    add_vocab(writer)
     writer.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}")
     hf: dict[str, np.ndarray] = {}
 

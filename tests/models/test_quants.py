@@ -124,10 +124,10 @@ def write_kquant_gguf(path: Path) -> tuple[dict[str, np.ndarray], dict, dict[str
     """A 2-layer llama GGUF of Q4_K / Q6_K / Q5_0 tensors (tied Q5_0 embedding); returns the HF-named
     dequantized weights, an HF-style config and each matrix's GGUF type by HF name."""
     import gguf
-    from _tiny_gguf import MERGES, vocab
+    from _tiny_gguf import add_vocab, vocab
 
     rng = np.random.default_rng(3)
-    tokens, types = vocab()
+    tokens = vocab()[0]
     d = HIDDEN // HEADS
     cfg = {"hidden_size": HIDDEN, "num_attention_heads": HEADS, "num_key_value_heads": KVH, "head_dim": d,
            "num_hidden_layers": LAYERS, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "vocab_size": len(tokens)}
@@ -140,13 +140,7 @@ def write_kquant_gguf(path: Path) -> tuple[dict[str, np.ndarray], dict, dict[str
     writer.add_head_count_kv(KVH)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(2)
+    add_vocab(writer)
     hf: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
 

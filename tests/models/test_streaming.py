@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _tiny_gguf import MERGES, vocab, write_tiny_gguf
+from _tiny_gguf import add_vocab, vocab, write_tiny_gguf
 
 MIB = 1 << 20
 
@@ -23,20 +23,14 @@ def write_q4_0_gguf(path: Path, *, layers: int, hidden: int, ffn: int, seed: int
     import gguf
 
     rng = np.random.default_rng(seed)
-    tokens, types = vocab()
+    tokens = vocab()[0]
     writer = gguf.GGUFWriter(str(path), "llama")
     for add, value in ((writer.add_block_count, layers), (writer.add_context_length, 256),
                        (writer.add_embedding_length, hidden), (writer.add_feed_forward_length, ffn),
                        (writer.add_head_count, hidden // 64), (writer.add_head_count_kv, hidden // 64)):
         add(value)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(0)
-    writer.add_eos_token_id(2)
+    add_vocab(writer)
     plan: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (len(tokens), hidden))]
     for i in range(layers):
         p = f"blk.{i}."
