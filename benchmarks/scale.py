@@ -284,6 +284,7 @@ def measure_model(name: str, quant: str, args, tok_gguf: Path, env: dict, llama_
     cells = [("prompt", ["inferos"], ["f16"], [short, long_], t_hi)]
     cells += [(f"decode-t{t}", ["inferos"], ["f16"], [short], t) for t in args.threads if t != t_hi]
     cells.append(("kv", kv_configs, ["f16", "q8_0", "q4_0"], [kv_seq], t_hi))
+    cells = [c for c in cells if c[0].split("-")[0] in args.cells]
     samples: dict = {}
     text = args.text
     for rep in range(args.repeats):
@@ -479,16 +480,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--keep", action="store_true", help="keep the GGUFs and converted models")
     ap.add_argument("--quick", action="store_true", help="smoke run: 32/64-token prompts, 256 context, 4 tokens, 1 thread")
     ap.add_argument("--plot", type=Path, help="also write a PNG of KV bytes and peak RSS per config")
+    ap.add_argument("--cells", default="prompt,decode,kv",
+                    help="comma list of what to measure: prompt (TTFT, prefill, load), decode (other thread counts), "
+                         "kv (the KV configs at --ctx); cells left out are reported as not measured")
     args = ap.parse_args(argv)
     args.models = args.models.split(",")
     args.quant = args.quant.split(",")
     args.threads = [int(t) for t in args.threads.split(",")]
     args.seqs = [int(s) for s in args.seq_lengths.split(",")]
+    args.cells = args.cells.split(",")
     if args.quick:
         args.seqs, args.ctx, args.gen_tokens, args.threads = [32, 64], min(args.ctx, 256), 4, [min(args.threads)]
     if len(args.seqs) != 2 or args.ctx <= args.gen_tokens or max(args.seqs) + args.gen_tokens > args.ctx:
         ap.error("--seq-lengths takes a short and a long prompt, both + --gen-tokens within --ctx")
-    bad = [m for m in args.models if m not in shapes7b.SHAPES] + [q for q in args.quant if q not in ("q4_0", "q4_k_m")]
+    bad = [c for c in args.cells if c not in ("prompt", "decode", "kv")]
+    bad += [m for m in args.models if m not in shapes7b.SHAPES] + [q for q in args.quant if q not in ("q4_0", "q4_k_m")]
     if bad:
         ap.error(f"unknown: {', '.join(bad)}")
     return args

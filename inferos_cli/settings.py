@@ -20,7 +20,7 @@ from inferos_cli.errors import ConfigError
 
 Device = Literal["dml", "npu", "cuda", "cpu"]
 KVMode = Literal["dynamic", "latency_optimized", "throughput_optimized", "quality_optimized", "disabled"]
-KVQuant = Literal["auto", "tiered", "int8", "int4", "int4-k8v4", "int8-fused"]
+KVQuant = Literal["auto", "tiered", "int8", "int4", "int4-k8v4", "int8-fused", "fp16"]
 SchedulerMode = Literal["hybrid", "gpu_only", "npu_only", "cpu"]
 
 _UNITS = {
@@ -78,7 +78,8 @@ class KVPolicy(_Strict):
 
     mode: KVMode = "dynamic"
     quant: KVQuant = Field("auto", description="auto (int8-fused where the graph allows it, else tiered), "
-                                                "tiered (by importance) or a fixed preset")
+                                                "tiered (by importance), a fixed preset, or fp16 (a float16 cache, "
+                                                "GroupQueryAttention graphs)")
     recent_window: int = Field(128, ge=16, le=512)
     sink_tokens: int = Field(4, ge=0, le=64)
     group_size: int = Field(32, description="quantization group along head_dim: 32 or 64")

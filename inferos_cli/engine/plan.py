@@ -9,7 +9,8 @@ The decisions, in order:
    ``Attention``-op twin (onnxruntime's CUDA GQA kernel is fp16/bf16 only, so the float32 GQA nodes would
    run on the CPU); the twin's cache is a plain concat cache (:func:`cuda_graph`).
 2. **KV layout** (:func:`inferos_cli.kv.layouts.kv_layout`); ``kv.quant = auto`` picks the fused int8
-   cache when :func:`auto_fused` says the graph and the phases' providers take it.
+   cache when :func:`auto_fused` says the graph and the phases' providers take it; ``fp16`` the float16
+   GQA graph (:mod:`inferos_cli.graphs.half_kv`), which gets no CUDA prefill twin.
 3. **last-position logits**: the sessions load the graph with a ``logits_keep`` input
    (:mod:`inferos_cli.graphs.last_logits`), so a prefill runs the LM head once.
 4. **prefill twin**: a two-session plan prefilling a float32 GQA graph on CUDA runs the prefill session

@@ -32,6 +32,9 @@ memory a session creation added with transparent huge pages (``MADV_HUGEPAGE`` +
 Linux >= 6.1; with THP ``madvise`` or ``always``); ``Engine`` does the same after each generation that
 grew the heap (the session's arena, the KV cache). ``INFEROS_HUGEPAGES=0`` turns it off; on other
 systems, or when the kernel refuses, nothing changes.
+
+A CPU session reads its external weights from read-only maps of their files that are trimmed while and
+after it is built (:mod:`inferos_cli.engine.weightmaps`): what onnxruntime prepacked is not kept twice.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from inferos_cli.engine import weightmaps
 from inferos_cli.errors import ProviderError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -448,9 +452,8 @@ def open_session(
     allow_spinning: bool = False,
 ) -> PhaseSession:
     """Open ``onnx_path`` for ``phase`` on ``device``; fall back to CPU (visible reason) when the device's
-    provider does not work, or raise :class:`ProviderError` when ``strict``."""
-    import onnxruntime as ort
-
+    provider does not work, or raise :class:`ProviderError` when ``strict``. A CPU session reads its
+    weights from trimmed read-only file maps (:mod:`inferos_cli.engine.weightmaps`)."""
     onnx_path = Path(onnx_path)
     provider, fallback = choose_provider(device, phase, strict)
     spec = provider_spec(provider, policy, model_key=_model_key(onnx_path) if onnx_path.exists() else "model")
@@ -462,7 +465,9 @@ def open_session(
         providers.append("CPUExecutionProvider")
     before = anonymous_regions() if huge_pages_wanted() else None
     try:
-        sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=providers)
+        sess = weightmaps.inference_session(
+            onnx_path, opts, providers, provider,
+            lambda: session_options(policy, phase, threads, provider=provider, allow_spinning=allow_spinning))
     except Exception as exc:
         if provider == "CPUExecutionProvider":
             from inferos_cli.errors import ModelError
@@ -473,7 +478,9 @@ def open_session(
         fallback = f"{provider} cannot load the model"
         provider = "CPUExecutionProvider"
         opts = session_options(policy, phase, threads, allow_spinning=allow_spinning)
-        sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=[provider])
+        sess = weightmaps.inference_session(
+            onnx_path, opts, [provider], provider,
+            lambda: session_options(policy, phase, threads, allow_spinning=allow_spinning))
         spec = ProviderSpec(provider)
     real = sess.get_providers()[0]
     if before is not None and real == "CPUExecutionProvider":

@@ -9,7 +9,9 @@ the ``present.*`` outputs back to the cache. Per-step host work is O(new tokens)
   place (``past_present_share_buffer``, as onnxruntime-genai does); the binding is kept while the buffers
   do not move, so a decode step binds only what changed;
 - any other cache keeps the session's output arrays as the next past (no copy);
-- the all-ones attention mask of an unpadded step is a view of one step-owned ones buffer.
+- the all-ones attention mask of an unpadded step is a view of one step-owned ones buffer;
+- a cache that keeps only the window of the sliding-window layers (:meth:`~inferos_cli.kv.base.KVCache.local_mask`)
+  gets those layers' own mask, ``local_attention_mask``, built the same way.
 
 A plan with a prefill twin (:mod:`inferos_cli.engine.plan`) prefills on the ``Attention``-op graph and
 moves the new columns into the packed GQA cache the decode session reads (:meth:`Step.prefill_via_twin`).
@@ -22,6 +24,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 import numpy as np
+
+from inferos_cli.models.info import LOCAL_MASK
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.engine.plan import Plan
@@ -100,6 +104,7 @@ class Step:
         b, t = ids.shape
         past_mask = cache.past_mask()
         past = past_mask.shape[1]
+        local = cache.local_mask(t)  # the sliding-window layers' own (bounded) past, or None
         if new_mask is None:
             new = self._ones.get((b, t)) if t == 1 else None
             if new is None:
@@ -117,6 +122,12 @@ class Step:
             new = np.ascontiguousarray(new_mask, dtype=np.int64)
             mask = np.concatenate((past_mask, new), axis=1) if past else new
         small: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        if local is not None:
+            lp = local.shape[1]
+            if new_mask is None and (not lp or np.count_nonzero(local) == local.size):
+                small[LOCAL_MASK] = self.ones_view(b, lp + t)
+            else:
+                small[LOCAL_MASK] = np.concatenate((local, new), axis=1) if lp else new
         kept = t
         if self.has_logits_keep:
             kept = 1 if logits == "last" else t
@@ -126,7 +137,7 @@ class Step:
             pos = np.asarray(cache.seen_tokens, dtype=np.int64)[:, None] + np.cumsum(new, axis=1) - 1
             small["position_ids"] = np.where(new > 0, pos, 0).astype(np.int64)
         plan = self.plan
-        if phase == "prefill" and plan.prefill_twin:
+        if phase == "prefill" and plan.prefill_twin and local is None:  # the twin fills full-length caches
             out = self.prefill_via_twin(cache, small, new, past, t)
             if out is not None:
                 return out
@@ -252,12 +263,15 @@ class Step:
 def chunked_prefill(forward: Callable[..., np.ndarray], ids: np.ndarray, cache: "KVCache", chunk: int | None,
                     vocab_size: int, new_mask: np.ndarray | None = None) -> np.ndarray:
     """Run the prompt ``ids`` ``[B, T]`` through ``forward`` whole or in chunks of ``chunk`` tokens (default:
-    :data:`AUTO_PREFILL_CHUNK` when longer); return the logits of each row's last real token ``[B, V]``."""
+    :data:`AUTO_PREFILL_CHUNK`, or the cache's shorter ``prefill_chunk``, when longer); return the logits of
+    each row's last real token ``[B, V]``."""
     b, t = ids.shape
     mask = np.ones((b, t), dtype=np.int64) if new_mask is None else new_mask
     if not chunk or chunk <= 0:
-        # a whole long prompt would return logits of T x vocab floats (8192 tokens x 49152 = 1.6 GB)
-        chunk = AUTO_PREFILL_CHUNK if t > AUTO_PREFILL_CHUNK else t
+        # a whole long prompt would return logits of T x vocab floats (8192 tokens x 49152 = 1.6 GB); a
+        # cache may ask for shorter chunks (the segmented cache takes each chunk's new columns in float)
+        limit = min(AUTO_PREFILL_CHUNK, cache.prefill_chunk or AUTO_PREFILL_CHUNK)
+        chunk = limit if t > limit else t
     step = int(chunk)
     last = np.zeros((b, vocab_size), dtype=np.float32)
     for start in range(0, t, step):

@@ -37,7 +37,8 @@ from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
 
-FUSED_VERSION = "4"  # 2: first prefill in float (If per layer); 3: every prefill in float; 4: RoPE pair key scales
+FUSED_VERSION = "5"  # 2: first prefill in float (If per layer); 3: every prefill in float; 4: RoPE pair key scales;
+# 5: each layer's own total length (bounded sliding-window caches)
 KEY_MARGIN = 1.25  # over the RoPE pair bound of the calibration keys (calibrate)
 VALUE_MARGIN = 2.5  # over the calibration values' per-channel absolute maximum
 BITS = 8
@@ -228,16 +229,15 @@ def _float_prefill(model: Any) -> None:
     (the first ``total - new`` columns) dequantized with the static scales, the float op on them, its
     presents quantized again (``round(x / scale)`` clipped to int8: the old codes come back unchanged) and
     zero-padded to the past buffer's width (the shared buffer's capacity); else-branch: the quantized op
-    unchanged (decode steps)."""
+    unchanged (decode steps). Each layer reads its own ``total_sequence_length`` input (a sliding-window
+    layer's bounded cache has its own, :mod:`inferos_cli.kv.plain`)."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
     pre = [
-        helper.make_node("Shape", ["attention_mask"], ["inferos_fp/total"], start=1, end=2),
         helper.make_node("Shape", ["input_ids"], ["inferos_fp/new"], start=1, end=2),
         helper.make_node("Greater", ["inferos_fp/new", "inferos_fp/one1"], ["inferos_fp/prefill1"]),
         helper.make_node("Squeeze", ["inferos_fp/prefill1", "inferos_fp/axis0"], ["inferos_fp/prefill"]),
-        helper.make_node("Sub", ["inferos_fp/total", "inferos_fp/new"], ["inferos_fp/cached"]),
     ]
     consts = {"inferos_fp/axis0": np.array([0], np.int64), "inferos_fp/axis2": np.array([2], np.int64),
               "inferos_fp/zero1": np.array([0], np.int64), "inferos_fp/one1": np.array([1], np.int64),
@@ -259,10 +259,15 @@ def _float_prefill(model: Any) -> None:
         ins = list(node.input)
         outs = list(node.output)
         attrs = [a for a in node.attribute if a.name not in ("k_quant_type", "v_quant_type", "kv_cache_bit_width")]
-        then_nodes = []
+        # this layer's total length (GQA's int32 scalar input 6) as int64 [1], and its cached columns
+        then_nodes = [
+            helper.make_node("Cast", [ins[6]], [p + "total0"], to=TensorProto.INT64),
+            helper.make_node("Unsqueeze", [p + "total0", "inferos_fp/axis0"], [p + "total"]),
+            helper.make_node("Sub", [p + "total", "inferos_fp/new"], [p + "cached"]),
+        ]
         cached = []
         for j, past, scale in ((3, ins[3], ins[12]), (4, ins[4], ins[13])):
-            sl = helper.make_node("Slice", [past, "inferos_fp/zero1", "inferos_fp/cached", "inferos_fp/axis2"],
+            sl = helper.make_node("Slice", [past, "inferos_fp/zero1", p + "cached", "inferos_fp/axis2"],
                                   [p + f"past{j}i8"])
             cast = helper.make_node("Cast", [p + f"past{j}i8"], [p + f"past{j}c"], to=TensorProto.FLOAT)
             scaled = helper.make_node("Mul", [p + f"past{j}c", scale], [p + f"past{j}"])
@@ -275,7 +280,7 @@ def _float_prefill(model: Any) -> None:
         # presents are ``total`` columns long for keys and values alike
         then_nodes += [
             helper.make_node("Shape", [ins[3]], [p + "cap"], start=2, end=3),
-            helper.make_node("Sub", [p + "cap", "inferos_fp/total"], [p + "gap"]),
+            helper.make_node("Sub", [p + "cap", p + "total"], [p + "gap"]),
             helper.make_node("Max", [p + "gap", "inferos_fp/zero1"], [p + "gap0"]),
             helper.make_node("Concat", ["inferos_fp/pads_head", p + "gap0", "inferos_fp/pads_tail"], [p + "pads"],
                              axis=0),

@@ -53,7 +53,7 @@ from inferos_cli.errors import ModelError
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
 
-REWRITE_VERSION = "6"
+REWRITE_VERSION = "8"
 NEW_FMT = "kvnew.%d.%s"
 SEGMENTS = ("q8", "q8s", "q8z", "q4", "q4s", "q4z", "fp")
 _INT64_MAX = 2**63 - 1
@@ -276,18 +276,14 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     present = {info.present_key_fmt % i: (i, "key") for i in range(info.num_layers)}
     present.update({info.present_value_fmt % i: (i, "value") for i in range(info.num_layers)})
     new_outputs = []
-    post: list[Any] = []
-    axis2 = b.const(np.array([2], dtype=np.int64), "axis2")
-    end = b.const(np.array([_INT64_MAX], dtype=np.int64), "end")
-    start = b.node(post, "Sub", [b.node(post, "Shape", ["attention_mask"], start=1, end=2),
-                                 b.node(post, "Shape", ["input_ids"], start=1, end=2)])
+    after: dict[int, list[Any]] = {}  # original node index -> nodes inserted right after it
+    _new_columns(model, b, pre, before, after, present, past_names, d)
     for vo in graph.output:
         if vo.name not in present:
             new_outputs.append(vo)
             continue
         layer, kind = present[vo.name]
         out = new_output_name(layer, kind)
-        b.node(post, "Slice", [vo.name, start, end, axis2], outputs=[out])
         dims = vo.type.tensor_type.shape.dim
         new_outputs.append(helper.make_tensor_value_info(
             out, elem, [dims[0].dim_param or "batch_size", dims[1].dim_value or info.num_kv_heads, "sequence_length", d]))
@@ -296,7 +292,7 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     for idx, node in enumerate(graph.node):
         nodes.extend(before.get(idx, []))
         nodes.append(node)
-    nodes.extend(post)
+        nodes.extend(after.get(idx, []))
     del graph.node[:]
     graph.node.extend(nodes)
     del graph.input[:]
@@ -326,6 +322,64 @@ def _consumers(graph: Any) -> dict[str, list[int]]:
         for name in node.input:
             found.setdefault(name, []).append(i)
     return found
+
+
+def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], after: dict[int, list[Any]],
+                 present: dict[str, tuple[int, str]], past_names: dict[str, tuple[int, str]], d: int) -> None:
+    """Nodes (in ``before``/``after``) writing each layer's new columns ``[B, H, T, D]`` to ``kvnew.*``, laid out so a
+    long step holds about one layer's full present (past + new, in float) at a time, not every layer's:
+    onnxruntime keeps a node's unconsumed outputs until the run ends and runs output-only branches last.
+
+    - ``GroupQueryAttention`` and the ``Attention`` op (which must write its presents when given a past):
+      each present is sliced (its last ``T`` columns) right after the node, and the next attention node
+      reads a length computed from those slices' shapes (the same value, ``past + T``): GQA's
+      ``total_sequence_length``, or the ``Attention`` op's mask sliced to that many columns (a copy of
+      the whole mask). So the slices run, and free the presents, before the next layer.
+    - ``Concat(past, new)``: its second input. Anything else: a ``Slice`` of the present."""
+    from onnx import TensorProto
+
+    graph = model.graph
+    axis2 = b.const(np.array([2], dtype=np.int64), "axis2")
+    last = b.const(np.array([-1], dtype=np.int64), "axis_last")
+    zero = b.const(np.array([0], dtype=np.int64), "zero1")
+    end = b.const(np.array([_INT64_MAX], dtype=np.int64), "end")
+    new_len = b.node(pre, "Shape", ["input_ids"], start=1, end=2)
+    start = b.node(pre, "Sub", [b.node(pre, "Shape", ["attention_mask"], start=1, end=2), new_len])
+    out_of = {name: new_output_name(*where) for name, where in present.items()}
+    done: set[str] = set()
+    attention: list[tuple[int, list[str]]] = []  # (node index, its two kvnew outputs)
+    for idx, node in enumerate(graph.node):
+        slots = [name for name in node.output if name in present]
+        if not slots:
+            continue
+        nodes = after.setdefault(idx, [])
+        if (node.op_type == "Concat" and len(node.input) == 2 and node.input[0] in past_names
+                and _attr(node, "axis") in (2, -2) and len(slots) == 1):
+            b.node(nodes, "Identity", [node.input[1]], outputs=[out_of[slots[0]]])
+        else:
+            for name in slots:
+                b.node(nodes, "Slice", [name, start, end, axis2], outputs=[out_of[name]])
+            if node.op_type in ("GroupQueryAttention", "Attention") and len(slots) == 2:
+                attention.append((idx, [out_of[name] for name in slots]))
+        done.update(slots)
+    for name in present:  # a present that is a graph input passed through, or the like
+        if name not in done:
+            b.node(after.setdefault(len(graph.node) - 1, []), "Slice", [name, start, end, axis2], outputs=[out_of[name]])
+    base = b.node(pre, "Sub", [start, new_len])  # past + T = (past - T) + T_key + T_value
+    for (_, outs), (idx, _) in zip(attention, attention[1:]):
+        node = graph.node[idx]
+        gqa = node.op_type == "GroupQueryAttention"
+        slot = 6 if gqa else 3
+        if len(node.input) <= slot or not node.input[slot]:
+            continue
+        ins = before.setdefault(idx, [])
+        total = base
+        for o in outs:  # (Sum takes no int64)
+            total = b.node(ins, "Add", [total, b.node(ins, "Shape", [o], start=2, end=3)])
+        if gqa:
+            node.input[slot] = b.node(ins, "Cast", [total], to=TensorProto.INT32)
+        else:
+            node.input[slot] = b.node(ins, "Slice", [node.input[slot], zero, total, last])
 
 
 _PASS_THROUGH = {"Identity", "Expand", "Tile", "Unsqueeze", "Reshape", "Cast"}

@@ -1,5 +1,5 @@
 """Where a graph derived from a model's ONNX file lives (KV-boundary rewrite, last-position logits, fused
-int8 cache, exact-compute twin, ONNX-``Attention`` twin), and the key that names it.
+int8 cache, fp16 cache, exact-compute twin, ONNX-``Attention`` twin), and the key that names it.
 
 A model folder the user points inferos at (a Hugging Face / Lemonade / GAIA folder, their own export) is
 never written to: derived graphs go to ``<cache>/graphs/<source key>/``, one folder per source model,

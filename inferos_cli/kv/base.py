@@ -28,6 +28,10 @@ class KVCache(ABC):
     seen_tokens: np.ndarray
     """int64 ``[batch]``: the true length (next position) of each row, padding and eviction excluded."""
 
+    prefill_chunk: int | None = None
+    """The longest prefill chunk (tokens) this cache asks for when the caller names none; None: the
+    engine's default (:data:`inferos_cli.engine.step.AUTO_PREFILL_CHUNK`)."""
+
     generation: int | None = None
     """Changes whenever the shared buffers move, so the engine can keep an IOBinding between steps;
     None for caches without shared buffers."""
@@ -78,6 +82,13 @@ class KVCache(ABC):
 
     def reserve(self, capacity: int) -> None:
         """Make room for ``capacity`` columns per row ahead of time (no-op where growth is automatic)."""
+        return None
+
+    def local_mask(self, n_new: int) -> np.ndarray | None:
+        """int64 ``[batch, local_past_len]``: the past of the sliding-window layers when the cache keeps
+        only their window (:mod:`inferos_cli.kv.plain`), after making room for ``n_new`` columns; the step
+        feeds it (plus the new tokens' mask) as ``local_attention_mask``. None: every layer reads the
+        :meth:`past_mask` past."""
         return None
 
 

@@ -18,10 +18,21 @@ import numpy as np
 
 from inferos_cli.graphs.fused import KEY_MARGIN, VALUE_MARGIN, fused_graph, graph_scales
 from inferos_cli.kv.base import KVLayout
-from inferos_cli.kv.plain import PlainCache
+from inferos_cli.kv.plain import ALIGN, PlainCache, window_note
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
+
+
+# onnxruntime's quantized-cache GQA kernel (CPU) reads each head's codes in tiles of this many bytes from
+# column 0: a bounded sliding-window cache gives bit-identical results only when its window starts on such
+# a tile (measured on onnxruntime 1.32: head_dim 64 / 128 / 256 need 512 / 256 / 128-token alignment)
+INT8_TILE_BYTES = 32768
+
+
+def window_align(info: "ModelInfo") -> int:
+    """The alignment (tokens) of a compacted sliding-window buffer of int8 codes (:data:`INT8_TILE_BYTES`)."""
+    return max(ALIGN, INT8_TILE_BYTES // max(1, info.head_dim))
 
 
 class FusedCache(PlainCache):
@@ -31,8 +42,9 @@ class FusedCache(PlainCache):
     tier = "int8"
     """:meth:`stats` counts one byte per element; the static scales are part of the graph, not per token."""
 
-    def __init__(self, info: "ModelInfo", batch: int, *, capacity: int | None = None) -> None:
-        super().__init__(info, batch, layout="packed", capacity=capacity, dtype=np.int8)
+    def __init__(self, info: "ModelInfo", batch: int, *, capacity: int | None = None, windowed: bool = True) -> None:
+        super().__init__(info, batch, layout="packed", capacity=capacity, dtype=np.int8, windowed=windowed,
+                         align=window_align(info))
 
 
 class FusedLayout(KVLayout):
@@ -67,4 +79,7 @@ class FusedLayout(KVLayout):
         if self.shared_buffer:
             text += ", shared past/present buffer"
         text += ", prefill in float"
+        windows = window_note(self.info, window_align(self.info))
+        if windows:
+            text += f", {windows}"
         return f"{text}; {self.note}" if self.note else text

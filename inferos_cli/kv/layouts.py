@@ -5,7 +5,8 @@
 (the KV-boundary-rewritten graph of :mod:`inferos_cli.graphs.kv_segments` + the segmented, quantized cache of
 :mod:`inferos_cli.kv.segmented`), or, for ``kv.quant = int8-fused`` on ``GroupQueryAttention`` graphs (and
 ``auto`` when the engine's plan says so), :class:`~inferos_cli.kv.fused.FusedLayout` (int8 codes read
-inside the attention operator).
+inside the attention operator), or, for ``kv.quant = fp16`` on such graphs, :class:`~inferos_cli.kv.half.HalfLayout`
+(a float16 cache read by GroupQueryAttention in float16).
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from inferos_cli.graphs.fused import supported as fused_supported
+from inferos_cli.graphs.half_kv import supported as half_supported
 from inferos_cli.kv.base import KVLayout
 from inferos_cli.kv.fused import FusedLayout
-from inferos_cli.kv.plain import PlainCache
+from inferos_cli.kv.half import HalfLayout
+from inferos_cli.kv.plain import PlainCache, window_note
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.kv.segmented import SegmentedCache
@@ -48,6 +51,9 @@ class PlainLayout(KVLayout):
         text = f"plain {self.info.kv_dtype}"
         if self.shared_buffer:
             text += " (shared past/present buffer)"
+        windows = window_note(self.info)
+        if windows:
+            text += f", {windows}"
         return f"{text}; {self.note}" if self.note else text
 
 
@@ -116,6 +122,8 @@ class SegmentedLayout(KVLayout):
             text += f", max {c.max_tokens} tokens"
         if not self.rewrite.positions:
             text += ", no eviction (graph takes no position_ids)"
+        if any(self.info.kv_windows):
+            text += ", sliding-window layers keep the whole context (bounded only in packed caches)"
         return f"{text}; {self.note}" if self.note else text
 
 
@@ -123,10 +131,20 @@ FUSED_UNSUPPORTED = ("int8-fused needs a float32 GroupQueryAttention graph (onnx
                      "inferos conversions) and onnxruntime >= 1.25: using the segmented int8 cache")
 
 
+def half_unsupported(info: "ModelInfo") -> str:
+    """Why ``kv.quant = fp16`` runs the plain cache on ``info`` (the note of that layout)."""
+    if info.kv_dtype != "float32":
+        return f"fp16: the graph's own cache is already {info.kv_dtype}: using the plain cache"
+    return ("fp16 needs a float32 GroupQueryAttention graph (onnxruntime-genai / Lemonade folders, inferos "
+            "conversions) and a float16 GroupQueryAttention in onnxruntime's CPU provider: using the plain "
+            f"{info.kv_dtype} cache")
+
+
 def kv_layout(info: "ModelInfo", policy: "Policy", *, pressure: Any = None, auto_fused: bool = False,
               shared_buffer: bool = True) -> KVLayout:
     """``kv.mode = disabled``: the original graph + :class:`PlainCache` (the baseline); ``int8-fused`` on a
-    GQA graph: :class:`~inferos_cli.kv.fused.FusedLayout`; ``auto``: the fused layout when ``auto_fused``
+    GQA graph: :class:`~inferos_cli.kv.fused.FusedLayout`; ``fp16`` on a GQA graph:
+    :class:`~inferos_cli.kv.half.HalfLayout` (elsewhere the plain cache, with a note); ``auto``: the fused layout when ``auto_fused``
     (the plan's decision, :func:`inferos_cli.engine.plan.auto_fused`); otherwise the rewritten graph +
     :class:`SegmentedCache`. ``pressure``: an object with ``level() -> 0..1`` or a callable; tightens the
     segmented cache under memory pressure. ``shared_buffer=False`` (``io.enable_iobinding = false``): no
@@ -140,4 +158,8 @@ def kv_layout(info: "ModelInfo", policy: "Policy", *, pressure: Any = None, auto
         if fused_supported(info):
             return FusedLayout(info, shared_buffer=shared_buffer)
         return SegmentedLayout(info, policy, pressure=pressure, note=FUSED_UNSUPPORTED)
+    if quant == "fp16":
+        if half_supported(info):
+            return HalfLayout(info, shared_buffer=shared_buffer)
+        return PlainLayout(info, note=half_unsupported(info), shared_buffer=shared_buffer)
     return SegmentedLayout(info, policy, pressure=pressure)

@@ -47,6 +47,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = logging.getLogger(__name__)
 KINDS = ("key", "value")
+BIND_MIN_COLUMNS = 16  # steps with at least this many new columns write them into host buffers
+CHUNK_FLOAT_BYTES = 256 * 2**20  # a default prefill chunk's new columns (every layer, in float) stay under this
 _NP = {"float32": np.float32, "float16": np.float16}
 
 
@@ -70,33 +72,36 @@ class CacheConfig:
 
 @dataclass
 class _Tier:
-    """One quantized tier: codes/scales/zeros per kind, plus per-column metadata."""
+    """One quantized tier. Per kind and layer, codes ``[B, H, n, D or D/2]`` and scales / zero points
+    ``[B, H, n, G]`` holding exactly the tier's ``n`` columns (contiguous, so a step feeds them without a
+    copy); per-column metadata ``[n, B]``. ``cap`` is 0 until the tier first held columns."""
 
     name: str
     bits: dict[str, int]
     n: int = 0
     cap: int = 0
-    codes: dict[str, np.ndarray] = field(default_factory=dict)
-    scale: dict[str, np.ndarray] = field(default_factory=dict)
-    zero: dict[str, np.ndarray] = field(default_factory=dict)
+    codes: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    scale: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    zero: dict[str, list[np.ndarray]] = field(default_factory=dict)
     mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
     norm: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
     pos: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
 
+    def arrays(self) -> list[tuple[dict[str, list[np.ndarray]], str, int]]:
+        """``(store, kind, layer)`` of every per-layer array."""
+        return [(store, kind, layer) for store in (self.codes, self.scale, self.zero) for kind in store
+                for layer in range(len(store[kind]))]
+
     def used_bytes(self) -> int:
-        total = 0
-        for kind in self.codes:
-            total += self.codes[kind][:, :, :, : self.n].nbytes + self.scale[kind][:, :, :, : self.n].nbytes
-            total += self.zero[kind][:, :, :, : self.n].nbytes
-        return int(total)
+        return int(sum(store[kind][layer].nbytes for store, kind, layer in self.arrays()))
 
     def bytes_per_column(self) -> int:
         if self.cap == 0:
             return 0
         total = 0
-        for kind in self.codes:
-            total += (self.codes[kind][:, :, :, :1].nbytes + self.scale[kind][:, :, :, :1].nbytes
-                      + self.zero[kind][:, :, :, :1].nbytes)
+        for store, kind, layer in self.arrays():
+            b, h, _, width = store[kind][layer].shape
+            total += b * h * width * store[kind][layer].itemsize
         return int(total)
 
 
@@ -122,11 +127,12 @@ class SegmentedCache(KVCache):
         self.fp_age = np.zeros(self.cap_fp, dtype=np.int64)
         self._clock = 0
         self._plan: list | None = None  # feeds() plan, built on first use
+        self._fed: dict[str, np.ndarray] | None = None  # the last feeds, kept alive until append()
         self._range: np.ndarray | None = np.array([np.inf, -np.inf], dtype=np.float32)  # None: recompute
         self.tiers = [_Tier(name, {"key": config.plan.key_bits[name], "value": config.plan.value_bits[name]})
                       for name in config.plan.tiers]
         for tier in self.tiers:
-            self._alloc(tier, 0)
+            self._empty(tier)
         self.seen_tokens = np.zeros(b, dtype=np.int64)
         self.evicted = 0
         self.demoted = 0
@@ -141,40 +147,35 @@ class SegmentedCache(KVCache):
     def _dim(self, bits: int) -> int:
         return self.D if bits == 8 else self.D // 2
 
-    def _alloc(self, tier: _Tier, cap: int) -> None:
-        """(Re)allocate ``tier`` for ``cap`` columns keeping its first ``n``."""
+    def _empty(self, tier: _Tier) -> None:
+        """Give ``tier`` zero columns."""
         b = self._batch
         for kind in KINDS:
-            bits = tier.bits[kind]
-            new_codes = np.empty((self.L, b, self.H, cap, self._dim(bits)), dtype=np.uint8)
-            new_scale = np.empty((self.L, b, self.H, cap, self.G), dtype=np.float16)
-            new_zero = np.empty((self.L, b, self.H, cap, self.G), dtype=np.uint8)
-            if tier.n:
-                new_codes[:, :, :, : tier.n] = tier.codes[kind][:, :, :, : tier.n]
-                new_scale[:, :, :, : tier.n] = tier.scale[kind][:, :, :, : tier.n]
-                new_zero[:, :, :, : tier.n] = tier.zero[kind][:, :, :, : tier.n]
-            tier.codes[kind], tier.scale[kind], tier.zero[kind] = new_codes, new_scale, new_zero
-        for attr, fill, dt in (("mask", 0, np.int64), ("norm", np.nan, np.float32), ("pos", -1, np.int64)):
-            arr = np.full((cap, b), fill, dtype=dt)
-            if tier.n:
-                arr[: tier.n] = getattr(tier, attr)[: tier.n]
-            setattr(tier, attr, arr)
-        tier.cap = cap
-
-    def _ensure(self, tier: _Tier, need: int) -> None:
-        if need > tier.cap:
-            self._alloc(tier, max(need, tier.cap + tier.cap // 2, 64))
+            dim = self._dim(tier.bits[kind])
+            tier.codes[kind] = [np.empty((b, self.H, 0, dim), dtype=np.uint8) for _ in range(self.L)]
+            tier.scale[kind] = [np.empty((b, self.H, 0, self.G), dtype=np.float16) for _ in range(self.L)]
+            tier.zero[kind] = [np.empty((b, self.H, 0, self.G), dtype=np.uint8) for _ in range(self.L)]
+        tier.mask = np.zeros((0, b), dtype=np.int64)
+        tier.norm = np.zeros((0, b), dtype=np.float32)
+        tier.pos = np.zeros((0, b), dtype=np.int64)
 
     def reserve(self, capacity: int) -> None:
-        """Preallocate room for ``capacity`` tokens per row (single-tier plans; growth is amortised anyway)."""
-        if len(self.tiers) == 1:
-            self._ensure(self.tiers[0], max(0, capacity - self.cap_fp))
+        """Nothing to do: each tier holds exactly its columns (an append copies one layer at a time)."""
+        return None
 
     # ----- protocol ------------------------------------------------------------------------------------
     @property
     def batch(self) -> int:
         """Rows in the cache."""
         return self._batch
+
+    @property
+    def prefill_chunk(self) -> int:  # type: ignore[override]
+        """Default prefill chunk (tokens, a multiple of 64, 64..2048): each chunk's new columns of every
+        layer come back in float (:meth:`output_buffers`), so they are kept under :data:`CHUNK_FLOAT_BYTES`
+        (7B-shaped fp32, 1 MiB a token: 256 tokens; SmolLM2-135M: 2048)."""
+        per_token = 2 * self.L * self.H * self.D * np.dtype(self.dtype).itemsize * max(1, self._batch)
+        return int(max(64, min(2048, CHUNK_FLOAT_BYTES // per_token)) // 64 * 64)
 
     @property
     def past_len(self) -> int:
@@ -186,9 +187,9 @@ class SegmentedCache(KVCache):
         return sorted(self.tiers, key=lambda t: 0 if t.bits[kind] == 8 else 1)
 
     def feeds(self) -> dict[str, np.ndarray]:
-        """Segment inputs of every layer, head-major: the first ``n`` columns of each capacity buffer
-        (a contiguous copy of 1-byte codes; the fp window is a view once full), as the 2-D codes / 1-D
-        scales the rewritten graph takes. The (name, store, layer) plan is built once per cache."""
+        """Segment inputs of every layer, head-major: each tier's arrays as they are (no copy), as the 2-D
+        codes / 1-D scales the rewritten graph takes; the fp window (a view once the ring is full). The
+        (name, store, layer) plan is built once per cache."""
         if getattr(self, "_plan", None) is None:
             plan = []
             for kind in KINDS:
@@ -204,14 +205,25 @@ class SegmentedCache(KVCache):
                               for layer in range(self.L)]
         out: dict[str, np.ndarray] = {}
         for tier, kind, layer, c_name, s_name, z_name, width in self._plan:
-            n = tier.n
-            out[c_name] = np.ascontiguousarray(tier.codes[kind][layer, :, :, :n]).reshape(-1, width)
-            out[s_name] = np.ascontiguousarray(tier.scale[kind][layer, :, :, :n]).reshape(-1)
-            out[z_name] = np.ascontiguousarray(tier.zero[kind][layer, :, :, :n]).reshape(-1)
+            out[c_name] = tier.codes[kind][layer].reshape(-1, width)
+            out[s_name] = tier.scale[kind][layer].reshape(-1)
+            out[z_name] = tier.zero[kind][layer].reshape(-1)
         fp_n = self.fp_n
-        for kind, layer, name in self._fp_names:
-            out[name] = self.fp[kind][layer, :, :, :fp_n]
+        for kind, layer, name in self._fp_names:  # a view once the ring is full; contiguous (bindable) always
+            out[name] = np.ascontiguousarray(self.fp[kind][layer, :, :, :fp_n])
+        self._fed = out  # an IOBinding holds only pointers: the copies must live until append()
         return out
+
+    def output_buffers(self, n_new: int) -> dict[str, np.ndarray] | None:
+        """Host arrays the session writes a long step's new columns into (``kvnew.*``, ``[B, H, T, D]``), so
+        a prefill chunk's float columns of every layer are neither held in onnxruntime's arena (which keeps
+        its peak) nor copied out of it; freed once :meth:`append` took them. None for short steps (decode):
+        their columns are small, and a plain run binds nothing."""
+        if n_new < BIND_MIN_COLUMNS:
+            return None
+        shape = (self._batch, self.H, int(n_new), self.D)
+        return {self._out[(layer, kind)]: np.empty(shape, dtype=self.dtype)
+                for layer in range(self.L) for kind in KINDS}
 
     def past_mask(self) -> np.ndarray:
         """int64 ``[batch, past_len]`` in feed order."""
@@ -219,12 +231,16 @@ class SegmentedCache(KVCache):
         return np.ascontiguousarray(np.concatenate(parts, axis=0).T)
 
     def append(self, outputs: dict[str, np.ndarray], n_new: int, new_mask: np.ndarray) -> None:
-        """Take this step's new columns (``kvnew.*`` outputs ``[B, H, T, D]``)."""
+        """Take this step's new columns (``kvnew.*`` outputs ``[B, H, T, D]``), one layer at a time: no
+        copy of every layer's columns at once (a long prefill chunk's float columns of all layers are as
+        large as the whole cache in fp32), only one layer's float temporaries while quantizing."""
+        self._fed = None  # the run that read the last feeds is over
         t = int(n_new)
         new_mask = np.asarray(new_mask, dtype=np.int64).reshape(self._batch, t)
-        new = {kind: np.stack([outputs[self._out[(l, kind)]] for l in range(self.L)]) for kind in KINDS}
-        # new[kind]: [L, B, H, T, D]; mean key norm over layers and heads -> [T, B]
-        norms = np.sqrt(np.square(new["key"], dtype=np.float32).sum(-1)).mean(axis=(0, 2)).T
+        new = {kind: [outputs[self._out[(l, kind)]] for l in range(self.L)] for kind in KINDS}
+        # mean key norm over layers and heads -> [T, B] (per-layer norms [L, B, H, T] are small)
+        per_layer = np.stack([np.sqrt(np.square(k, dtype=np.float32).sum(-1)) for k in new["key"]])
+        norms = per_layer.mean(axis=(0, 2)).T
         mask_tb = new_mask.T
         norms = np.where(mask_tb > 0, norms, np.nan).astype(np.float32)
         pos = (self.seen_tokens[:, None] + np.cumsum(new_mask, axis=1) - 1).T
@@ -249,10 +265,17 @@ class SegmentedCache(KVCache):
         win_slots = np.arange(sinks, self.fp_n)
         old = win_slots[np.argsort(self.fp_age[sinks: self.fp_n], kind="stable")[:from_window]]
         if overflow:
-            xq = {kind: np.concatenate([self.fp[kind][:, :, :, old], new[kind][:, :, :, j: j + from_new]], axis=3)
-                  for kind in KINDS}
+            cols = slice(j, j + from_new)
+
+            def leaving(layer: int, kind: str) -> np.ndarray:
+                """Layer ``layer``'s columns leaving the window: the oldest ring slots, then new ones."""
+                fresh = new[kind][layer][:, :, cols]
+                if not len(old):
+                    return fresh
+                return np.concatenate([self.fp[kind][layer][:, :, old], fresh], axis=2)
+
             self._quantize_into_tiers(
-                xq,
+                leaving,
                 np.concatenate([self.fp_mask[old], mask_tb[j: j + from_new]]),
                 np.concatenate([self.fp_norm[old], norms[j: j + from_new]]),
                 np.concatenate([self.fp_pos[old], pos[j: j + from_new]]),
@@ -265,13 +288,14 @@ class SegmentedCache(KVCache):
         self.fp_n += fresh
         self._enforce()
 
-    def _put_fp(self, slots: list[int], new: dict[str, np.ndarray], cols: slice, mask: np.ndarray,
+    def _put_fp(self, slots: list[int], new: dict[str, list[np.ndarray]], cols: slice, mask: np.ndarray,
                 norms: np.ndarray, pos: np.ndarray) -> None:
         if not slots:
             return
         idx = np.asarray(slots, dtype=np.int64)
         for kind in KINDS:
-            self.fp[kind][:, :, :, idx] = new[kind][:, :, :, cols]
+            for layer, arr in enumerate(new[kind]):
+                self.fp[kind][layer][:, :, idx] = arr[:, :, cols]
         self.fp_mask[idx] = mask
         self.fp_norm[idx] = norms
         self.fp_pos[idx] = pos
@@ -310,13 +334,14 @@ class SegmentedCache(KVCache):
         col = s.max(axis=1) if s.size else np.zeros(norms.shape[0], np.float32)
         return np.where(col < 0, 1.0, col).astype(np.float32)
 
-    def _quantize_into_tiers(self, x: dict[str, np.ndarray], mask: np.ndarray, norms: np.ndarray,
+    def _quantize_into_tiers(self, cols: Callable[[int, str], np.ndarray], mask: np.ndarray, norms: np.ndarray,
                              pos: np.ndarray) -> None:
-        """Quantize columns ``x[kind]`` ``[L, B, H, m, D]`` once and append them to their tiers."""
+        """Quantize the columns ``cols(layer, kind)`` (``[B, H, m, D]``) once and append them to their tiers,
+        one layer at a time (only that layer's float temporaries are alive)."""
         live = mask.any(axis=1)
+        keep = None
         if not live.all():  # padding in every row (e.g. a merged row's empty ring slots): nothing to keep
             keep = np.nonzero(live)[0]
-            x = {kind: v[:, :, :, keep] for kind, v in x.items()}
             mask, norms, pos = mask[keep], norms[keep], pos[keep]
         m = mask.shape[0]
         if m == 0:
@@ -332,39 +357,44 @@ class SegmentedCache(KVCache):
             sel = np.nonzero(tier_of == ti)[0]
             if sel.size == 0:
                 continue
-            qs = {}
-            for kind in KINDS:
-                part = x[kind][:, :, :, sel] if sel.size != m else x[kind]
-                if kind == "key" and self._h is not None:
-                    part = part @ self._h
-                qs[kind] = quantize(part, tier.bits[kind], self.cfg.group)
-            self._append_tier(tier, qs, mask[sel], norms[sel], pos[sel])
+            pick = sel if keep is None else keep[sel]
+            every = keep is None and sel.size == m
 
-    def _append_tier(self, tier: _Tier, qs: dict[str, QTensor], mask: np.ndarray, norms: np.ndarray,
+            def part(layer: int, kind: str, tier: _Tier = tier, pick: np.ndarray = pick, every: bool = every) -> QTensor:
+                x = cols(layer, kind)
+                x = x if every else x[:, :, pick]
+                if kind == "key" and self._h is not None:
+                    x = x @ self._h
+                return quantize(x, tier.bits[kind], self.cfg.group)
+
+            self._append_tier(tier, part, mask[sel], norms[sel], pos[sel])
+
+    def _append_tier(self, tier: _Tier, part: Callable[[int, str], QTensor], mask: np.ndarray, norms: np.ndarray,
                      pos: np.ndarray) -> None:
+        """Append ``mask.shape[0]`` columns to ``tier``; ``part(layer, kind)`` quantizes one layer's. Each
+        layer's arrays are replaced by ``[old | new]`` in turn: one layer's copy is alive at a time."""
         k = mask.shape[0]
-        self._ensure(tier, tier.n + k)
-        sl = slice(tier.n, tier.n + k)
-        for kind in KINDS:
-            tier.codes[kind][:, :, :, sl] = qs[kind].codes
-            tier.scale[kind][:, :, :, sl] = qs[kind].scale
-            tier.zero[kind][:, :, :, sl] = qs[kind].zero
-        tier.mask[sl], tier.norm[sl], tier.pos[sl] = mask, norms, pos
+        for layer in range(self.L):
+            for kind in KINDS:
+                q = part(layer, kind)
+                for store, new in ((tier.codes, q.codes), (tier.scale, q.scale), (tier.zero, q.zero)):
+                    old = store[kind][layer]
+                    store[kind][layer] = np.concatenate((old, new.astype(old.dtype, copy=False)), axis=2)
+        tier.mask = np.concatenate((tier.mask, mask))
+        tier.norm = np.concatenate((tier.norm, np.asarray(norms, dtype=np.float32)))
+        tier.pos = np.concatenate((tier.pos, pos))
         tier.n += k
+        tier.cap = max(tier.cap, tier.n)
         self._widen(norms)
 
     def _remove(self, tier: _Tier, drop: np.ndarray) -> None:
         """Compact ``tier`` without the columns flagged in ``drop`` (bool ``[n]``)."""
         keep = np.nonzero(~drop)[0]
-        n = keep.size
         self._range = None
-        for kind in KINDS:
-            for store in (tier.codes, tier.scale, tier.zero):
-                store[kind][:, :, :, :n] = store[kind][:, :, :, keep]
-        for attr in ("mask", "norm", "pos"):
-            arr = getattr(tier, attr)
-            arr[:n] = arr[keep]
-        tier.n = n
+        for store, kind, layer in tier.arrays():  # one layer's copy of the kept columns at a time
+            store[kind][layer] = store[kind][layer][:, :, keep]
+        tier.mask, tier.norm, tier.pos = tier.mask[keep], tier.norm[keep], tier.pos[keep]
+        tier.n = keep.size
 
     # ----- pressure, budget, eviction -------------------------------------------------------------------
     def _pressure(self) -> float:
@@ -396,12 +426,13 @@ class SegmentedCache(KVCache):
         order = np.argsort(scores, kind="stable")
         pick = order[: hi.n if count is None else min(count, hi.n)]
         sel = np.sort(pick)
-        qs = {}
-        for kind in KINDS:
-            q8 = QTensor(hi.codes[kind][:, :, :, sel], hi.scale[kind][:, :, :, sel], hi.zero[kind][:, :, :, sel], 8,
-                         self.cfg.group)
-            qs[kind] = quantize(dequantize(q8), lo.bits[kind], self.cfg.group)
-        self._append_tier(lo, qs, hi.mask[sel].copy(), hi.norm[sel].copy(), hi.pos[sel].copy())
+
+        def part(layer: int, kind: str) -> QTensor:  # one layer's float temporaries at a time
+            q8 = QTensor(hi.codes[kind][layer][:, :, sel], hi.scale[kind][layer][:, :, sel],
+                         hi.zero[kind][layer][:, :, sel], 8, self.cfg.group)
+            return quantize(dequantize(q8), lo.bits[kind], self.cfg.group)
+
+        self._append_tier(lo, part, hi.mask[sel].copy(), hi.norm[sel].copy(), hi.pos[sel].copy())
         drop = np.zeros(hi.n, dtype=bool)
         drop[sel] = True
         self._remove(hi, drop)
@@ -474,9 +505,9 @@ class SegmentedCache(KVCache):
         idx = np.asarray(list(rows), dtype=np.int64)
         for kind in KINDS:
             self.fp[kind] = np.ascontiguousarray(self.fp[kind][:, idx])
-            for t in self.tiers:
-                for store in (t.codes, t.scale, t.zero):
-                    store[kind] = np.ascontiguousarray(store[kind][:, idx])
+        for t in self.tiers:
+            for store, kind, layer in t.arrays():
+                store[kind][layer] = store[kind][layer][idx]
         for t in self.tiers:
             t.mask, t.norm, t.pos = t.mask[:, idx], t.norm[:, idx], t.pos[:, idx]
         self.fp_mask, self.fp_norm, self.fp_pos = self.fp_mask[:, idx], self.fp_norm[:, idx], self.fp_pos[:, idx]
@@ -532,10 +563,10 @@ class SegmentedCache(KVCache):
         self.fp_n = n_fp
         for t, u in zip(self.tiers, other.tiers):
             n = max(t.n, u.n)
-            for kind in KINDS:
-                for store_t, store_u in ((t.codes, u.codes), (t.scale, u.scale), (t.zero, u.zero)):
-                    store_t[kind] = np.concatenate([pad_cols(store_t[kind][:, :, :, : t.n], n, 3, 0),
-                                                    pad_cols(store_u[kind][:, :, :, : u.n], n, 3, 0)], axis=1)
+            for store_t, store_u in ((t.codes, u.codes), (t.scale, u.scale), (t.zero, u.zero)):
+                for kind in KINDS:
+                    store_t[kind] = [np.concatenate([pad_cols(a, n, 2, 0), pad_cols(c, n, 2, 0)], axis=0)
+                                     for a, c in zip(store_t[kind], store_u[kind])]
             for attr, fill in (("mask", 0), ("norm", np.nan), ("pos", -1)):
                 mine, theirs = getattr(t, attr)[: t.n], getattr(u, attr)[: u.n]
                 setattr(t, attr, np.concatenate([pad_cols(mine, n, 0, fill), pad_cols(theirs, n, 0, fill)], axis=1))
@@ -562,7 +593,7 @@ class SegmentedCache(KVCache):
         reserved = {"fp": int(sum(self.fp[k].nbytes for k in KINDS))}
         for t in self.tiers:
             tokens[t.name] = int(t.mask[: t.n].sum())
-            reserved[t.name] = int(sum(store[k].nbytes for store in (t.codes, t.scale, t.zero) for k in t.codes))
+            reserved[t.name] = t.used_bytes()
         held = {name: n * self.token_bytes(name) for name, n in tokens.items()}
         per_token_fp16 = 2 * self.L * self.H * self.D * 2
         return KVStats(tokens=tokens, bytes=held, bytes_fp16=sum(tokens.values()) * per_token_fp16,

@@ -6,6 +6,8 @@
   systems, ``peak_wset`` on Windows).
 - :class:`PeakWindow`: the peak over one measured window (Linux: the kernel high-water mark reset through
   ``/proc/self/clear_refs`` and read after the window, exact; elsewhere sampled every 2 ms and on demand).
+- :func:`mapped_file_rss`: the resident bytes of this process's mappings of given files (Linux
+  ``/proc/self/smaps``), e.g. how much of a model's weight file stays resident after its session is built.
 
 Every value is bytes, or None when the platform does not expose it: never a guess.
 """
@@ -15,7 +17,8 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import Any
+from pathlib import Path
+from typing import Any, Iterable
 
 
 class _StatmReader:
@@ -152,3 +155,32 @@ class PeakWindow:
     def _sample_loop(self) -> None:
         while not self._stop.wait(0.002):
             self._peak = max(self._peak, self.rss())
+
+
+def mapped_file_rss(files: Iterable[Path | str]) -> int | None:
+    """Resident bytes of this process's mappings of ``files`` (matched by device and inode, so a hard link
+    counts as its file), summed over ``/proc/self/smaps``; None where that file does not exist (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    keys = set()
+    for f in files:
+        st = os.stat(f)
+        keys.add((os.major(st.st_dev), os.minor(st.st_dev), st.st_ino))
+    total, counting = 0, False
+    try:
+        with open("/proc/self/smaps", encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                parts = line.split()
+                if not parts:
+                    continue
+                if "-" in parts[0] and not parts[0].endswith(":") and len(parts) >= 5:  # a mapping's header
+                    major, _, minor = parts[3].partition(":")
+                    try:
+                        counting = (int(major, 16), int(minor, 16), int(parts[4])) in keys
+                    except ValueError:
+                        counting = False
+                elif counting and parts[0] == "Rss:":
+                    total += int(parts[1]) * 1024
+    except OSError:
+        return None
+    return total

@@ -16,6 +16,9 @@ from inferos_cli.errors import ModelError
 from inferos_cli.models.params import size_class
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
+LOCAL_MASK = "local_attention_mask"
+"""Optional input of inferos' GQA graphs with sliding-window layers: those layers' own row lengths, so their
+caches may hold only the window (:mod:`inferos_cli.models.builders.base`, :mod:`inferos_cli.kv.plain`)."""
 
 
 @dataclass
@@ -49,6 +52,10 @@ class ModelInfo:
     kv_dtype: str = "float32"
     uses_gqa_op: bool = False
     add_bos: bool = True
+    kv_windows: list[int] = field(default_factory=list)
+    """Per layer: the sliding window (keys a query sees, its own included) of a layer whose cache may keep
+    only its last ``window - 1`` tokens (the graph takes :data:`LOCAL_MASK`), 0 for full-context layers;
+    empty when no layer can."""
 
     @property
     def has_position_ids(self) -> bool:
@@ -188,6 +195,14 @@ def inspect_folder(folder: Path, name: str | None = None) -> ModelInfo:
         raise ModelError(f"{onnx_path} has {num_layers} past inputs but the config says {layers} layers")
     extra: dict[str, Any] = _read_json(meta) if meta.is_file() else {}
     tokenizer = folder / "tokenizer.json"
+    windows: list[int] = []
+    if LOCAL_MASK in inputs:  # the window of each layer's GroupQueryAttention, found by its past input
+        layer_of = {fmts[0] % i: i for i in range(layers)}
+        windows = [0] * layers
+        for node in graph.graph.node:
+            if node.op_type == "GroupQueryAttention" and len(node.input) > 3 and node.input[3] in layer_of:
+                size = next((a.i for a in node.attribute if a.name == "local_window_size"), -1)
+                windows[layer_of[node.input[3]]] = max(0, int(size))
     return ModelInfo(
         name=name or extra.get("name") or folder.name,
         path=folder,
@@ -216,4 +231,5 @@ def inspect_folder(folder: Path, name: str | None = None) -> ModelInfo:
         kv_dtype=kv_dtype,
         uses_gqa_op=uses_gqa,
         add_bos=bool(tokenizer_cfg.get("add_bos_token", source != "oga")),
+        kv_windows=windows if any(windows) else [],
     )

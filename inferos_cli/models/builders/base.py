@@ -19,6 +19,11 @@ fused into one matmul each. Quantized weights use ``com.microsoft.MatMulNBits`` 
 
 Sliding-window layers (``spec.is_local``) attend to the last ``sliding_window`` keys only (GQA's
 ``local_window_size``, or a windowed bias), with their own RoPE tables when ``spec.rope_local_theta`` is set.
+A GQA graph with such layers has one more, optional input, ``local_attention_mask [B, L+T]`` (default: an
+empty ``[1, 0]`` initializer): when fed, the sliding layers' GQA takes its row lengths from it instead of
+``attention_mask``, so their past buffers may hold only each row's last ``sliding_window - 1`` tokens (the
+engine's bounded caches, :mod:`inferos_cli.kv.plain`); RoPE still reads the true ``position_ids``. Left
+unfed, every layer reads the full past, so the standard decoder I/O above is all a caller needs.
 
 Hooks an architecture may override (see :mod:`inferos_cli.models.builders.llama`, ``gemma``, ``qwen3``,
 ``phi3``): :meth:`embedding`, :meth:`layer`, :meth:`self_attention`, :meth:`qk_norm`, :meth:`mlp`,
@@ -34,6 +39,7 @@ import numpy as np
 
 from inferos_cli.errors import ConversionError
 from inferos_cli.models.builders.writer import GraphWriter
+from inferos_cli.models.info import LOCAL_MASK
 from inferos_cli.models.weights import BLOCK, DecoderSpec, DecoderWeights, LayerWeights, QuantWeight, Weight, concat_rows
 
 NEG_INF_BIAS = -1.0e9  # additive mask; finite so a fully padded query row stays a valid softmax
@@ -208,6 +214,8 @@ class DecoderBuilder:
         self.bt_shape = w.op("Concat", w.op("Shape", "input_ids"), w.const([-1]), axis=0)  # [B, T, -1]
         if self.attention == "gqa":
             self.lengths = self.gqa_lengths()
+            local = any(spec.is_local(i) for i in range(spec.num_layers))
+            self.lengths_local = self.gqa_local_lengths() if local else self.lengths
         else:
             form = "op" if self.attention == "op" else "plain"
             self.mask = attention_bias(w, form)
@@ -256,6 +264,11 @@ class DecoderBuilder:
                     f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch_size", kvh, "past_sequence_length", d]))
                 outputs.append(helper.make_tensor_value_info(
                     f"present.{i}.{kind}", TensorProto.FLOAT, ["batch_size", kvh, "total_sequence_length", d]))
+        if self.attention == "gqa" and any(spec.is_local(i) for i in range(spec.num_layers)):
+            # optional: an initializer of the same name is its default (onnxruntime lets a feed override it)
+            inputs.append(helper.make_tensor_value_info(
+                LOCAL_MASK, TensorProto.INT64, ["local_batch_size", "local_sequence_length"]))
+            self.w.init(LOCAL_MASK, np.zeros((1, 0), dtype=np.int64))
         return inputs, outputs
 
     # -- one decoder block --------------------------------------------------------------------------
@@ -291,7 +304,8 @@ class DecoderBuilder:
                 q, k = self.qk_norm(i, q, k, layer)
             window = spec.sliding_window if local and spec.sliding_window else -1  # keys seen, the query's own included
             extra = {"softcap": cap} if cap else {}
-            ctx = w.node("GroupQueryAttention", [q, k, v, past_k, past_v, *self.lengths, *rope, "position_ids"],
+            lengths = self.lengths_local if local else self.lengths
+            ctx = w.node("GroupQueryAttention", [q, k, v, past_k, past_v, *lengths, *rope, "position_ids"],
                          outputs=presents, domain="com.microsoft", num_heads=heads, kv_num_heads=kvh, scale=scale,
                          do_rotary=1, rotary_interleaved=0, local_window_size=window, **extra)[0]
             return w.op("Reshape", ctx, w.const([-1, heads * d]))
@@ -364,9 +378,23 @@ class DecoderBuilder:
         """``GroupQueryAttention``'s ``seqlens_k`` (int32 ``[B]``: each row's real tokens - 1, from the mask)
         and ``total_sequence_length`` (int32 scalar: the mask's width)."""
         w = self.w
-        lengths = w.op("ReduceSum", "attention_mask", w.const([1]), keepdims=0)
+        self.mask_lengths = w.op("ReduceSum", "attention_mask", w.const([1]), keepdims=0)
+        self.mask_width = w.op("Shape", "attention_mask", start=1, end=2)
+        seqlens = w.op("Cast", w.op("Sub", self.mask_lengths, w.const(1)), to=6)
+        total = w.op("Cast", w.op("Squeeze", self.mask_width, w.const([0])), to=6)
+        return seqlens, total
+
+    def gqa_local_lengths(self) -> tuple[str, str]:
+        """``seqlens_k`` and ``total_sequence_length`` of the sliding layers: from ``local_attention_mask``
+        when it is fed (non-empty), else the same as :meth:`gqa_lengths` (call that first). GQA places a
+        row's new keys right after its ``seqlens_k + 1 - new`` cached ones and masks the window relative to
+        them, so a buffer holding only the row's last tokens is exact as long as RoPE gets true positions."""
+        w = self.w
+        width = w.op("Shape", LOCAL_MASK, start=1, end=2)
+        fed = w.op("Greater", width, w.const([0]))
+        lengths = w.op("Where", fed, w.op("ReduceSum", LOCAL_MASK, w.const([1]), keepdims=0), self.mask_lengths)
         seqlens = w.op("Cast", w.op("Sub", lengths, w.const(1)), to=6)
-        total = w.op("Cast", w.op("Squeeze", w.op("Shape", "attention_mask", start=1, end=2), w.const([0])), to=6)
+        total = w.op("Cast", w.op("Squeeze", w.op("Where", fed, width, self.mask_width), w.const([0])), to=6)
         return seqlens, total
 
     # -- ends ---------------------------------------------------------------------------------------
