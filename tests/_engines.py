@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -63,3 +65,17 @@ def session_run(session: Any, output_names: list[str] | None, feeds: dict[str, n
     session.run_with_iobinding(binding)
     produced = binding.copy_outputs_to_cpu()
     return [out_buffers[n] if n in out_buffers else arr for n, arr in zip(names, produced)]
+
+
+@contextlib.contextmanager
+def inferos_home(path: str | Path) -> Iterator[Path]:
+    """``INFEROS_HOME`` set to ``path`` for a module-scoped fixture (monkeypatch is per test), restored after."""
+    old = os.environ.get("INFEROS_HOME")
+    os.environ["INFEROS_HOME"] = str(path)
+    try:
+        yield Path(path)
+    finally:
+        if old is None:
+            os.environ.pop("INFEROS_HOME", None)
+        else:
+            os.environ["INFEROS_HOME"] = old

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
+from inferos_cli.graphs.probe import gqa_decode_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -75,35 +76,12 @@ def int8_gqa_kernel() -> bool:
 
     A probe rather than a look at the kernel registry: ``get_all_opkernel_def()`` can crash the process
     on some GPU builds of onnxruntime."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-        d = 16
-        vi = helper.make_tensor_value_info
-        node = helper.make_node(
-            "GroupQueryAttention", ["q", "", "", "pk", "pv", "seqlens", "total", "", "", "", "", "", "ks", "vs"],
-            ["out", "k", "v"], domain="com.microsoft", num_heads=1, kv_num_heads=1,
-            k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=BITS)
-        scale = np.full((1, 1, 1, d), 0.05, np.float32)
-        graph = helper.make_graph(
-            [node], "inferos_int8_gqa_probe",
-            [vi("q", TensorProto.FLOAT, [1, 1, 3 * d]), vi("pk", TensorProto.INT8, [1, 1, 4, d]),
-             vi("pv", TensorProto.INT8, [1, 1, 4, d]), vi("seqlens", TensorProto.INT32, [1]),
-             vi("total", TensorProto.INT32, [])],
-            [vi("out", TensorProto.FLOAT, None), vi("k", TensorProto.INT8, None), vi("v", TensorProto.INT8, None)],
-            [numpy_helper.from_array(scale, "ks"), numpy_helper.from_array(scale, "vs")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-        model.ir_version = 10
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        past = np.ones((1, 1, 4, d), np.int8)
-        out, k, _ = sess.run(None, {"q": np.full((1, 1, 3 * d), 0.1, np.float32), "pk": past, "pv": past,
-                                    "seqlens": np.array([4], np.int32), "total": np.array(5, np.int32)})
-        return k.dtype == np.int8 and bool(np.isfinite(out).all())
-    except Exception:  # no such kernel / attributes in this onnxruntime
-        return False
+    scale = np.full((1, 1, 1, 16), 0.05, np.float32)
+    ran = gqa_decode_step(TensorProto.INT8, TensorProto.FLOAT, [""] * 5 + ["ks", "vs"], {"ks": scale, "vs": scale},
+                          k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=BITS)
+    return ran is not None and ran[1].dtype == np.int8 and bool(np.isfinite(ran[0]).all())
 
 
 def calibrate(info: "ModelInfo", text: str = CALIBRATION_TEXT, key_margin: float = KEY_MARGIN,

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
+from inferos_cli.graphs.probe import gqa_decode_step
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -45,33 +46,12 @@ def supported(info: "ModelInfo") -> bool:
 def half_gqa_kernel() -> bool:
     """Run a one-node float16 ``GroupQueryAttention`` (rotary on, one decode step over 4 cached tokens) on
     the CPU provider: True when it loads, runs and returns finite float16 outputs."""
-    try:
-        import onnxruntime as ort
-        from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto
 
-        d, f16 = 16, TensorProto.FLOAT16
-        vi = helper.make_tensor_value_info
-        node = helper.make_node(
-            "GroupQueryAttention", ["q", "", "", "pk", "pv", "seqlens", "total", "cos", "sin"], ["out", "k", "v"],
-            domain="com.microsoft", num_heads=1, kv_num_heads=1, do_rotary=1)
-        trig = np.full((8, d // 2), 0.5, np.float16)
-        graph = helper.make_graph(
-            [node], "inferos_fp16_gqa_probe",
-            [vi("q", f16, [1, 1, 3 * d]), vi("pk", f16, [1, 1, 4, d]), vi("pv", f16, [1, 1, 4, d]),
-             vi("seqlens", TensorProto.INT32, [1]), vi("total", TensorProto.INT32, [])],
-            [vi("out", f16, None), vi("k", f16, None), vi("v", f16, None)],
-            [numpy_helper.from_array(trig, "cos"), numpy_helper.from_array(trig, "sin")])
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
-        model.ir_version = 10
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 4
-        sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-        past = np.ones((1, 1, 4, d), np.float16)
-        out, k, _ = sess.run(None, {"q": np.full((1, 1, 3 * d), 0.1, np.float16), "pk": past, "pv": past,
-                                    "seqlens": np.array([4], np.int32), "total": np.array(5, np.int32)})
-        return k.dtype == np.float16 and bool(np.isfinite(out.astype(np.float32)).all())
-    except Exception:  # no float16 GQA kernel in this onnxruntime
-        return False
+    trig = np.full((8, 8), 0.5, np.float16)
+    ran = gqa_decode_step(TensorProto.FLOAT16, TensorProto.FLOAT16, ["cos", "sin"], {"cos": trig, "sin": trig},
+                          do_rotary=1)
+    return ran is not None and ran[1].dtype == np.float16 and bool(np.isfinite(ran[0].astype(np.float32)).all())
 
 
 def half_model(info: "ModelInfo") -> Any:

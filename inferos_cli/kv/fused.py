@@ -18,7 +18,7 @@ import numpy as np
 
 from inferos_cli.graphs.fused import KEY_MARGIN, VALUE_MARGIN, fused_graph, graph_scales
 from inferos_cli.kv.base import KVLayout
-from inferos_cli.kv.plain import ALIGN, PlainCache, window_note
+from inferos_cli.kv.plain import ALIGN, PlainCache, layout_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -79,7 +79,4 @@ class FusedLayout(KVLayout):
         if self.shared_buffer:
             text += ", shared past/present buffer"
         text += ", prefill in float"
-        windows = window_note(self.info, window_align(self.info))
-        if windows:
-            text += f", {windows}"
-        return f"{text}; {self.note}" if self.note else text
+        return layout_line(text, self.info, self.note, window_align(self.info))

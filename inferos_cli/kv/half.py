@@ -16,7 +16,7 @@ import numpy as np
 
 from inferos_cli.graphs.half_kv import half_graph
 from inferos_cli.kv.base import KVLayout
-from inferos_cli.kv.plain import PlainCache, window_note
+from inferos_cli.kv.plain import PlainCache, layout_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -55,7 +55,4 @@ class HalfLayout(KVLayout):
         text = "fp16: float16 past/present, GroupQueryAttention in float16 (weights and other ops float32)"
         if self.shared_buffer:
             text += ", shared past/present buffer"
-        windows = window_note(self.info)
-        if windows:
-            text += f", {windows}"
-        return f"{text}; {self.note}" if self.note else text
+        return layout_line(text, self.info, self.note)

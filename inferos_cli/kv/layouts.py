@@ -19,7 +19,7 @@ from inferos_cli.graphs.half_kv import supported as half_supported
 from inferos_cli.kv.base import KVLayout
 from inferos_cli.kv.fused import FusedLayout
 from inferos_cli.kv.half import HalfLayout
-from inferos_cli.kv.plain import PlainCache, window_note
+from inferos_cli.kv.plain import PlainCache, layout_line
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.kv.segmented import SegmentedCache
@@ -51,10 +51,7 @@ class PlainLayout(KVLayout):
         text = f"plain {self.info.kv_dtype}"
         if self.shared_buffer:
             text += " (shared past/present buffer)"
-        windows = window_note(self.info)
-        if windows:
-            text += f", {windows}"
-        return f"{text}; {self.note}" if self.note else text
+        return layout_line(text, self.info, self.note)
 
 
 class SegmentedLayout(KVLayout):

@@ -445,3 +445,12 @@ def window_note(info: "ModelInfo", align: int = ALIGN) -> str:
     keep = max(sizes[i] for i in local) - 1
     return (f"sliding-window layers {spans} ({len(local)} of {info.num_layers}) hold each row's last {keep} "
             f"tokens (up to {keep + align - 1}, block-aligned)")
+
+
+def layout_line(text: str, info: "ModelInfo", note: str = "", align: int = ALIGN) -> str:
+    """A layout's one-line description: ``text``, the :func:`window_note` when local layers are bounded, and
+    the layout's note (why a requested policy is not applied) after a semicolon."""
+    windows = window_note(info, align)
+    if windows:
+        text += f", {windows}"
+    return f"{text}; {note}" if note else text

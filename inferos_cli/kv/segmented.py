@@ -171,11 +171,12 @@ class SegmentedCache(KVCache):
 
     @property
     def prefill_chunk(self) -> int:  # type: ignore[override]
-        """Default prefill chunk (tokens, a multiple of 64, 64..2048): each chunk's new columns of every
-        layer come back in float (:meth:`output_buffers`), so they are kept under :data:`CHUNK_FLOAT_BYTES`
-        (7B-shaped fp32, 1 MiB a token: 256 tokens; SmolLM2-135M: 2048)."""
+        """Default prefill chunk: 512 tokens, fewer (a multiple of 64, at least 64) where a chunk's new
+        columns of every layer, which come back in float (:meth:`output_buffers`), would pass
+        :data:`CHUNK_FLOAT_BYTES` (7B-shaped fp32, 1 MiB a token: 256). Each chunk dequantizes the past
+        again, which measured cheap next to the chunk's own compute (benchmarks/README.md)."""
         per_token = 2 * self.L * self.H * self.D * np.dtype(self.dtype).itemsize * max(1, self._batch)
-        return int(max(64, min(2048, CHUNK_FLOAT_BYTES // per_token)) // 64 * 64)
+        return int(max(64, min(512, CHUNK_FLOAT_BYTES // per_token)) // 64 * 64)
 
     @property
     def past_len(self) -> int:

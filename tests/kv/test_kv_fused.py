@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _engines import clone_cache, load_engine
+from _engines import inferos_home, clone_cache, load_engine
 from conftest import check_graph
 from inferos_cli.engine.plan import auto_fused, choose_layout
 from inferos_cli.graphs.fused import calibrate
@@ -29,19 +29,10 @@ def _policy(profile: str):
 @pytest.fixture(scope="module")
 def engines(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Baseline and int8-fused engines on the OGA folder (the fused graph built once, in a temp home)."""
-    import os
-
     home = tmp_path_factory.mktemp("fused-home")
-    old = os.environ.get("INFEROS_HOME")
-    os.environ["INFEROS_HOME"] = str(home)
-    try:
+    with inferos_home(home):
         yield {name: load_engine(oga_dir.parent, name, flags={"scheduler": {"mode": "cpu"}}, use_env=False)
                for name in ("baseline", "int8-fused")}
-    finally:
-        if old is None:
-            os.environ.pop("INFEROS_HOME", None)
-        else:
-            os.environ["INFEROS_HOME"] = old
 
 
 def test_fused_backend_is_chosen_for_gqa_graphs(engines) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _engines import load_engine
+from _engines import inferos_home, load_engine
 from conftest import check_graph
 from inferos_cli.engine.plan import choose_layout
 from inferos_cli.engine.sampling import GenerationConfig
@@ -37,15 +37,8 @@ def _policy(profile: str, **flags):
 def engines(oga_exact: Path, tmp_path_factory: pytest.TempPathFactory):
     """Baseline and fp16 engines on the exact OGA folder (the fp16 graph built once, in a temp home)."""
     home = tmp_path_factory.mktemp("half-home")
-    old = os.environ.get("INFEROS_HOME")
-    os.environ["INFEROS_HOME"] = str(home)
-    try:
+    with inferos_home(home):
         yield {name: load_engine(oga_exact, name, flags=CPU, use_env=False) for name in ("baseline", "fp16")}
-    finally:
-        if old is None:
-            os.environ.pop("INFEROS_HOME", None)
-        else:
-            os.environ["INFEROS_HOME"] = old
 
 
 def test_fp16_graph_has_float16_past_and_gqa_in_float16(engines) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _arch_gguf import write_arch_gguf
-from _engines import load_engine
+from _engines import inferos_home, load_engine
 from _gemma_ref import forward as ref_forward
 from inferos_cli.kv.fused import FusedCache
 from inferos_cli.kv.plain import ALIGN, PlainCache
@@ -32,15 +32,8 @@ def gemma(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("sliding")
     hf, cfg = write_arch_gguf(tmp / "g.gguf", "gemma3", window=WINDOW, context=CONTEXT)
     out = convert_gguf(tmp / "g.gguf", tmp / "out", accuracy_level=0)
-    old = os.environ.get("INFEROS_HOME")
-    os.environ["INFEROS_HOME"] = str(tmp / "home")
-    try:
+    with inferos_home(tmp / "home"):
         yield hf, cfg, {p: load_engine(out, p, flags=CPU, use_env=False) for p in CACHES}
-    finally:
-        if old is None:
-            os.environ.pop("INFEROS_HOME", None)
-        else:
-            os.environ["INFEROS_HOME"] = old
 
 
 def drive(eng, cache, prompt: list[int], chunks: list[int], n_decode: int,

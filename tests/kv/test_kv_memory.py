@@ -1,0 +1,126 @@
+"""Peak RSS of the segmented int4 cache at a long context, measured in child processes on a real model.
+
+The model is written here: a 16-layer llama GGUF with wide heads (4 kv heads x 128) and small matrices
+(hidden 512, random Q4_0 blocks), so the KV cache is most of what grows with the context (fp32 KV at 4096
+tokens: 256 MiB) and a prefill of 4096 tokens takes seconds. Each config runs in a fresh process: load,
+prefill the prompt the way ``inferos run`` / ``bench`` do (:meth:`Engine.prefill`, default chunking), decode
+a few tokens, and report the peak RSS of that window (VmHWM, reset before it) and the KV bytes held.
+
+The claim: the int4 run's peak is below the baseline's by at least half of the KV bytes it saves. Before
+the fix (issue 15) the int4 peak was *above* the baseline's here (every layer's float presents and new
+columns, and host copies of all layers, alive at once), so this fails on that code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+LAYERS, HIDDEN, HEADS, FFN = 16, 512, 4, 512  # head_dim 128, kv heads = heads
+CONTEXT, DECODE = 4096, 4
+FRACTION = 0.5  # of the KV saving that the peak must drop by
+
+CHILD = r"""
+import json, sys
+import numpy as np
+from inferos_cli.engine.engine import Engine
+from inferos_cli.machine.rss import PeakWindow
+from inferos_cli.models.resolve import resolve_model
+from inferos_cli.profiles import resolve_settings
+
+folder, profile, context, decode = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+info = resolve_model(folder, progress=False)
+eng = Engine(info, resolve_settings(profile, param_count=info.param_count, use_env=False), threads=2)
+ids = np.random.default_rng(0).integers(3, info.vocab_size, (1, context + decode))
+cache = eng.new_cache(1, capacity=context + decode + 1)
+window = PeakWindow()
+window.start()
+eng.prefill(ids[:, :context], cache)
+for k in range(decode):
+    eng.forward(ids[:, context + k: context + k + 1], cache, phase="decode")
+peak = window.stop()
+print(json.dumps({"peak": peak, "exact": window.exact, "kv": cache.stats().total_bytes, "kv_desc": eng.layout.describe()}))
+"""
+
+
+def _write_wide_gguf(path: Path) -> None:
+    """The test model: real GGUF layout and Q4_0 blocks, random values (scale 0.004, so activations stay finite)."""
+    import gguf
+
+    from _tiny_gguf import add_vocab, vocab
+
+    rng = np.random.default_rng(0)
+    n_vocab = len(vocab()[0])
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(LAYERS)
+    w.add_context_length(8192)
+    w.add_embedding_length(HIDDEN)
+    w.add_feed_forward_length(FFN)
+    w.add_head_count(HEADS)
+    w.add_head_count_kv(HEADS)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    add_vocab(w)
+
+    def q4_0(name: str, rows: int, cols: int) -> None:
+        blocks = np.empty((rows * cols // 32, 18), dtype=np.uint8)
+        blocks[:, :2] = np.full(len(blocks), 0.004, dtype=np.float16).view(np.uint8).reshape(-1, 2)
+        blocks[:, 2:] = rng.integers(0, 256, (len(blocks), 16), dtype=np.uint8)
+        w.add_tensor(name, blocks.reshape(rows, -1), raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+
+    def norm(name: str) -> None:
+        w.add_tensor(name, (1 + 0.05 * rng.standard_normal(HIDDEN)).astype(np.float32))
+
+    q4_0("token_embd.weight", n_vocab, HIDDEN)
+    for i in range(LAYERS):
+        p = f"blk.{i}."
+        norm(p + "attn_norm.weight")
+        for part in ("q", "k", "v", "output"):
+            q4_0(p + f"attn_{part}.weight", HIDDEN, HIDDEN)
+        norm(p + "ffn_norm.weight")
+        q4_0(p + "ffn_gate.weight", FFN, HIDDEN)
+        q4_0(p + "ffn_up.weight", FFN, HIDDEN)
+        q4_0(p + "ffn_down.weight", HIDDEN, FFN)
+    norm("output_norm.weight")
+    q4_0("output.weight", n_vocab, HIDDEN)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def _measure(folder: Path, profile: str) -> dict:
+    """One config in a fresh process (nothing of the other run stays resident)."""
+    res = subprocess.run([sys.executable, "-c", CHILD, str(folder), profile, str(CONTEXT), str(DECODE)],
+                         capture_output=True, text=True, env=dict(os.environ), timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_int4_peak_rss_drops_by_most_of_the_kv_saving(tmp_path: Path) -> None:
+    """At 4096 tokens the segmented int4 cache's peak RSS sits below the fp32 baseline's by at least
+    :data:`FRACTION` of the KV bytes it saves, and it holds at most 0.3x the baseline's fp16-equivalent KV."""
+    from inferos_cli.models.convert import convert_gguf
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak window is exact (VmHWM reset) on Linux only")
+    src = tmp_path / "wide.gguf"
+    _write_wide_gguf(src)
+    folder = convert_gguf(src, tmp_path / "wide")
+    base, int4 = _measure(folder, "baseline"), _measure(folder, "int4")
+    assert base["exact"] and int4["exact"]
+    per_token_fp32 = 2 * LAYERS * HEADS * (HIDDEN // HEADS) * 4
+    assert base["kv"] == (CONTEXT + DECODE) * per_token_fp32
+    assert "int4" in int4["kv_desc"] and int4["kv"] <= 0.3 * base["kv"] / 2  # fp16 bytes are half the fp32 ones
+    saving = base["kv"] - int4["kv"]
+    drop = base["peak"] - int4["peak"]
+    mib = 2**20
+    assert drop >= FRACTION * saving, (
+        f"int4 peak {int4['peak'] / mib:.0f} MiB vs baseline {base['peak'] / mib:.0f} MiB: dropped "
+        f"{drop / mib:.0f} MiB, less than {FRACTION} x the KV saving {saving / mib:.0f} MiB")
