@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
+from inferos_cli.graphs.naming import copied_note, derived_path, retype_kv, save_derived
 from inferos_cli.graphs.probe import gqa_decode_step
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -164,13 +164,7 @@ def fused_model(info: "ModelInfo", scales: dict[str, np.ndarray]) -> Any:
 
     model = onnx.load(str(info.onnx_path), load_external_data=False)
     graph = model.graph
-    kv_names = {info.past_key_fmt % i for i in range(info.num_layers)} | \
-               {info.past_value_fmt % i for i in range(info.num_layers)}
-    present_names = {info.present_key_fmt % i for i in range(info.num_layers)} | \
-                    {info.present_value_fmt % i for i in range(info.num_layers)}
-    for vi in list(graph.input) + list(graph.output):
-        if vi.name in kv_names or vi.name in present_names:
-            vi.type.tensor_type.elem_type = TensorProto.INT8
+    retype_kv(graph, info, TensorProto.INT8)
     done = 0
     for node in graph.node:
         if node.op_type != "GroupQueryAttention":

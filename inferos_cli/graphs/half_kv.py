@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
+from inferos_cli.graphs.naming import copied_note, derived_path, retype_kv, save_derived
 from inferos_cli.graphs.probe import gqa_decode_step
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -65,13 +65,7 @@ def half_model(info: "ModelInfo") -> Any:
 
     model = onnx.load(str(info.onnx_path), load_external_data=False)
     graph = model.graph
-    pasts = {info.past_key_fmt % i for i in range(info.num_layers)} | \
-            {info.past_value_fmt % i for i in range(info.num_layers)}
-    presents = {info.present_key_fmt % i for i in range(info.num_layers)} | \
-               {info.present_value_fmt % i for i in range(info.num_layers)}
-    for vi in [*graph.input, *graph.output, *graph.value_info]:
-        if vi.name in pasts or vi.name in presents:
-            vi.type.tensor_type.elem_type = TensorProto.FLOAT16
+    pasts, presents = retype_kv(graph, info, TensorProto.FLOAT16, value_info=True)
     casts: dict[str, str] = {}  # float32 name -> its float16 cast (cos/sin shared by every layer)
     nodes: list[Any] = []
     done = 0

@@ -20,9 +20,12 @@ import hashlib
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from inferos_cli import paths
+
+if TYPE_CHECKING:  # pragma: no cover
+    from inferos_cli.models.info import ModelInfo
 
 
 def graphs_dir() -> Path:
@@ -125,3 +128,15 @@ def save_derived(model: Any, src: Path, path: Path) -> list[str]:
 def copied_note(copied: list[str], folder: Path) -> str:
     """A table note when weights had to be copied (no hard link possible), else ``""``."""
     return f"weights copied to {folder} (no hard link possible across file systems)" if copied else ""
+
+
+def retype_kv(graph: Any, info: "ModelInfo", elem_type: int, *, value_info: bool = False) -> tuple[set[str], set[str]]:
+    """Give every past input and present output of ``graph`` the ONNX ``elem_type`` (and their
+    ``value_info`` entries too when asked); returns (past names, present names)."""
+    n = range(info.num_layers)
+    pasts = {info.past_key_fmt % i for i in n} | {info.past_value_fmt % i for i in n}
+    presents = {info.present_key_fmt % i for i in n} | {info.present_value_fmt % i for i in n}
+    for vi in [*graph.input, *graph.output, *(graph.value_info if value_info else [])]:
+        if vi.name in pasts or vi.name in presents:
+            vi.type.tensor_type.elem_type = elem_type
+    return pasts, presents
