@@ -68,7 +68,7 @@ def session_run(session: Any, output_names: list[str] | None, feeds: dict[str, n
 
 
 @contextlib.contextmanager
-def inferos_home(path: str | Path) -> Iterator[Path]:
+def home_env(path: str | Path) -> Iterator[Path]:
     """``INFEROS_HOME`` set to ``path`` for a module-scoped fixture (monkeypatch is per test), restored after."""
     old = os.environ.get("INFEROS_HOME")
     os.environ["INFEROS_HOME"] = str(path)

@@ -108,38 +108,25 @@ def run_bench(
             continue
         prompts = make_prompts(ids, batch, seq, bos)
         rows = {spec.name: CellResult(batch, seq, spec.name) for spec in live}
-        runners: dict[str, Runner] = {}
-        try:
-            runners = start_cell(live, info, grid, factory, rows, strict_devices)
-            cell_steps = [s for s in steps if (s.batch, s.seq) == (batch, seq)]
-            for step in cell_steps:
-                row = rows[step.config]
-                runner = runners.get(step.config)
-                if runner is not None and row.status == "ok":
-                    t_step = time.perf_counter()
-                    entry = {"index": len(result.order), "batch": batch, "seq": seq, "config": step.config,
-                             "repeat": step.repeat, "warmup": step.warmup, "t_s": round(t_step - started, 4),
-                             "ok": True}
-                    result.order.append(entry)
-                    try:
-                        sample = runner.run(prompts, grid.gen_tokens)
-                    except InferosError as exc:
-                        entry["ok"] = False
-                        row.status, row.reason = "error", exc.one_line()
-                        runner.close()
-                        runners.pop(step.config, None)
-                    else:
-                        if not step.warmup:
-                            record(row, sample)
-                        elif sample.get("rss_method"):
-                            result.rss_method = sample["rss_method"]
-                done += step.weight
-                if on_progress:
-                    on_progress(Progress(done, total, step, f"batch {batch} seq {seq} {step.config}",
-                                         time.perf_counter() - started))
-        finally:
-            for runner in runners.values():
-                runner.close()
+        groups, why = resident_groups(live, info, batch, seq + grid.gen_tokens)
+        if why:
+            result.host.setdefault("one_config_at_a_time", []).append({"batch": batch, "seq": seq, "reason": why})
+        for group in groups:
+            names = {spec.name for spec in group}
+            runners: dict[str, Runner] = {}
+            try:
+                runners = start_cell(group, info, grid, factory, rows, strict_devices)
+                for step in steps:
+                    if (step.batch, step.seq) != (batch, seq) or step.config not in names:
+                        continue
+                    run_step(step, runners, rows[step.config], prompts, grid, result, started)
+                    done += step.weight
+                    if on_progress:
+                        on_progress(Progress(done, total, step, f"batch {batch} seq {seq} {step.config}",
+                                             time.perf_counter() - started))
+            finally:
+                for runner in runners.values():
+                    runner.close()
         result.cells.extend(rows[spec.name] for spec in live)
         if on_cell:
             on_cell(result)
@@ -158,6 +145,57 @@ def run_bench(
     except (AttributeError, OSError):  # pragma: no cover
         pass
     return result
+
+
+def run_step(step: Step, runners: dict[str, Runner], row: CellResult, prompts: list[list[int]], grid: Grid,
+             result: BenchResult, started: float) -> None:
+    """One scheduled generation of one config; an error marks the row and closes its runner."""
+    runner = runners.get(step.config)
+    if runner is None or row.status != "ok":
+        return
+    entry = {"index": len(result.order), "batch": step.batch, "seq": step.seq, "config": step.config,
+             "repeat": step.repeat, "warmup": step.warmup, "t_s": round(time.perf_counter() - started, 4), "ok": True}
+    result.order.append(entry)
+    try:
+        sample = runner.run(prompts, grid.gen_tokens)
+    except InferosError as exc:
+        entry["ok"] = False
+        row.status, row.reason = "error", exc.one_line()
+        runner.close()
+        runners.pop(step.config, None)
+        return
+    if not step.warmup:
+        record(row, sample)
+    elif sample.get("rss_method"):
+        result.rss_method = sample["rss_method"]
+
+
+def resident_groups(live: list[ConfigSpec], info: "ModelInfo", batch: int, tokens: int,
+                    available: int | None = None) -> tuple[list[list[ConfigSpec]], str]:
+    """The configs of one cell grouped by what can be loaded at once: all together (their runs
+    interleave, the fairest comparison) when every worker's estimated memory fits in 80 % of the
+    available RAM, else one at a time (with the reason, recorded in the result's host facts).
+
+    A worker's estimate is the model folder's bytes (the weights, held once) plus a float32 KV cache of
+    ``batch`` x ``tokens``: an upper bound for every inferos cache. Peers (Lemonade) hold nothing here."""
+    workers = [c for c in live if c.kind != "lemonade"]
+    if len(workers) < 2:
+        return [live], ""
+    if available is None:
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    folder = Path(info.path)
+    weights = sum(f.stat().st_size for f in folder.iterdir() if f.is_file()) if folder.is_dir() else 0
+    kv = 2 * info.num_layers * info.num_kv_heads * info.head_dim * 4 * batch * tokens
+    need = len(workers) * (weights + kv)
+    if need <= 0.8 * available:
+        return [live], ""
+    gib = 2**30
+    why = (f"{len(workers)} workers need ~{need / gib:.1f} GiB ({(weights + kv) / gib:.1f} GiB each: weights + "
+           f"float32 KV) but {available / gib:.1f} GiB is available: loaded and run one config at a time, "
+           f"not interleaved")
+    return [[c] for c in live], why
 
 
 def make_runner(spec: ConfigSpec, info: "ModelInfo", *, threads: int | None,

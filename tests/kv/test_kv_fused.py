@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from _engines import inferos_home, clone_cache, load_engine
+from _engines import home_env, clone_cache, load_engine
 from conftest import check_graph
 from inferos_cli.engine.plan import auto_fused, choose_layout
 from inferos_cli.graphs.fused import calibrate
@@ -30,7 +30,7 @@ def _policy(profile: str):
 def engines(oga_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     """Baseline and int8-fused engines on the OGA folder (the fused graph built once, in a temp home)."""
     home = tmp_path_factory.mktemp("fused-home")
-    with inferos_home(home):
+    with home_env(home):
         yield {name: load_engine(oga_dir.parent, name, flags={"scheduler": {"mode": "cpu"}}, use_env=False)
                for name in ("baseline", "int8-fused")}
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 
-from _engines import inferos_home, load_engine
+from _engines import home_env, load_engine
 from conftest import check_graph
 from inferos_cli.engine.plan import choose_layout
 from inferos_cli.engine.sampling import GenerationConfig
@@ -37,7 +37,7 @@ def _policy(profile: str, **flags):
 def engines(oga_exact: Path, tmp_path_factory: pytest.TempPathFactory):
     """Baseline and fp16 engines on the exact OGA folder (the fp16 graph built once, in a temp home)."""
     home = tmp_path_factory.mktemp("half-home")
-    with inferos_home(home):
+    with home_env(home):
         yield {name: load_engine(oga_exact, name, flags=CPU, use_env=False) for name in ("baseline", "fp16")}
 
 

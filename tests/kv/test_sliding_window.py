@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from _arch_gguf import write_arch_gguf
-from _engines import inferos_home, load_engine
+from _engines import home_env, load_engine
 from _gemma_ref import forward as ref_forward
 from inferos_cli.kv.fused import FusedCache
 from inferos_cli.kv.plain import ALIGN, PlainCache
@@ -32,7 +32,7 @@ def gemma(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("sliding")
     hf, cfg = write_arch_gguf(tmp / "g.gguf", "gemma3", window=WINDOW, context=CONTEXT)
     out = convert_gguf(tmp / "g.gguf", tmp / "out", accuracy_level=0)
-    with inferos_home(tmp / "home"):
+    with home_env(tmp / "home"):
         yield hf, cfg, {p: load_engine(out, p, flags=CPU, use_env=False) for p in CACHES}
 
 
