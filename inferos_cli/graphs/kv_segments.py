@@ -21,7 +21,10 @@ with the original past name, so every consumer (the converter's ``Attention`` or
 so only about one layer of dequantized past is alive at a time.
 
 Each ``present.{i}.{kind}`` output is replaced by ``kvnew.{i}.{kind}``: a ``Slice`` holding only this
-step's new columns (``[B, H, T, D]``), so the host appends O(new tokens) per step.
+step's new columns (``[B, H, T, D]``), so the host appends O(new tokens) per step. onnxruntime keeps a
+node's unconsumed outputs to the end of the run and runs output-only branches last, so the next attention
+node is made to read its length off these slices (:func:`_new_columns`): each layer's float present is
+freed before the next layer runs, instead of all of them (the size of an fp32 cache) living to the end.
 
 Key rotation (``rotation`` in :class:`RewriteInfo`):
 

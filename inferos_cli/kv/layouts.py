@@ -99,13 +99,10 @@ class SegmentedLayout(KVLayout):
         return self.rewrite.path
 
     def new_cache(self, batch: int, capacity: int | None = None) -> "SegmentedCache":
-        """An empty segmented cache; ``capacity`` preallocates single-tier storage."""
+        """An empty segmented cache (its tiers hold exactly their columns: nothing to preallocate)."""
         from inferos_cli.kv.segmented import SegmentedCache
 
-        cache = SegmentedCache(self.info, batch, self.config)
-        if capacity:
-            cache.reserve(capacity)
-        return cache
+        return SegmentedCache(self.info, batch, self.config)
 
     def describe(self) -> str:
         """e.g. ``int4 (keys rotated qk), group 32, window 64 + 4 sinks``."""

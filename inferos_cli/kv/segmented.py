@@ -5,20 +5,24 @@ cached keys, as long as keys and values share it and the mask is given in that o
 
 - **fp**: ``sinks`` first tokens + a ring buffer of the ``window`` most recent tokens, in the model's
   float type. No shifting: a token that leaves the window frees its slot for the next one.
-- **quantized tiers**: tokens leaving the window are quantized *once* (all layers at once) into the tier
-  chosen by :mod:`inferos_cli.kv.tiers` and appended; int4 tokens are packed two per byte.
+- **quantized tiers**: tokens leaving the window are quantized *once* into the tier chosen by
+  :mod:`inferos_cli.kv.tiers` and appended; int4 tokens are packed two per byte.
 
-Storage is head-major and preallocated with amortised growth (``[layers, batch, heads, capacity, dim]``
-per kind): an append writes O(new tokens); each step feeds the first ``n`` columns of each layer (a
-contiguous copy of the 1-byte codes, 1/4 or 1/8 of the float bytes; ORT's alternative, a float
-Transpose in the graph, measured slower). Demotion int8 -> int4 (under pressure/budget) re-quantizes the dequantized int8 values
-once: error <= s8/2 + s4/2 (the int8 step is ~1/17 of the int4 step, so ~1.06x the direct int4 bound).
-Eviction removes quantized columns (never sinks or the window); positions stay true because the engine
-takes them from :attr:`seen_tokens`, not from the mask.
+Memory follows the KV bytes because nothing holds every layer's floats at once: storage is per layer
+and holds exactly each tier's columns (``[batch, heads, n, dim]``, fed as is; an append builds
+``[old | new]`` one layer at a time); new columns are quantized one layer at a time; a prefill chunk's
+float columns land in host buffers (:meth:`SegmentedCache.output_buffers`), not in onnxruntime's arena,
+and the default chunk keeps them under :data:`CHUNK_FLOAT_BYTES`.
 
-Per-step host work is O(new tokens) apart from the feed copies of the codes: single-tier plans do no
-scoring at all, and the importance normaliser (min/max of the resident key norms) is kept incrementally,
-rescanned only after columns were removed (demotion, eviction) or rows changed (select, merge).
+Demotion int8 -> int4 (under pressure/budget) re-quantizes the dequantized int8 values once: error <=
+s8/2 + s4/2 (the int8 step is ~1/17 of the int4 step, so ~1.06x the direct int4 bound). Eviction removes
+quantized columns (never sinks or the window); positions stay true because the engine takes them from
+:attr:`seen_tokens`, not from the mask.
+
+Per-step host work is O(new tokens) apart from the copy an append makes of the tiers it extends:
+single-tier plans do no scoring at all, and the importance normaliser (min/max of the resident key
+norms) is kept incrementally, rescanned only after columns were removed (demotion, eviction) or rows
+changed (select, merge).
 
 The rewrite gives ``GroupQueryAttention`` graphs ``position_ids`` and an attention bias (see
 :func:`inferos_cli.graphs.kv_segments._gqa_positions_and_mask`), so eviction and merging rows of different
@@ -159,10 +163,6 @@ class SegmentedCache(KVCache):
         tier.norm = np.zeros((0, b), dtype=np.float32)
         tier.pos = np.zeros((0, b), dtype=np.int64)
 
-    def reserve(self, capacity: int) -> None:
-        """Nothing to do: each tier holds exactly its columns (an append copies one layer at a time)."""
-        return None
-
     # ----- protocol ------------------------------------------------------------------------------------
     @property
     def batch(self) -> int:
@@ -171,10 +171,8 @@ class SegmentedCache(KVCache):
 
     @property
     def prefill_chunk(self) -> int:  # type: ignore[override]
-        """Default prefill chunk: 512 tokens, fewer (a multiple of 64, at least 64) where a chunk's new
-        columns of every layer, which come back in float (:meth:`output_buffers`), would pass
-        :data:`CHUNK_FLOAT_BYTES` (7B-shaped fp32, 1 MiB a token: 256). Each chunk dequantizes the past
-        again, which measured cheap next to the chunk's own compute (benchmarks/README.md)."""
+        """Default prefill chunk: 512 tokens, fewer (a multiple of 64) where a chunk's float columns of every
+        layer would pass :data:`CHUNK_FLOAT_BYTES` (7B-shaped fp32, 1 MiB a token: 256 tokens)."""
         per_token = 2 * self.L * self.H * self.D * np.dtype(self.dtype).itemsize * max(1, self._batch)
         return int(max(64, min(512, CHUNK_FLOAT_BYTES // per_token)) // 64 * 64)
 
@@ -216,10 +214,8 @@ class SegmentedCache(KVCache):
         return out
 
     def output_buffers(self, n_new: int) -> dict[str, np.ndarray] | None:
-        """Host arrays the session writes a long step's new columns into (``kvnew.*``, ``[B, H, T, D]``), so
-        a prefill chunk's float columns of every layer are neither held in onnxruntime's arena (which keeps
-        its peak) nor copied out of it; freed once :meth:`append` took them. None for short steps (decode):
-        their columns are small, and a plain run binds nothing."""
+        """Host arrays a long step's new columns (``kvnew.*``, ``[B, H, T, D]``) are written into, so they are
+        not kept in onnxruntime's arena (which holds its peak) nor copied out of it; None for short steps."""
         if n_new < BIND_MIN_COLUMNS:
             return None
         shape = (self._batch, self.H, int(n_new), self.D)
