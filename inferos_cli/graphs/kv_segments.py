@@ -339,6 +339,8 @@ def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list
       ``total_sequence_length``, or the ``Attention`` op's mask sliced to that many columns (a copy of
       the whole mask). So the slices run, and free the presents, before the next layer.
     - ``Concat(past, new)``: its second input. Anything else: a ``Slice`` of the present."""
+    from itertools import pairwise
+
     from onnx import TensorProto
 
     graph = model.graph
@@ -369,7 +371,7 @@ def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list
         if name not in done:
             b.node(after.setdefault(len(graph.node) - 1, []), "Slice", [name, start, end, axis2], outputs=[out_of[name]])
     base = b.node(pre, "Sub", [start, new_len])  # past + T = (past - T) + T_key + T_value
-    for (_, outs), (idx, _) in zip(attention, attention[1:]):
+    for (_, outs), (idx, _) in pairwise(attention):
         node = graph.node[idx]
         gqa = node.op_type == "GroupQueryAttention"
         slot = 6 if gqa else 3
