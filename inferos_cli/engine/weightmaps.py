@@ -27,6 +27,7 @@ import mmap
 import os
 import sys
 import threading
+import weakref
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -160,16 +161,11 @@ class WeightMaps:
         self.maps, self.names = [], []
 
 
-_KEPT: "Any" = None
+_KEPT: "weakref.WeakKeyDictionary[Any, WeightMaps]" = weakref.WeakKeyDictionary()
 
 
 def keep_with(session: Any, maps: WeightMaps) -> None:
     """Tie ``maps``' life to ``session``'s: the maps stay open while the session object is alive."""
-    global _KEPT
-    import weakref
-
-    if _KEPT is None:
-        _KEPT = weakref.WeakKeyDictionary()
     _KEPT[session] = maps
 
 

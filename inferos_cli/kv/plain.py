@@ -82,9 +82,8 @@ class PlainCache(KVCache):
         ]
         self.capacity = capacity
         # sliding-window layers with bounded buffers (module docstring); one window for all of them
-        sizes = list(info.kv_windows) if windowed and self.layout == "packed" else []
-        local = [i for i, w in enumerate(sizes) if w > 1]
-        self.window = max((sizes[i] for i in local), default=0)
+        local = info.windowed_layers if windowed and self.layout == "packed" else []
+        self.window = max((info.kv_windows[i] for i in local), default=0)
         self.local_layers = len(local)
         self._local = frozenset(name for i in local for name in self._names[i])  # past and present names
         self._local_pasts = [name for i in local for name in self._names[i][:2]]
@@ -431,8 +430,7 @@ def window_note(info: "ModelInfo", align: int = ALIGN) -> str:
     """``sliding-window layers 0-4,6-10,12-16 (15 of 18) hold each row's last 511 tokens (up to 542,
     block-aligned)`` for a model whose packed cache bounds them (:attr:`~inferos_cli.models.info.ModelInfo.kv_windows`),
     else ``""``."""
-    sizes = list(info.kv_windows) if info.uses_gqa_op else []
-    local = [i for i, w in enumerate(sizes) if w > 1]
+    local = info.windowed_layers if info.uses_gqa_op else []
     if not local:
         return ""
     runs: list[list[int]] = []
@@ -442,7 +440,7 @@ def window_note(info: "ModelInfo", align: int = ALIGN) -> str:
         else:
             runs.append([i, i])
     spans = ",".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
-    keep = max(sizes[i] for i in local) - 1
+    keep = max(info.kv_windows[i] for i in local) - 1
     return (f"sliding-window layers {spans} ({len(local)} of {info.num_layers}) hold each row's last {keep} "
             f"tokens (up to {keep + align - 1}, block-aligned)")
 

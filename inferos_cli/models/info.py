@@ -58,6 +58,11 @@ class ModelInfo:
     empty when no layer can."""
 
     @property
+    def windowed_layers(self) -> list[int]:
+        """The layers whose cache may keep only their window (:attr:`kv_windows` > 1)."""
+        return [i for i, w in enumerate(self.kv_windows) if w > 1]
+
+    @property
     def has_position_ids(self) -> bool:
         """True when the graph takes explicit ``position_ids`` (needed for eviction and true positions)."""
         return "position_ids" in self.input_names

@@ -58,6 +58,11 @@ class DecoderSpec:
         return self.layer_types is None or self.layer_types[layer] == "sliding_attention"
 
     @property
+    def has_local(self) -> bool:
+        """True when any layer is a sliding-window layer (:meth:`is_local`)."""
+        return any(self.is_local(i) for i in range(self.num_layers))
+
+    @property
     def groups(self) -> int:
         """Query heads per KV head."""
         return self.num_heads // self.num_kv_heads

@@ -214,13 +214,11 @@ class DecoderBuilder:
         self.bt_shape = w.op("Concat", w.op("Shape", "input_ids"), w.const([-1]), axis=0)  # [B, T, -1]
         if self.attention == "gqa":
             self.lengths = self.gqa_lengths()
-            local = any(spec.is_local(i) for i in range(spec.num_layers))
-            self.lengths_local = self.gqa_local_lengths() if local else self.lengths
+            self.lengths_local = self.gqa_local_lengths() if spec.has_local else self.lengths
         else:
             form = "op" if self.attention == "op" else "plain"
             self.mask = attention_bias(w, form)
-            local = any(spec.is_local(i) for i in range(spec.num_layers))
-            self.mask_local = attention_bias(w, form, spec.sliding_window) if local else self.mask
+            self.mask_local = attention_bias(w, form, spec.sliding_window) if spec.has_local else self.mask
         residual = self.embedding(weights.embed)  # [B*T, hidden]
         pending: str | None = None  # a block's output not yet added to the residual stream
         for i in range(len(weights.layers)):  # by index: a streamed layer is dropped once written
@@ -241,7 +239,7 @@ class DecoderBuilder:
         ``spec.rope_local_theta`` gives the local layers their own base, without scaling)."""
         spec, w = self.spec, self.w
         rope = rope_cache(w, "rope", rope_inv_freq(spec), spec.context_length)
-        if spec.rope_local_theta is None or not any(spec.is_local(i) for i in range(spec.num_layers)):
+        if spec.rope_local_theta is None or not spec.has_local:
             return rope, rope
         return rope, rope_cache(w, "rope_local", rope_inv_freq(spec, theta=spec.rope_local_theta, scaled=False),
                                 spec.context_length)
@@ -264,7 +262,7 @@ class DecoderBuilder:
                     f"past_key_values.{i}.{kind}", TensorProto.FLOAT, ["batch_size", kvh, "past_sequence_length", d]))
                 outputs.append(helper.make_tensor_value_info(
                     f"present.{i}.{kind}", TensorProto.FLOAT, ["batch_size", kvh, "total_sequence_length", d]))
-        if self.attention == "gqa" and any(spec.is_local(i) for i in range(spec.num_layers)):
+        if self.attention == "gqa" and spec.has_local:
             # optional: an initializer of the same name is its default (onnxruntime lets a feed override it)
             inputs.append(helper.make_tensor_value_info(
                 LOCAL_MASK, TensorProto.INT64, ["local_batch_size", "local_sequence_length"]))
@@ -380,8 +378,13 @@ class DecoderBuilder:
         w = self.w
         self.mask_lengths = w.op("ReduceSum", "attention_mask", w.const([1]), keepdims=0)
         self.mask_width = w.op("Shape", "attention_mask", start=1, end=2)
-        seqlens = w.op("Cast", w.op("Sub", self.mask_lengths, w.const(1)), to=6)
-        total = w.op("Cast", w.op("Squeeze", self.mask_width, w.const([0])), to=6)
+        return self.seqlens_total(self.mask_lengths, self.mask_width)
+
+    def seqlens_total(self, lengths: str, width: str) -> tuple[str, str]:
+        """GQA's int32 ``seqlens_k`` (``lengths - 1``) and scalar ``total_sequence_length`` (``width`` [1])."""
+        w = self.w
+        seqlens = w.op("Cast", w.op("Sub", lengths, w.const(1)), to=6)
+        total = w.op("Cast", w.op("Squeeze", width, w.const([0])), to=6)
         return seqlens, total
 
     def gqa_local_lengths(self) -> tuple[str, str]:
@@ -393,9 +396,7 @@ class DecoderBuilder:
         width = w.op("Shape", LOCAL_MASK, start=1, end=2)
         fed = w.op("Greater", width, w.const([0]))
         lengths = w.op("Where", fed, w.op("ReduceSum", LOCAL_MASK, w.const([1]), keepdims=0), self.mask_lengths)
-        seqlens = w.op("Cast", w.op("Sub", lengths, w.const(1)), to=6)
-        total = w.op("Cast", w.op("Squeeze", w.op("Where", fed, width, self.mask_width), w.const([0])), to=6)
-        return seqlens, total
+        return self.seqlens_total(lengths, w.op("Where", fed, width, self.mask_width))
 
     # -- ends ---------------------------------------------------------------------------------------
     def embedding(self, embed: Weight) -> str:
