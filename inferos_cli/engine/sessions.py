@@ -415,6 +415,22 @@ def back_with_huge_pages(before: dict[int, int], after: dict[int, int] | None = 
     return done
 
 
+def release_free_heap() -> bool:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim(0)``): onnxruntime folds constants
+    and prepacks weights while it builds a session, and the freed buffers would otherwise stay in RSS
+    (0.2 GiB for a 7B-shaped Q4_K_M model's folded block offsets). False where there is no glibc."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.malloc_trim(0)) or True
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return False
+
+
 def choose_provider(device: str, phase: Phase, strict: bool = False) -> tuple[str, str | None]:
     """``(provider, fallback reason)`` for ``phase`` asking for ``device``: the device's provider when its
     strict probe passes here, else ``CPUExecutionProvider`` and why (a :class:`ProviderError` when
@@ -483,6 +499,7 @@ def open_session(
             lambda: session_options(policy, phase, threads, allow_spinning=allow_spinning))
         spec = ProviderSpec(provider)
     real = sess.get_providers()[0]
+    release_free_heap()  # what building the session freed: folded constants, unpacked weights
     if before is not None and real == "CPUExecutionProvider":
         back_with_huge_pages(before)  # the weights this session just allocated (module docstring)
     if real != provider and fallback is None:

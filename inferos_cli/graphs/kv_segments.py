@@ -26,6 +26,11 @@ node's unconsumed outputs to the end of the run and runs output-only branches la
 node is made to read its length off these slices (:func:`_new_columns`): each layer's float present is
 freed before the next layer runs, instead of all of them (the size of an fp32 cache) living to the end.
 
+``GroupQueryAttention`` graphs also get explicit positions and a bias built from ``attention_mask`` (masked
+columns anywhere); their sliding-window layers are windowed by true token positions, read from one more
+input, ``past_key_positions`` ``[B, past]`` int64, because the segments are not in token order
+(:mod:`inferos_cli.graphs.kv_gqa`).
+
 Key rotation (``rotation`` in :class:`RewriteInfo`):
 
 - ``qk``: q and k are multiplied by an orthonormal Hadamard ``H`` right after RoPE (``q.k`` is invariant
@@ -50,16 +55,24 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
 from inferos_cli.errors import ModelError
+from inferos_cli.graphs.kv_gqa import (
+    INT64_MAX,
+    KEY_POSITIONS,
+    Builder,
+    attr,
+    gqa_positions_and_mask,
+    opset,
+    rotate_gqa,
+)
+from inferos_cli.graphs.naming import copied_note, derived_path, save_derived
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
 
-REWRITE_VERSION = "8"
+REWRITE_VERSION = "9"
 NEW_FMT = "kvnew.%d.%s"
 SEGMENTS = ("q8", "q8s", "q8z", "q4", "q4s", "q4z", "fp")
-_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -86,13 +99,15 @@ class RewriteSpec:
 
 @dataclass
 class RewriteInfo:
-    """A rewritten graph on disk, how it rotates keys, and whether it takes ``position_ids`` (then masked
-    columns may sit anywhere: eviction and ragged batches work)."""
+    """A rewritten graph on disk, how it rotates keys, whether it takes ``position_ids`` (then masked
+    columns may sit anywhere: eviction and ragged batches work) and whether it takes the past's positions
+    (:data:`~inferos_cli.graphs.kv_gqa.KEY_POSITIONS`: sliding-window layers, windowed by position)."""
 
     path: Path
     rotation: str  # "qk" | "host" | "none"
     note: str = ""
     positions: bool = True
+    key_positions: bool = False
 
 
 def segment_name(info: "ModelInfo", layer: int, kind: str, segment: str) -> str:
@@ -104,60 +119,6 @@ def segment_name(info: "ModelInfo", layer: int, kind: str, segment: str) -> str:
 def new_output_name(layer: int, kind: str) -> str:
     """Output name holding this step's new columns of one layer, e.g. ``kvnew.3.key``."""
     return NEW_FMT % (layer, kind)
-
-
-class _Builder:
-    """Collects nodes/initializers with fresh names."""
-
-    def __init__(self, prefix: str) -> None:
-        self.prefix = prefix
-        self.count = 0
-        self.initializers: list[Any] = []
-
-    def name(self, base: str) -> str:
-        self.count += 1
-        return f"{self.prefix}/{base}_{self.count}"
-
-    def const(self, array: np.ndarray, base: str = "c") -> str:
-        from onnx import numpy_helper
-
-        name = self.name(base)
-        self.initializers.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
-
-    def node(self, nodes: list[Any], op: str, inputs: list[str], domain: str = "", n_out: int = 1,
-             outputs: list[str] | None = None, **attrs: Any) -> Any:
-        from onnx import helper
-
-        outs = outputs or [self.name(op.lower()) for _ in range(n_out)]
-        nodes.append(helper.make_node(op, inputs, outs, name=self.name(op), domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-
-def _opset(model: Any, domain: str = "") -> int:
-    for imp in model.opset_import:
-        if imp.domain == domain or (domain == "" and imp.domain == "ai.onnx"):
-            return int(imp.version)
-    return 0
-
-
-def _attr(node: Any, name: str, default: Any = None) -> Any:
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _set_attr(node: Any, name: str, value: Any) -> None:
-    from onnx import helper
-
-    for i, a in enumerate(node.attribute):
-        if a.name == name:
-            del node.attribute[i]
-            break
-    node.attribute.append(helper.make_attribute(name, value))
 
 
 def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
@@ -180,8 +141,8 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     d, group = info.head_dim, spec.group_size
     if d % group:
         raise ModelError(f"head_dim {d} is not a multiple of kv.group_size {group}", "set kv.group_size to 32")
-    if _opset(model) < 14:
-        raise ModelError(f"{info.onnx_path} uses ONNX opset {_opset(model)} < 14", "re-export with opset >= 14")
+    if opset(model) < 14:
+        raise ModelError(f"{info.onnx_path} uses ONNX opset {opset(model)} < 14", "re-export with opset >= 14")
     past_names = {info.past_key_fmt % i: (i, "key") for i in range(info.num_layers)}
     past_names.update({info.past_value_fmt % i: (i, "value") for i in range(info.num_layers)})
     inputs_by_name = {vi.name: vi for vi in graph.input}
@@ -191,7 +152,7 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     elem = inputs_by_name[next(iter(past_names))].type.tensor_type.elem_type
     if elem not in (TensorProto.FLOAT, TensorProto.FLOAT16):
         raise ModelError(f"past inputs of {info.onnx_path} are not float32/float16", "use a float KV model")
-    b = _Builder("inferos_kv")
+    b = Builder("inferos_kv")
     pre: list[Any] = []  # nodes placed before the original ones
     before: dict[int, list[Any]] = {}  # original node index -> nodes inserted right before it
     h_mat = hadamard(d) if (spec.rotate_keys and can_rotate(d)) else None
@@ -202,7 +163,7 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     # --- GQA: masks anywhere + explicit positions (eviction, ragged batches) ------------------------------
     positions = info.has_position_ids
     if info.uses_gqa_op:
-        positions = _gqa_positions_and_mask(model, b, pre, info, elem)
+        positions = gqa_positions_and_mask(model, b, pre, info, elem)
 
     # --- rotation: try the q/k path first -------------------------------------------------------------
     rotation = "none"
@@ -210,7 +171,7 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
         rotation = "host"
         h_name = b.const(h_mat.astype(np.float16 if elem == TensorProto.FLOAT16 else np.float32), "hadamard")
         if info.uses_gqa_op:
-            if _rotate_gqa(model, b, pre, before, h_name, info, "position_ids" if positions else None):
+            if rotate_gqa(model, b, pre, before, h_name, info, "position_ids" if positions else None):
                 rotation = "qk"
         elif _rotate_attention(model, b, before, h_name, past_names, d) or _rotate_concat(
                 model, b, before, h_name, past_names):
@@ -227,7 +188,7 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     shift4 = b.const(np.array(4, dtype=np.uint8), "four")
     low4 = b.const(np.array(15, dtype=np.uint8), "fifteen")
     rows_shape = b.const(np.array([-1, group], dtype=np.int64), "rows")
-    bitwise_and = _opset(model) >= 18
+    bitwise_and = opset(model) >= 18
     head_shape: str | None = None
     new_inputs = []
     for vi in graph.input:
@@ -308,7 +269,8 @@ def rewrite_model(info: "ModelInfo", spec: RewriteSpec) -> tuple[Any, str, str]:
     if not any(i.domain == "com.microsoft" for i in model.opset_import):
         model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
     meta = {"inferos.kv.rewrite": REWRITE_VERSION, "inferos.kv.rotation": rotation, "inferos.kv.spec": spec.digest(),
-            "inferos.kv.positions": "1" if positions else "0"}
+            "inferos.kv.positions": "1" if positions else "0",
+            "inferos.kv.key_positions": "1" if any(i.name == KEY_POSITIONS for i in graph.input) else "0"}
     for key, value in meta.items():
         prop = model.metadata_props.add()
         prop.key, prop.value = key, value
@@ -327,7 +289,7 @@ def _consumers(graph: Any) -> dict[str, list[int]]:
     return found
 
 
-def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], after: dict[int, list[Any]],
+def _new_columns(model: Any, b: Builder, pre: list[Any], before: dict[int, list[Any]], after: dict[int, list[Any]],
                  present: dict[str, tuple[int, str]], past_names: dict[str, tuple[int, str]], d: int) -> None:
     """Nodes (in ``before``/``after``) writing each layer's new columns ``[B, H, T, D]`` to ``kvnew.*``, laid out so a
     long step holds about one layer's full present (past + new, in float) at a time, not every layer's:
@@ -347,7 +309,7 @@ def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list
     axis2 = b.const(np.array([2], dtype=np.int64), "axis2")
     last = b.const(np.array([-1], dtype=np.int64), "axis_last")
     zero = b.const(np.array([0], dtype=np.int64), "zero1")
-    end = b.const(np.array([_INT64_MAX], dtype=np.int64), "end")
+    end = b.const(np.array([INT64_MAX], dtype=np.int64), "end")
     new_len = b.node(pre, "Shape", ["input_ids"], start=1, end=2)
     start = b.node(pre, "Sub", [b.node(pre, "Shape", ["attention_mask"], start=1, end=2), new_len])
     out_of = {name: new_output_name(*where) for name, where in present.items()}
@@ -359,7 +321,7 @@ def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list
             continue
         nodes = after.setdefault(idx, [])
         if (node.op_type == "Concat" and len(node.input) == 2 and node.input[0] in past_names
-                and _attr(node, "axis") in (2, -2) and len(slots) == 1):
+                and attr(node, "axis") in (2, -2) and len(slots) == 1):
             b.node(nodes, "Identity", [node.input[1]], outputs=[out_of[slots[0]]])
         else:
             for name in slots:
@@ -390,7 +352,7 @@ def _new_columns(model: Any, b: _Builder, pre: list[Any], before: dict[int, list
 _PASS_THROUGH = {"Identity", "Expand", "Tile", "Unsqueeze", "Reshape", "Cast"}
 
 
-def _rotate_concat(model: Any, b: _Builder, before: dict[int, list[Any]], h_name: str,
+def _rotate_concat(model: Any, b: Builder, before: dict[int, list[Any]], h_name: str,
                    past_names: dict[str, tuple[int, str]]) -> bool:
     """Converter-style graphs: ``present = Concat(past, k_new)`` feeding ``(Fused)MatMul(q, present^T)``.
 
@@ -407,7 +369,7 @@ def _rotate_concat(model: Any, b: _Builder, before: dict[int, list[Any]], h_name
             return False
         ci = users[0]
         concat = graph.node[ci]
-        if _attr(concat, "axis") not in (2, -2) or concat.input[0] != name:
+        if attr(concat, "axis") not in (2, -2) or concat.input[0] != name:
             return False
         # follow the concat output to the score MatMul (k^T side)
         frontier, score = [concat.output[0]], None
@@ -418,16 +380,16 @@ def _rotate_concat(model: Any, b: _Builder, before: dict[int, list[Any]], h_name
             for ui in consumers.get(tensor, []):
                 node = graph.node[ui]
                 if node.op_type in ("MatMul", "FusedMatMul") and node.domain in ("", "com.microsoft"):
-                    if node.input[1] == tensor and _attr(node, "transB", 0) == 1 and _attr(node, "transA", 0) == 0:
+                    if node.input[1] == tensor and attr(node, "transB", 0) == 1 and attr(node, "transA", 0) == 0:
                         score = (ui, 0)
                     elif node.op_type == "MatMul":
                         continue  # probs @ V-like use; not the score
-                elif node.op_type == "Transpose" and list(_attr(node, "perm", [])) [-2:] == [
-                        len(_attr(node, "perm", [])) - 1, len(_attr(node, "perm", [])) - 2]:
+                elif node.op_type == "Transpose" and list(attr(node, "perm", [])) [-2:] == [
+                        len(attr(node, "perm", [])) - 1, len(attr(node, "perm", [])) - 2]:
                     for uj in consumers.get(node.output[0], []):
                         nj = graph.node[uj]
                         if (nj.op_type in ("MatMul", "FusedMatMul") and nj.input[1] == node.output[0]
-                                and _attr(nj, "transB", 0) == 0 and _attr(nj, "transA", 0) == 0):
+                                and attr(nj, "transB", 0) == 0 and attr(nj, "transA", 0) == 0):
                             score = (uj, 0)
                 elif node.op_type in _PASS_THROUGH:
                     frontier.append(node.output[0])
@@ -443,7 +405,7 @@ def _rotate_concat(model: Any, b: _Builder, before: dict[int, list[Any]], h_name
     return True
 
 
-def _rotate_attention(model: Any, b: _Builder, before: dict[int, list[Any]], h_name: str,
+def _rotate_attention(model: Any, b: Builder, before: dict[int, list[Any]], h_name: str,
                       past_names: dict[str, tuple[int, str]], d: int) -> bool:
     """ONNX ``Attention`` (opset 23) graphs: ``Attention(Q, K, V, mask, past_key, past_value)`` with Q and K
     after RoPE. Rotates Q and K by ``H`` (3-D inputs ``[B, S, heads*D]`` are viewed as ``[B, S, heads, D]``)."""
@@ -457,7 +419,7 @@ def _rotate_attention(model: Any, b: _Builder, before: dict[int, list[Any]], h_n
     merge_shape = b.const(np.array([0, 0, -1], dtype=np.int64), "merge")
     for idx, node in nodes:
         ins = before.setdefault(idx, [])
-        three_d = _attr(node, "q_num_heads") is not None
+        three_d = attr(node, "q_num_heads") is not None
         for slot in (0, 1):
             x = node.input[slot]
             if three_d:
@@ -469,108 +431,6 @@ def _rotate_attention(model: Any, b: _Builder, before: dict[int, list[Any]], h_n
     return True
 
 
-def _gqa_positions_and_mask(model: Any, b: _Builder, pre: list[Any], info: "ModelInfo", elem: int) -> bool:
-    """Make ``GroupQueryAttention`` graphs honour masked columns anywhere and explicit positions.
-
-    GQA normally derives each row's length from the attention-mask row sum (so every row must be
-    right-padded, and evicting a token would shift the positions of later ones). Here every GQA node gets
-    ``seqlens_k = total - 1`` for all rows (new keys land in the last columns, like a concat), an
-    ``attention_bias`` of 0 / -inf built from ``attention_mask`` (padding and evicted columns anywhere),
-    and the graph gains a ``position_ids`` input that GQA's rotary embedding uses (the engine feeds each
-    row's true positions). Checked on onnxruntime 1.31 CPU: a masked column in the middle of the past
-    with explicit positions gives the same output as the past without it (max error 1.2e-7)."""
-    graph = model.graph
-    gqa = [n for n in graph.node if n.op_type == "GroupQueryAttention"]
-    names = {i.name for i in graph.input}
-    if not gqa or "attention_mask" not in names or "input_ids" not in names:
-        return False
-    for node in gqa:
-        extra = list(node.input[9:])
-        if extra and extra[0] == "position_ids" and "position_ids" in names:
-            extra = extra[1:]  # inferos' own GQA conversions already rotate from the graph's position_ids
-        if any(extra):
-            return False  # the graph already feeds other position ids / a bias: leave it alone
-    from onnx import TensorProto, helper
-
-    if "position_ids" not in names:
-        graph.input.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64,
-                                                         ["batch_size", "sequence_length"]))
-    total = b.node(pre, "Shape", ["attention_mask"], start=1, end=2)
-    bsz = b.node(pre, "Shape", ["attention_mask"], start=0, end=1)
-    seqlen = b.node(pre, "Shape", ["input_ids"], start=1, end=2)
-    one = b.const(np.array([1], dtype=np.int64), "one1")
-    seqlens = b.node(pre, "Cast", [b.node(pre, "Expand", [b.node(pre, "Sub", [total, one]), bsz])], to=TensorProto.INT32)
-    np_float = np.float16 if elem == TensorProto.FLOAT16 else np.float32
-    allowed = b.node(pre, "Cast", ["attention_mask"], to=TensorProto.BOOL)
-    bias = b.node(pre, "Where", [allowed, b.const(np.array(0, dtype=np_float), "zero_f"),
-                                 b.const(np.array(np.finfo(np_float).min, dtype=np_float), "neg_f")])
-    bias = b.node(pre, "Unsqueeze", [bias, b.const(np.array([1, 2], dtype=np.int64), "axes12")])
-    shape = b.node(pre, "Concat", [bsz, one, seqlen, total], axis=0)
-    bias = b.node(pre, "Expand", [bias, shape])  # [B, 1, T, total]
-    for node in gqa:
-        ins = list(node.input) + [""] * max(0, 11 - len(node.input))
-        ins[5] = seqlens
-        ins[9] = "position_ids" if _attr(node, "do_rotary", 0) == 1 else ""
-        ins[10] = bias
-        del node.input[:]
-        node.input.extend(ins)
-    return True
-
-
-def _rotate_gqa(model: Any, b: _Builder, pre: list[Any], before: dict[int, list[Any]], h_name: str,
-                info: "ModelInfo", pos_name: str | None = None) -> bool:
-    """``GroupQueryAttention`` graphs: apply RoPE outside the op, rotate q and k by ``H``, run GQA with
-    ``do_rotary=0``. Positions: ``pos_name`` (the graph's ``position_ids``) when given, else GQA's own
-    derivation, ``CumSum(attention_mask) - 1`` at the new tokens."""
-    graph = model.graph
-    gqa = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "GroupQueryAttention"]
-    if not gqa or "attention_mask" not in info.input_names or "input_ids" not in info.input_names:
-        return False
-    for _, node in gqa:
-        if _attr(node, "do_rotary", 0) != 1 or len(node.input) < 9 or not node.input[7] or not node.input[8]:
-            return False
-        if pos_name is None and len(node.input) > 9 and node.input[9]:
-            return False  # explicit position_ids: leave it alone
-    d = info.head_dim
-    if pos_name is not None:
-        pos = pos_name
-    else:  # positions of the new tokens: CumSum(mask)-1, last T columns, clamped at 0
-        cum = b.node(pre, "CumSum", ["attention_mask", b.const(np.array(1, dtype=np.int64), "axis1")])
-        pos_all = b.node(pre, "Sub", [cum, b.const(np.array(1, dtype=np.int64), "one")])
-        neg_t = b.node(pre, "Neg", [b.node(pre, "Shape", ["input_ids"], start=1, end=2)])
-        pos = b.node(pre, "Slice", [pos_all, neg_t, b.const(np.array([_INT64_MAX], dtype=np.int64), "end"),
-                                    b.const(np.array([1], dtype=np.int64), "axis1v")])
-        pos = b.node(pre, "Max", [pos, b.const(np.array(0, dtype=np.int64), "zero")])
-    heads_shape = b.const(np.array([0, 0, -1, d], dtype=np.int64), "heads")
-    merge_shape = b.const(np.array([0, 0, -1], dtype=np.int64), "merge")
-    for idx, node in gqa:
-        ins = before.setdefault(idx, [])
-        nh, kvh = int(_attr(node, "num_heads")), int(_attr(node, "kv_num_heads"))
-        inter = int(_attr(node, "rotary_interleaved", 0))
-        if node.input[1]:
-            q, k, v = node.input[0], node.input[1], node.input[2]
-        else:
-            split = b.const(np.array([nh * d, kvh * d, kvh * d], dtype=np.int64), "split")
-            q, k, v = b.node(ins, "Split", [node.input[0], split], n_out=3, axis=-1)
-        cos, sin = node.input[7], node.input[8]
-
-        def rope_rot(x: str) -> str:
-            r = b.node(ins, "RotaryEmbedding", [x, pos, cos, sin], domain="com.microsoft", interleaved=inter)
-            r = b.node(ins, "MatMul", [b.node(ins, "Reshape", [r, heads_shape]), h_name])
-            return b.node(ins, "Reshape", [r, merge_shape])
-
-        new_inputs = list(node.input)
-        new_inputs[0], new_inputs[1], new_inputs[2] = rope_rot(q), rope_rot(k), v
-        new_inputs[7] = new_inputs[8] = ""
-        if len(new_inputs) > 9:
-            new_inputs[9] = ""  # RoPE already applied
-        while new_inputs and not new_inputs[-1]:
-            new_inputs.pop()
-        del node.input[:]
-        node.input.extend(new_inputs)
-        _set_attr(node, "do_rotary", 0)
-    return True
-
 
 def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     """The rewritten graph for ``info`` + ``spec``: from the cache, or built now and cached atomically."""
@@ -581,10 +441,11 @@ def rewritten_graph(info: "ModelInfo", spec: RewriteSpec) -> RewriteInfo:
     if path.is_file():
         meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
         return RewriteInfo(path, meta.get("inferos.kv.rotation", "none"), "",
-                           meta.get("inferos.kv.positions", "1") == "1")
+                           meta.get("inferos.kv.positions", "1") == "1", meta.get("inferos.kv.key_positions") == "1")
     model, rotation, note = rewrite_model(info, spec)
-    positions = {p.key: p.value for p in model.metadata_props}.get("inferos.kv.positions") == "1"
+    meta = {p.key: p.value for p in model.metadata_props}
     extra = copied_note(save_derived(model, src, path), path.parent)
     if extra:
         note = f"{note}; {extra}" if note else extra
-    return RewriteInfo(path, rotation, note, positions)
+    return RewriteInfo(path, rotation, note, meta.get("inferos.kv.positions") == "1",
+                       meta.get("inferos.kv.key_positions") == "1")

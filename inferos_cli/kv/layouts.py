@@ -91,6 +91,7 @@ class SegmentedLayout(KVLayout):
             max_tokens=kv.max_tokens,
             pressure=level,
             positions=self.rewrite.positions,
+            key_positions=self.rewrite.key_positions,
         )
 
     @property

@@ -25,26 +25,30 @@ norms) is kept incrementally, rescanned only after columns were removed (demotio
 changed (select, merge).
 
 The rewrite gives ``GroupQueryAttention`` graphs ``position_ids`` and an attention bias (see
-:func:`inferos_cli.graphs.kv_segments._gqa_positions_and_mask`), so eviction and merging rows of different
+:func:`inferos_cli.graphs.kv_gqa.gqa_positions_and_mask`), so eviction and merging rows of different
 lengths work for them too. Only if a graph cannot take positions is nothing evicted (a warning, once)
-and rows merge only at equal lengths.
+and rows merge only at equal lengths. Sliding-window layers keep the whole context here; since the feed
+order is not token order, the graph windows them by position, from each past column's true position
+(``past_key_positions``, fed with the segments when the rewrite takes it; :mod:`inferos_cli.graphs.kv_gqa`).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
 from inferos_cli.errors import InferosError
+from inferos_cli.events import KVStats
+from inferos_cli.graphs.kv_gqa import KEY_POSITIONS
+from inferos_cli.graphs.kv_segments import new_output_name, segment_name
+from inferos_cli.graphs.rotation import hadamard
 from inferos_cli.kv import tiers as pol
 from inferos_cli.kv.base import KVCache
-from inferos_cli.graphs.rotation import hadamard
 from inferos_cli.kv.quant import QTensor, dequantize, quantize
-from inferos_cli.graphs.kv_segments import new_output_name, segment_name
-from inferos_cli.events import KVStats
+from inferos_cli.kv.tier_store import Tier
 
 if TYPE_CHECKING:  # pragma: no cover
     from inferos_cli.models.info import ModelInfo
@@ -72,41 +76,7 @@ class CacheConfig:
     pressure: Callable[[], float] | None = None
     track: bool = False  # keep the positions quantized (tests: each token quantized exactly once)
     positions: bool = True  # the graph takes position_ids: masked columns anywhere, eviction allowed
-
-
-@dataclass
-class _Tier:
-    """One quantized tier. Per kind and layer, codes ``[B, H, n, D or D/2]`` and scales / zero points
-    ``[B, H, n, G]`` holding exactly the tier's ``n`` columns (contiguous, so a step feeds them without a
-    copy); per-column metadata ``[n, B]``. ``cap`` is 0 until the tier first held columns."""
-
-    name: str
-    bits: dict[str, int]
-    n: int = 0
-    cap: int = 0
-    codes: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    scale: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    zero: dict[str, list[np.ndarray]] = field(default_factory=dict)
-    mask: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
-    norm: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
-    pos: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
-
-    def arrays(self) -> list[tuple[dict[str, list[np.ndarray]], str, int]]:
-        """``(store, kind, layer)`` of every per-layer array."""
-        return [(store, kind, layer) for store in (self.codes, self.scale, self.zero) for kind in store
-                for layer in range(len(store[kind]))]
-
-    def used_bytes(self) -> int:
-        return int(sum(store[kind][layer].nbytes for store, kind, layer in self.arrays()))
-
-    def bytes_per_column(self) -> int:
-        if self.cap == 0:
-            return 0
-        total = 0
-        for store, kind, layer in self.arrays():
-            b, h, _, width = store[kind][layer].shape
-            total += b * h * width * store[kind][layer].itemsize
-        return int(total)
+    key_positions: bool = False  # the graph takes past_key_positions (sliding windows applied by position)
 
 
 class SegmentedCache(KVCache):
@@ -133,7 +103,7 @@ class SegmentedCache(KVCache):
         self._plan: list | None = None  # feeds() plan, built on first use
         self._fed: dict[str, np.ndarray] | None = None  # the last feeds, kept alive until append()
         self._range: np.ndarray | None = np.array([np.inf, -np.inf], dtype=np.float32)  # None: recompute
-        self.tiers = [_Tier(name, {"key": config.plan.key_bits[name], "value": config.plan.value_bits[name]})
+        self.tiers = [Tier(name, {"key": config.plan.key_bits[name], "value": config.plan.value_bits[name]})
                       for name in config.plan.tiers]
         for tier in self.tiers:
             self._empty(tier)
@@ -151,7 +121,7 @@ class SegmentedCache(KVCache):
     def _dim(self, bits: int) -> int:
         return self.D if bits == 8 else self.D // 2
 
-    def _empty(self, tier: _Tier) -> None:
+    def _empty(self, tier: Tier) -> None:
         """Give ``tier`` zero columns."""
         b = self._batch
         for kind in KINDS:
@@ -181,7 +151,7 @@ class SegmentedCache(KVCache):
         """Columns the next run sees: quantized tiers + filled fp slots."""
         return sum(t.n for t in self.tiers) + self.fp_n
 
-    def _order(self, kind: str) -> list[_Tier]:
+    def _order(self, kind: str) -> list[Tier]:
         """Tiers in feed order for ``kind``: the 8-bit segment first, then the 4-bit one."""
         return sorted(self.tiers, key=lambda t: 0 if t.bits[kind] == 8 else 1)
 
@@ -210,6 +180,8 @@ class SegmentedCache(KVCache):
         fp_n = self.fp_n
         for kind, layer, name in self._fp_names:  # a view once the ring is full; contiguous (bindable) always
             out[name] = np.ascontiguousarray(self.fp[kind][layer, :, :, :fp_n])
+        if self.cfg.key_positions:  # sliding-window layers: the true position of every past column
+            out[KEY_POSITIONS] = self._feed_order("pos")
         self._fed = out  # an IOBinding holds only pointers: the copies must live until append()
         return out
 
@@ -224,7 +196,11 @@ class SegmentedCache(KVCache):
 
     def past_mask(self) -> np.ndarray:
         """int64 ``[batch, past_len]`` in feed order."""
-        parts = [t.mask[: t.n] for t in self._order("key")] + [self.fp_mask[: self.fp_n]]
+        return self._feed_order("mask")
+
+    def _feed_order(self, what: str) -> np.ndarray:
+        """Per-column ``mask`` or ``pos`` (int64 ``[batch, past_len]``) in feed order."""
+        parts = [getattr(t, what)[: t.n] for t in self._order("key")] + [getattr(self, "fp_" + what)[: self.fp_n]]
         return np.ascontiguousarray(np.concatenate(parts, axis=0).T)
 
     def append(self, outputs: dict[str, np.ndarray], n_new: int, new_mask: np.ndarray) -> None:
@@ -357,7 +333,7 @@ class SegmentedCache(KVCache):
             pick = sel if keep is None else keep[sel]
             every = keep is None and sel.size == m
 
-            def part(layer: int, kind: str, tier: _Tier = tier, pick: np.ndarray = pick, every: bool = every) -> QTensor:
+            def part(layer: int, kind: str, tier: Tier = tier, pick: np.ndarray = pick, every: bool = every) -> QTensor:
                 x = cols(layer, kind)
                 x = x if every else x[:, :, pick]
                 if kind == "key" and self._h is not None:
@@ -366,7 +342,7 @@ class SegmentedCache(KVCache):
 
             self._append_tier(tier, part, mask[sel], norms[sel], pos[sel])
 
-    def _append_tier(self, tier: _Tier, part: Callable[[int, str], QTensor], mask: np.ndarray, norms: np.ndarray,
+    def _append_tier(self, tier: Tier, part: Callable[[int, str], QTensor], mask: np.ndarray, norms: np.ndarray,
                      pos: np.ndarray) -> None:
         """Append ``mask.shape[0]`` columns to ``tier``; ``part(layer, kind)`` quantizes one layer's. Each
         layer's arrays are replaced by ``[old | new]`` in turn: one layer's copy is alive at a time."""
@@ -384,7 +360,7 @@ class SegmentedCache(KVCache):
         tier.cap = max(tier.cap, tier.n)
         self._widen(norms)
 
-    def _remove(self, tier: _Tier, drop: np.ndarray) -> None:
+    def _remove(self, tier: Tier, drop: np.ndarray) -> None:
         """Compact ``tier`` without the columns flagged in ``drop`` (bool ``[n]``)."""
         keep = np.nonzero(~drop)[0]
         self._range = None

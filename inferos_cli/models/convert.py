@@ -44,8 +44,8 @@ from inferos_cli.models.weights import (
     store_head,
 )
 
-CONVERTER_VERSION = "5"  # 2: block sums, Gemm offsets; 3: GroupQueryAttention; 4: K-quants kept low-bit, builders;
-# 5: local_attention_mask (bounded sliding-window caches)
+CONVERTER_VERSION = "6"  # 2: block sums, Gemm offsets; 3: GroupQueryAttention; 4: K-quants kept low-bit, builders;
+# 5: local_attention_mask (bounded sliding-window caches); 6: K-quant offsets and 16-wide scales as their factors
 DTYPES = ("fp32", "fp16", "int8", "int4")
 HEAD_BITS = (4, 8)
 ATTENTION_OP_MIN_ORT = (1, 24)  # ONNX Attention-23 and GQA with position_ids on CPU; be conservative

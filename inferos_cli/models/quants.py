@@ -33,7 +33,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from inferos_cli.models.weights import QuantWeight, pack_nibbles
+from inferos_cli.models.weights import Factors, QuantWeight, pack_nibbles
 
 QK_K = 256  # K-quant super-block width
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16)
@@ -48,6 +48,7 @@ class Codes(NamedTuple):
     scales: np.ndarray  # float32 [N, K/block]
     mins: np.ndarray | None  # float32 [N, K/block] or None
     source: str  # the GGUF type name
+    factors: Factors | None = None  # K-quants: scales / mins as the file's own factors
 
     def values(self) -> np.ndarray:
         """The float32 ``[N, K]`` matrix, computed as ``MatMulNBits`` (+ the offset term) does."""
@@ -74,30 +75,43 @@ def _bit_planes(qh: np.ndarray) -> np.ndarray:
 
 
 def _k_scale_min(scales: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit minimums per super-block."""
+    """Q4_K / Q5_K: 12 bytes -> eight 6-bit scales and eight 6-bit minimums (uint8) per super-block."""
     d, m, md = scales[..., 0:4], scales[..., 4:8], scales[..., 8:12]
     sc = np.concatenate([d & 0x3F, (md & 0x0F) | ((d >> 2) & 0x30)], axis=-1)
     mn = np.concatenate([m & 0x3F, (md >> 4) | ((m >> 2) & 0x30)], axis=-1)
-    return sc.astype(np.float32), mn.astype(np.float32)
+    return sc, mn
 
 
 # Each decoder takes the blocks ``[N, S, bytes]`` (S blocks per row) and returns
-# (codes [N, S, groups, width] uint8, scales [N, S, groups], mins [N, S, groups] or None).
-Parts = tuple[np.ndarray, np.ndarray, "np.ndarray | None"]
+# (codes [N, S, groups, width] uint8, scales [N, S, groups], mins [N, S, groups] or None, factors or None).
+Parts = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "Factors | None"]
+
+
+def _factored(codes: np.ndarray, f: Factors) -> Parts:
+    """A K-quant's parts with scales and mins computed from its factors (:class:`Factors`, the one formula)."""
+    scales = f.scales()
+    if scales is None:
+        raise ValueError("K-quant factors need sub-block scales")
+    return codes, scales, f.mins(scales), f
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """``[N, S, ...]`` -> ``[N, S*...]``."""
+    return np.ascontiguousarray(a).reshape(a.shape[0], -1)
 
 
 def _q4_0(b: np.ndarray) -> Parts:
-    return _nibbles(b[..., 2:18])[..., None, :], _f16(b[..., 0:2])[..., None], None
+    return _nibbles(b[..., 2:18])[..., None, :], _f16(b[..., 0:2])[..., None], None, None
 
 
 def _q4_1(b: np.ndarray) -> Parts:
     d, m = _f16(b[..., 0:2]), _f16(b[..., 2:4])
-    return _nibbles(b[..., 4:20])[..., None, :], d[..., None], (m + 8.0 * d)[..., None]
+    return _nibbles(b[..., 4:20])[..., None, :], d[..., None], (m + 8.0 * d)[..., None], None
 
 
 def _q8_0(b: np.ndarray) -> Parts:
     q = (b[..., 2:34].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-    return q[..., None, :], _f16(b[..., 0:2])[..., None], None
+    return q[..., None, :], _f16(b[..., 0:2])[..., None], None, None
 
 
 def _q5(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
@@ -107,27 +121,24 @@ def _q5(qs: np.ndarray, qh: np.ndarray) -> np.ndarray:
 
 
 def _q5_0(b: np.ndarray) -> Parts:
-    return _q5(b[..., 6:22], b[..., 2:6]) + 112, _f16(b[..., 0:2])[..., None], None
+    return _q5(b[..., 6:22], b[..., 2:6]) + 112, _f16(b[..., 0:2])[..., None], None, None
 
 
 def _q5_1(b: np.ndarray) -> Parts:
-    return _q5(b[..., 8:24], b[..., 4:8]) + 128, _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
+    return _q5(b[..., 8:24], b[..., 4:8]) + 128, _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None], None
 
 
 def _q4_k(b: np.ndarray) -> Parts:
-    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
     sc, mn = _k_scale_min(b[..., 4:16])
     q = _nibbles(b[..., 16:144].reshape(*b.shape[:2], 4, 32)).reshape(*b.shape[:2], 8, 32)
-    scale = d * sc
-    return q, scale, 8.0 * scale - dmin * mn
+    return _factored(q, Factors(8, _f16(b[..., 0:2]), _rows(sc), 8.0, -_f16(b[..., 2:4]), _rows(mn)))
 
 
 def _q5_k(b: np.ndarray) -> Parts:
-    d, dmin = _f16(b[..., 0:2])[..., None], _f16(b[..., 2:4])[..., None]
     sc, mn = _k_scale_min(b[..., 4:16])
     low = _nibbles(b[..., 48:176].reshape(*b.shape[:2], 4, 32)).reshape(*b.shape[:2], 8, 32)
     q = low | (_bit_planes(b[..., 16:48]) << 4)
-    return q + 128, d * sc, -(dmin * mn)
+    return _factored(q + 128, Factors(8, _f16(b[..., 0:2]), _rows(sc), None, -_f16(b[..., 2:4]), _rows(mn)))
 
 
 def _q6_k(b: np.ndarray) -> Parts:
@@ -137,16 +148,15 @@ def _q6_k(b: np.ndarray) -> Parts:
     qh = b[..., 128:192].reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)
     qh = (qh & 0x03).reshape(n, s, 8, 32)
     q = (ql | (qh << 4)).reshape(n, s, 16, 16)
-    scale = _f16(b[..., 208:210])[..., None] * b[..., 192:208].view(np.int8).astype(np.float32)
-    return q + 96, scale, None
+    return _factored(q + 96, Factors(16, _f16(b[..., 208:210]), _rows(b[..., 192:208].view(np.int8))))
 
 
 def _q2_k(b: np.ndarray) -> Parts:
     n, s = b.shape[:2]
     sc = b[..., 0:16]
     q = (b[..., 16:80].reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03
-    d, dmin = _f16(b[..., 80:82])[..., None], _f16(b[..., 82:84])[..., None]
-    return q.reshape(n, s, 16, 16) + 8, d * (sc & 0x0F).astype(np.float32), -(dmin * (sc >> 4).astype(np.float32))
+    f = Factors(16, _f16(b[..., 80:82]), _rows(sc & 0x0F), None, -_f16(b[..., 82:84]), _rows(sc >> 4))
+    return _factored(q.reshape(n, s, 16, 16) + 8, f)
 
 
 def _q3_k(b: np.ndarray) -> Parts:
@@ -154,25 +164,25 @@ def _q3_k(b: np.ndarray) -> Parts:
     hmask, qs, packed = b[..., 0:32], b[..., 32:96], b[..., 96:108]
     low = (packed[..., 0:8].reshape(n, s, 1, 8) >> np.array([0, 4], np.uint8).reshape(2, 1)).reshape(n, s, 16)
     high = (packed[..., 8:12].reshape(n, s, 1, 4) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)).reshape(n, s, 16)
-    sc = ((low & 0x0F) | ((high & 0x03) << 4)).astype(np.float32) - 32.0
+    sc = (((low & 0x0F) | ((high & 0x03) << 4)).astype(np.int16) - 32).astype(np.int8)
     ql = ((qs.reshape(n, s, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(4, 1)) & 0x03).reshape(n, s, 16, 16)
     hb = ((hmask.reshape(n, s, 1, 32) >> np.arange(8, dtype=np.uint8).reshape(8, 1)) & 0x01).reshape(n, s, 16, 16)
     q = ql + 8 - 4 * (1 - hb)  # q - 4*(1-hbit) in -4..3, plus 8
-    return q.astype(np.uint8), _f16(b[..., 108:110])[..., None] * sc, None
+    return _factored(q.astype(np.uint8), Factors(16, _f16(b[..., 108:110]), _rows(sc)))
 
 
 def _iq4_nl(b: np.ndarray) -> Parts:
     q = (IQ4_VALUES[_nibbles(b[..., 2:18])] + 128).astype(np.uint8)
-    return q[..., None, :], _f16(b[..., 0:2])[..., None], None
+    return q[..., None, :], _f16(b[..., 0:2])[..., None], None, None
 
 
 def _iq4_xs(b: np.ndarray) -> Parts:
     n, s = b.shape[:2]
     high = b[..., 2:4].copy().view(np.uint16).reshape(n, s, 1) >> (2 * np.arange(8, dtype=np.uint16))
     low = (b[..., 4:8].reshape(n, s, 4, 1) >> np.array([0, 4], np.uint8)).reshape(n, s, 8)
-    sc = ((low & 0x0F) | ((high & 0x03).astype(np.uint8) << 4)).astype(np.float32) - 32.0
+    sc = (((low & 0x0F) | ((high & 0x03).astype(np.uint8) << 4)).astype(np.int16) - 32).astype(np.int8)
     q = (IQ4_VALUES[_nibbles(b[..., 8:136].reshape(n, s, 8, 16))] + 128).astype(np.uint8)
-    return q, _f16(b[..., 0:2])[..., None] * sc, None
+    return _factored(q, Factors(8, _f16(b[..., 0:2]), _rows(sc)))
 
 
 # GGUF type -> (bits, block, super-block width, bytes per super-block, decoder)
@@ -199,13 +209,13 @@ def decode(raw: np.ndarray, kind: str, n: int, k: int) -> Codes | None:
         return None
     bits, block, width, size, fn = FORMS[kind]
     blocks = np.asarray(raw, dtype=np.uint8).reshape(n, k // width, size)
-    codes, scales, mins = fn(blocks)
+    codes, scales, mins, factors = fn(blocks)
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // block)  # noqa: E731
     return Codes(bits, block, np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, k // block, block),
-                 f32(scales), None if mins is None else f32(mins), kind)
+                 f32(scales), None if mins is None else f32(mins), kind, factors)
 
 
 def to_weight(codes: Codes) -> QuantWeight:
     """``codes`` as a :class:`QuantWeight` for the graph builder."""
     data = pack_nibbles(codes.codes) if codes.bits == 4 else codes.codes
-    return QuantWeight(codes.bits, data, codes.scales, None, codes.mins, codes.source, codes.block)
+    return QuantWeight(codes.bits, data, codes.scales, None, codes.mins, codes.source, codes.block, codes.factors)

@@ -76,6 +76,61 @@ class DecoderSpec:
 
 
 @dataclass
+class Factors:
+    """The exact factors of a GGUF K-quant's per-block scales and offsets, so the file need not hold them widened.
+
+    ``scales = d (x) sc`` (each of a super-block's ``group`` blocks: the super-block's float ``d`` times the
+    block's small integer ``sc``) and ``mins = coef * scales + dm (x) mn`` (``dm``: the negated super-block
+    minimum scale; ``coef``: 8 for Q4_K's symmetric midpoint, else no scales term). :meth:`scales` /
+    :meth:`mins` are the one place these products are computed, in float32 in this order; the graph builder
+    spells the offsets' products as constant ``Cast``/``Mul``/``Add`` nodes that onnxruntime folds at load
+    (:func:`~inferos_cli.models.builders.base.factored_mins`), with bit-identical values.
+    """
+
+    group: int  # blocks per super-block
+    d: np.ndarray  # float32 [N, S]
+    sc: np.ndarray | None  # int8 / uint8 [N, S*group]; None: scales are not factored here
+    coef: float | None = None
+    dm: np.ndarray | None = None  # float32 [N, S] (minus the file's dmin)
+    mn: np.ndarray | None = None  # uint8 [N, S*group]
+
+    def scales(self) -> np.ndarray | None:
+        """float32 ``[N, S*group]`` (None without ``sc``)."""
+        if self.sc is None:
+            return None
+        n, s = self.d.shape
+        return (self.d[..., None] * self.sc.reshape(n, s, self.group).astype(np.float32)).reshape(n, -1)
+
+    def mins(self, scales: np.ndarray) -> np.ndarray | None:
+        """float32 ``[N, S*group]`` offsets given the weight's ``scales`` (None without ``mn``)."""
+        if self.mn is None or self.dm is None:
+            return None
+        n, s = self.dm.shape
+        term = (self.dm[..., None] * self.mn.reshape(n, s, self.group).astype(np.float32)).reshape(n, -1)
+        if self.coef is None:
+            return term
+        return np.float32(self.coef) * scales.reshape(n, -1) + term
+
+    @property
+    def form(self) -> tuple[Any, ...]:
+        """What must agree for two factored weights to be stacked."""
+        kind = lambda a: None if a is None else a.dtype.str  # noqa: E731
+        return self.group, kind(self.sc), self.coef, kind(self.mn)
+
+    def take_rows(self, index: np.ndarray) -> "Factors":
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return Factors(self.group, self.d[index], pick(self.sc), self.coef, pick(self.dm), pick(self.mn))
+
+    @staticmethod
+    def concat(parts: "list[Factors]") -> "Factors | None":
+        """Row-stacked factors, or None when their forms differ."""
+        if len({p.form for p in parts}) != 1:
+            return None
+        cat = lambda attr: None if getattr(parts[0], attr) is None else np.concatenate([getattr(p, attr) for p in parts])  # noqa: E731
+        return Factors(parts[0].group, cat("d"), cat("sc"), parts[0].coef, cat("dm"), cat("mn"))
+
+
+@dataclass
 class QuantWeight:
     """A weight of logical shape ``[N, K]`` (out, in) in blocks of 32 along K, ready for ``MatMulNBits``.
 
@@ -95,6 +150,7 @@ class QuantWeight:
     mins: np.ndarray | None = None  # float32 [N, K/32]
     source: str = ""  # e.g. "Q4_1" (the file's own blocks) or "rtn" (quantized here)
     block_size: int = BLOCK  # values per block along K: 32, or 16 (GGUF Q6_K / Q2_K / Q3_K sub-blocks)
+    factors: Factors | None = None  # exact factors of scales / mins (GGUF K-quants), stored instead of them
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -111,7 +167,8 @@ class QuantWeight:
         """Reorder output rows (lossless: whole blocks move)."""
         pick = lambda a: None if a is None else a[index]  # noqa: E731
         return QuantWeight(self.bits, self.data[index], self.scales[index], pick(self.zero_points),
-                           pick(self.mins), self.source, self.block_size)
+                           pick(self.mins), self.source, self.block_size,
+                           None if self.factors is None else self.factors.take_rows(index))
 
     def unpacked(self) -> np.ndarray:
         """The integer codes ``[N, K/32, 32]`` as uint8."""
@@ -154,8 +211,11 @@ def concat_rows(parts: list[Weight]) -> Weight | None:
         if len({q.form for q in qs}) != 1:
             return None
         cat = lambda attr: None if getattr(qs[0], attr) is None else np.concatenate([getattr(q, attr) for q in qs])  # noqa: E731
+        factors = None
+        if all(q.factors is not None for q in qs):
+            factors = Factors.concat([q.factors for q in qs])  # type: ignore[misc]
         return QuantWeight(qs[0].bits, cat("data"), cat("scales"), cat("zero_points"), cat("mins"), qs[0].source,
-                           qs[0].block_size)
+                           qs[0].block_size, factors)
     return None
 
 

@@ -179,11 +179,11 @@ def write_kquant_gguf(path: Path) -> tuple[dict[str, np.ndarray], dict, dict[str
     return hf, cfg, kinds
 
 
-def logits(folder: Path, ids: list[int]) -> np.ndarray:
+def logits(folder: Path, ids: list[int], graph: str = "model.onnx") -> np.ndarray:
     """Logits ``[T, vocab]`` of one full forward from an empty cache."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(folder / graph), providers=["CPUExecutionProvider"])
     t, d = len(ids), HIDDEN // HEADS
     feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, t), np.int64),
              "position_ids": np.arange(t, dtype=np.int64)[None]}
@@ -212,7 +212,11 @@ def test_kquant_gguf_converts_low_bit_and_matches_the_reference(tmp_path: Path) 
         n, k = hf[name].shape
         bits, block = FORMS[kind][:2]
         key = f"{kind}->{bits}bit"
-        want_bytes += n * k * bits // 8 + 4 * (n * k // block) * (2 if kind in ("Q4_K", "Q5_1", "Q5_K") else 1)
+        blocks, supers = n * k // block, n * k // 256
+        # codes, float32 scales, and Q4_K's offsets as one uint8 code per block + a float32 per super-block
+        # (arrays of <= 1 KiB sit in the graph)
+        parts = [n * k * bits // 8, 4 * blocks] + ([blocks, 4 * supers] if kind == "Q4_K" else [])
+        want_bytes += sum(p for p in parts if p > 1024)
         want_storage[key] = want_storage.get(key, 0) + 1
     meta = json.loads((out / "inferos.json").read_text())
     assert meta["storage"] == want_storage and "fp32" not in meta["storage"]
@@ -223,12 +227,57 @@ def test_kquant_gguf_converts_low_bit_and_matches_the_reference(tmp_path: Path) 
     data = (out / "model.onnx.data").stat().st_size
     assert want_bytes <= data <= want_bytes + floats + 64 * len(external)  # each initializer 64-byte aligned
     gguf_tensor_bytes = sum(int(t.n_bytes) for t in gguf.GGUFReader(str(src)).tensors)
-    # bound for this mix: 8-bit Q5_0 / Q6_K codes + fp32 scales (9 and 10 bits a weight against the file's
-    # 5.5 and 6.56), 4-bit Q4_K + fp32 scale + offset (6 against 4.5)
-    assert data <= 1.9 * gguf_tensor_bytes
+    # bound for this mix: 8-bit Q5_0 codes + fp32 scales (9 bits a weight against the file's 5.5), Q6_K's 8-bit
+    # codes + fp32 scales per 16 (10 against 6.56), 4-bit Q4_K + fp32 scale + 8-bit offset code (5.4 against 4.5)
+    assert data <= 1.45 * gguf_tensor_bytes
 
     ids = [0, 5, 70, 100, 200, 30, 31, 260, 3]
     want = ref_forward(hf, cfg, ids)
     got = logits(out, ids)
     assert np.abs(got - want).max() <= 1e-3
     assert np.abs(want).max() > 0.1  # the logits are not trivially small
+
+
+def test_factored_scales_fold_to_the_same_values(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  inferos_home: Path) -> None:
+    """Q4_K offsets stored as the file's own factors (a uint8 code per block, a float per super-block) fold in
+    onnxruntime to exactly the float32 offsets stored widened: the two conversions give bit-identical logits
+    at the int8 compute level, and the factored one is smaller. The exact-compute twin of it matches the numpy
+    reference."""
+    import dataclasses
+
+    import onnx
+
+    from inferos_cli.graphs.exact import exact_info
+    from inferos_cli.models import quants
+    from inferos_cli.models.convert import convert_gguf
+    from _llama_ref import forward as ref_forward
+
+    from inferos_cli.models.info import inspect_folder
+
+    src = tmp_path / "kq.gguf"
+    hf, cfg, _ = write_kquant_gguf(src)
+    factored = convert_gguf(src, tmp_path / "factored", accuracy_level=4)
+    plain_weight = quants.to_weight
+    monkeypatch.setattr(quants, "to_weight", lambda codes: dataclasses.replace(plain_weight(codes), factors=None))
+    import inferos_cli.models.gguf as gguf_module
+
+    monkeypatch.setattr(gguf_module, "to_weight", quants.to_weight)
+    widened = convert_gguf(src, tmp_path / "widened", accuracy_level=4)
+    monkeypatch.undo()
+
+    size = lambda folder: (folder / "model.onnx.data").stat().st_size  # noqa: E731
+    assert size(factored) < size(widened)
+    ops = lambda folder: [n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node]  # noqa: E731
+    assert "Cast" in ops(factored) and ops(factored).count("Cast") > ops(widened).count("Cast")
+    ids = [0, 5, 70, 100, 200, 30, 31, 260, 3]
+    a, b = logits(factored, ids), logits(widened, ids)
+    assert np.array_equal(a, b)
+
+    twin, changed = exact_info(inspect_folder(factored))
+    assert changed
+    twin_ops = [n.op_type for n in onnx.load(str(twin.onnx_path), load_external_data=False).graph.node]
+    eight_bit = sum(1 for kind in LINEAR_TYPES.values() if kind in ("Q6_K", "Q5_0")) * LAYERS
+    assert twin_ops.count("MatMul") >= eight_bit and "MatMulNBits" in twin_ops  # 4-bit ones at accuracy_level 0
+    got = logits(twin.onnx_path.parent, ids, twin.onnx_path.name)
+    assert np.abs(got - ref_forward(hf, cfg, ids)).max() <= 1e-3

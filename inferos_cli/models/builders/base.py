@@ -104,6 +104,31 @@ def rope_cache(w: GraphWriter, name: str, inv_freq: np.ndarray, positions: int) 
     return (table(f"{name}.cos", ch, cl, sh, sl, "Sub"), table(f"{name}.sin", sh, cl, ch, sl, "Add"))
 
 
+def factored_mins(w: GraphWriter, weight: QuantWeight, name: str, scales: str) -> str | None:
+    """A GGUF K-quant's float32 block offsets (``mins``) as constant ``Cast``/``Mul``(/``Add``) nodes over the
+    file's own factors (:class:`~inferos_cli.models.weights.Factors`: a uint8 code per block and a float per
+    super-block instead of a float32 per block), which onnxruntime folds at load; None when the weight has no
+    such factors or they do not give its offsets bit for bit (then they are stored widened).
+
+    Only offsets: the ``Gemm`` that adds them prepacks them and the folded copy is freed, so RSS after load is
+    unchanged once the heap is trimmed (:func:`inferos_cli.engine.sessions.open_session`), while factored
+    ``MatMulNBits`` scales would stay in anonymous memory for the session's life instead of being trimmed file
+    pages (:mod:`inferos_cli.engine.weightmaps`); ``benchmarks/README.md`` has the 7B figures."""
+    f, want = weight.factors, weight.mins
+    if f is None or f.mn is None or f.dm is None or want is None:
+        return None
+    got = f.mins(weight.scales)
+    if got is None or not np.array_equal(got, want.reshape(got.shape)):
+        return None
+    n, s = f.dm.shape
+    term = w.op("Mul", w.op("Cast", w.init(name + ".min_codes", f.mn.reshape(n * s, f.group)), to=1),
+                w.init(name + ".min_base", f.dm.reshape(n * s, 1).astype(np.float32)))
+    if f.coef is not None:
+        scaled = w.op("Mul", w.op("Reshape", scales, w.const([n * s, f.group])), w.const(f.coef, np.float32))
+        term = w.op("Add", scaled, term)
+    return w.node("Reshape", [term, w.const([n, -1])], outputs=[name + ".mins"])[0]
+
+
 class DecoderBuilder:
     """Emits the decoder graph for a :class:`DecoderSpec` and :class:`DecoderWeights`.
 
@@ -145,7 +170,8 @@ class DecoderBuilder:
         return w.op("MatMul", x, weight_t)
 
     def quant_inits(self, weight: QuantWeight, name: str) -> dict[str, str]:
-        """Initializers of a block-quantized weight: qweight, scales, zero_points, mins (``[N, K/32]``)."""
+        """Values of a block-quantized weight: qweight, scales, zero_points, mins (``[N, K/32]``; from
+        :func:`factored_mins` where the file's factors give them exactly in fewer bytes)."""
         w = self.w
         names = {
             "qweight": w.init(name + ".qweight", weight.data),
@@ -154,7 +180,8 @@ class DecoderBuilder:
         if weight.zero_points is not None:
             names["zero_points"] = w.init(name + ".zero_points", weight.packed_zero_points())
         if weight.mins is not None:
-            names["mins"] = w.init(name + ".mins", np.ascontiguousarray(weight.mins.astype(np.float32)))
+            names["mins"] = (factored_mins(w, weight, name, names["scales"])
+                             or w.init(name + ".mins", np.ascontiguousarray(weight.mins.astype(np.float32))))
         return names
 
     def nbits(self, x: str, weight: QuantWeight, names: dict[str, str], bias: str | None = None) -> str:
