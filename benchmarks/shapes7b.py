@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,7 +175,7 @@ def write(name: str, out: Path, *, quant: str = "q4_0", tokenizer_gguf: Path, se
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     total = sum(sizes.values())
-    done = 0
+    done, shown, tty = 0, time.monotonic(), sys.stderr.isatty()
     for tname, dims, qtype in plan:
         if qtype == "F32":
             data = (1.0 + 0.05 * rng.standard_normal(dims)).astype(np.float32) if "norm" in tname else \
@@ -185,10 +186,12 @@ def write(name: str, out: Path, *, quant: str = "q4_0", tokenizer_gguf: Path, se
             data = _rng_blocks(rng, rows * cols // elems, qtype).reshape(rows, -1)
         w.write_tensor_data(data)
         done += sizes[tname]
-        if progress:
-            print(f"\r{name}: {done / 2**30:.2f} / {total / 2**30:.2f} GiB", end="", file=sys.stderr, flush=True)
+        if progress and (tty or done == total or time.monotonic() - shown >= 10):
+            line = f"{name}: {done / 2**30:.2f} / {total / 2**30:.2f} GiB"
+            print(f"\r{line}" if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+            shown = time.monotonic()
     w.close()
-    if progress:
+    if progress and tty:
         print(file=sys.stderr)
     tmp.replace(out)
     return {"model": name, "quant": quant, "path": str(out), "bytes": out.stat().st_size,

@@ -1,7 +1,7 @@
 """Profiles: named partial policies (TOML) merged into the settings layers.
 
 Built-in profiles ship in ``inferos_cli/profiles/`` (size classes ``3b 7b 13b 20b``, use cases
-``chat batch quality``, KV presets ``baseline fp16 tiered int8 int4 int4-k8v4 int8-fused conservative balanced aggressive``);
+``chat batch quality``, KV presets ``baseline fp16 tiered int8 int4 int4-small int4-k8v4 int8-fused conservative balanced aggressive``);
 users add their own as ``INFEROS_HOME/profiles/NAME.toml`` (a user file shadows a built-in one).
 """
 

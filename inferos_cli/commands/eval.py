@@ -26,7 +26,7 @@ def evaluate(
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Most tokens to score "
                                                       "(default: the whole text).", show_default=False)] = None,
     compare: Annotated[str, typer.Option("--compare", help="Comma list of configurations, each a profile or "
-                                         "KV preset (baseline, fp16, int8, int4, int4-k8v4, int8-fused, chat, ...); join profiles "
+                                         "KV preset (baseline, fp16, int8, int4, int4-small, int4-k8v4, int8-fused, chat, ...); join profiles "
                                          "with '+' (chat+int4). baseline is always included as the reference.")]
     = "baseline,int8,int4",
     rss: Annotated[bool, typer.Option("--rss/--no-rss", help="Measure peak RSS per configuration in a fresh "
