@@ -28,7 +28,7 @@ from typing import Any, Callable
 import numpy as np
 
 from inferos_cli.errors import ConversionError
-from inferos_cli.models.quants import FORMS, decode, to_weight
+from inferos_cli.models.quants import FORMS, blocks_weight
 from inferos_cli.models.reading import ProgressFn, ReadProgress, read_at
 from inferos_cli.models.weights import DecoderSpec, DecoderWeights, LayerWeights, LazyLayers, QuantWeight, Weight
 
@@ -201,8 +201,7 @@ def native_blocks(tensor: Any) -> QuantWeight | None:
     if len(tensor.shape) != 2:
         return None
     k, n = (int(s) for s in tensor.shape)
-    codes = decode(tensor.data, tensor.tensor_type.name, n, k)
-    return None if codes is None else to_weight(codes)
+    return blocks_weight(tensor.data, tensor.tensor_type.name, n, k)
 
 
 def as_float(tensor: Any) -> np.ndarray:

@@ -36,6 +36,7 @@ import numpy as np
 from inferos_cli.models.weights import Factors, QuantWeight, pack_nibbles
 
 QK_K = 256  # K-quant super-block width
+CHUNK_BYTES = 4 << 20  # file bytes decoded at a time (:func:`blocks_weight`): ~8x that in temporaries
 IQ4_VALUES = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int16)
 
 
@@ -213,6 +214,32 @@ def decode(raw: np.ndarray, kind: str, n: int, k: int) -> Codes | None:
     f32 = lambda a: np.ascontiguousarray(a, dtype=np.float32).reshape(n, k // block)  # noqa: E731
     return Codes(bits, block, np.ascontiguousarray(codes, dtype=np.uint8).reshape(n, k // block, block),
                  f32(scales), None if mins is None else f32(mins), kind, factors)
+
+
+def blocks_weight(raw: np.ndarray, kind: str, n: int, k: int) -> QuantWeight | None:
+    """The ``[N, K]`` GGUF tensor ``raw`` as a :class:`QuantWeight` (None for a type without a form here),
+    decoded :data:`CHUNK_BYTES` of the file at a time into preallocated arrays: unpacked codes and their
+    temporaries are several times a tensor's bytes, which for a 128k-row embedding was 2 GB in one go."""
+    if kind not in FORMS:
+        return None
+    _, _, width, size, _ = FORMS[kind]
+    rows = np.asarray(raw, dtype=np.uint8).reshape(n, k // width * size)
+    step = max(1, CHUNK_BYTES // rows.shape[1])
+    out: QuantWeight | None = None
+    factors = []
+    for a in range(0, n, step):
+        part = to_weight(decode(rows[a:a + step], kind, min(step, n - a), k))  # type: ignore[arg-type]
+        if out is None:
+            full = lambda x: None if x is None else np.empty((n, *x.shape[1:]), x.dtype)  # noqa: E731
+            out = QuantWeight(part.bits, full(part.data), full(part.scales), None, full(part.mins), part.source,
+                              part.block_size)
+        for mine, theirs in ((out.data, part.data), (out.scales, part.scales), (out.mins, part.mins)):
+            if mine is not None:
+                mine[a:a + step] = theirs
+        factors.append(part.factors)
+    if out is not None and all(f is not None for f in factors):
+        out.factors = factors[0] if len(factors) == 1 else Factors.concat(factors)  # type: ignore[arg-type]
+    return out
 
 
 def to_weight(codes: Codes) -> QuantWeight:

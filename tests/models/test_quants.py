@@ -4,6 +4,7 @@ real onnxruntime ``MatMulNBits`` node, and kept low-bit through a whole conversi
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,9 +261,6 @@ def test_factored_scales_fold_to_the_same_values(tmp_path: Path, monkeypatch: py
     factored = convert_gguf(src, tmp_path / "factored", accuracy_level=4)
     plain_weight = quants.to_weight
     monkeypatch.setattr(quants, "to_weight", lambda codes: dataclasses.replace(plain_weight(codes), factors=None))
-    import inferos_cli.models.gguf as gguf_module
-
-    monkeypatch.setattr(gguf_module, "to_weight", quants.to_weight)
     widened = convert_gguf(src, tmp_path / "widened", accuracy_level=4)
     monkeypatch.undo()
 
@@ -281,3 +279,51 @@ def test_factored_scales_fold_to_the_same_values(tmp_path: Path, monkeypatch: py
     assert twin_ops.count("MatMul") >= eight_bit and "MatMulNBits" in twin_ops  # 4-bit ones at accuracy_level 0
     got = logits(twin.onnx_path.parent, ids, twin.onnx_path.name)
     assert np.abs(got - ref_forward(hf, cfg, ids)).max() <= 1e-3
+
+
+@pytest.mark.parametrize("kind", list(FORMS))
+def test_chunked_decoding_assembles_the_same_weight(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """:func:`blocks_weight` decodes a few rows at a time into preallocated arrays: the codes, scales, offsets
+    and K-quant factors equal one whole-tensor decode, also when the last chunk is short."""
+    from inferos_cli.models import quants
+
+    rng = np.random.default_rng(11)
+    n, k = 37, 512
+    raw = make_blocks(kind, n, k, rng)
+    whole = to_weight(decode(raw, kind, n, k))
+    monkeypatch.setattr(quants, "CHUNK_BYTES", 5 * raw.shape[1])  # 5 rows a chunk: 8 chunks, the last of 2
+    parts = quants.blocks_weight(raw, kind, n, k)
+    assert parts is not None
+    for attr in ("data", "scales", "mins"):
+        a, b = getattr(whole, attr), getattr(parts, attr)
+        assert (a is None and b is None) or np.array_equal(a, b), attr
+    assert (whole.factors is None) == (parts.factors is None)
+    if whole.factors is not None:
+        for attr in ("d", "sc", "dm", "mn"):
+            a, b = getattr(whole.factors, attr), getattr(parts.factors, attr)
+            assert (a is None and b is None) or np.array_equal(a, b), attr
+
+
+DECODE_CHILD = """import resource, sys
+import numpy as np
+from inferos_cli.models.quants import blocks_weight
+n, k = 32768, 4096
+raw = np.random.default_rng(0).integers(0, 256, (n, k // 32 * 18), dtype=np.uint8)
+raw.reshape(-1, 18)[:, :2] = np.array([0.01], np.float16).view(np.uint8)
+import gc; gc.collect()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+w = blocks_weight(raw, "Q4_0", n, k)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(raw.nbytes, w.data.nbytes + w.scales.nbytes, after - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss is in kilobytes on Linux")
+def test_decoding_a_large_tensor_holds_little_beyond_its_result() -> None:
+    """A 75 MB Q4_0 tensor (a 32k-row embedding) decodes with a peak of its result plus a chunk's temporaries;
+    decoding it whole unpacked every code to a byte and held several such copies (~7x the file's bytes)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", DECODE_CHILD], capture_output=True, text=True, timeout=120, check=True)
+    raw, result, grew = (int(x) for x in done.stdout.split())
+    assert grew <= result + 48 * 2**20, (raw, result, grew)
