@@ -132,7 +132,7 @@ def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *,
     fast kernel, when the model has quantized weights). ``head_bits`` caps the logits projection only (see
     :func:`store_head`; None, the default, keeps e.g. SmolLM2's tied Q8_0 head at 8 bits).
     """
-    from inferos_cli.models.gguf import gguf_spec, gguf_weights, has_blocks, open_gguf
+    from inferos_cli.models.gguf import drop_vocab, gguf_spec, gguf_weights, has_blocks, open_gguf
     from inferos_cli.models.gguf_tokenizer import tokenizer_files
 
     path, dst = Path(path), Path(dst)
@@ -145,6 +145,7 @@ def convert_gguf(path: Path | str, dst: Path | str, dtype: str | None = None, *,
     spec = gguf_spec(reader, tensors)
     arch = _arch(reader)
     files = tokenizer_files(reader, spec.context_length)
+    drop_vocab(reader)
     weights = store_head(gguf_weights(reader, spec, arch, dtype, store, store_embedding, progress), head_bits)
     # the layers stream during the build: whether any weight is quantized is read from the file's types
     quantized = dtype in ("int4", "int8") or (dtype is None and has_blocks(reader)) or any(

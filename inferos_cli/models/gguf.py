@@ -64,6 +64,18 @@ def open_gguf(path: Path) -> Any:
     return reader
 
 
+def drop_vocab(reader: Any) -> None:
+    """Forget the reader's parsed vocabulary arrays once the tokenizer is built: the ``gguf`` reader keeps a
+    numpy view object per token and merge, 0.3 GiB for a 128k-token vocabulary, for as long as it lives, and a
+    conversion needs only the tensors after that (it counts toward ``pull``'s peak, issue 15)."""
+    import gc
+
+    for key in [k for k in reader.fields if k.startswith("tokenizer.ggml.") and k != "tokenizer.ggml.model"]:
+        if len(reader.fields[key].data) > 1:  # arrays only; scalar ids stay readable
+            del reader.fields[key]
+    gc.collect()
+
+
 def field(reader: Any, key: str, default: Any = None) -> Any:
     """A metadata value (scalars unwrapped, strings decoded, arrays as lists)."""
     f = reader.fields.get(key)
@@ -282,12 +294,33 @@ class TensorFile(ReadProgress):
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def read(self, name: str) -> Any:
-        """Tensor ``name`` (the reader's ``ReaderTensor``) with ``data`` read from the file."""
+    def info(self, name: str) -> Any:
+        """The reader's ``ReaderTensor`` for ``name`` (its ``data`` is the reader's map: do not touch it)."""
         try:
-            tensor = self.tensors[name]
+            return self.tensors[name]
         except KeyError:
             raise ConversionError(f"tensor {name} is missing from the GGUF file") from None
+
+    def blocks(self, name: str) -> QuantWeight | None:
+        """Matrix ``name`` as its own blocks (:func:`~inferos_cli.models.quants.blocks_weight`), read from the
+        file a few rows at a time, so no buffer of the whole tensor; None for a type kept as floats."""
+        tensor = self.info(name)
+        if len(tensor.shape) != 2 or tensor.tensor_type.name not in FORMS:
+            return None
+        k, n = (int(s) for s in tensor.shape)
+        row_bytes = int(tensor.n_bytes) // n
+
+        def rows(a: int, b: int) -> np.ndarray:
+            out = np.empty((b - a, row_bytes), np.uint8)
+            read_at(self.path, int(tensor.data_offset) + a * row_bytes, out, name)
+            self.report(out.nbytes)
+            return out
+
+        return blocks_weight(rows, tensor.tensor_type.name, n, k)
+
+    def read(self, name: str) -> Any:
+        """Tensor ``name`` (the reader's ``ReaderTensor``) with ``data`` read from the file."""
+        tensor = self.info(name)
         data = np.empty(tensor.data.shape, tensor.data.dtype)
         read_at(self.path, int(tensor.data_offset), data, name)
         self.report(data.nbytes)
@@ -314,7 +347,8 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
         return vec(name) if name in tensors else None
 
     def lin(name: str) -> Weight:
-        return load_weight(get(name), dtype, store)
+        blocks = tensors.blocks(name) if dtype not in ("fp32", "fp16") else None
+        return blocks if blocks is not None else load_weight(get(name), dtype, store)
 
     if "rope_freqs.weight" in tensors:
         factors = vec("rope_freqs.weight")
@@ -356,17 +390,9 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
             tensors.finish()
         return weights
 
-    embd = get("token_embd.weight")
-    embed: Weight
-    if dtype in ("fp32", "fp16"):
-        embed = store_embedding(as_float(embd), dtype)
-    else:
-        blocks = native_blocks(embd)
-        if blocks is not None:
-            embed = blocks
-        elif dtype is None:
-            embed = native_float(embd)
-        else:
-            embed = store_embedding(as_float(embd), dtype)
+    embed: Weight | None = tensors.blocks("token_embd.weight") if dtype not in ("fp32", "fp16") else None
+    if embed is None:
+        embd = get("token_embd.weight")
+        embed = native_float(embd) if dtype is None else store_embedding(as_float(embd), dtype)
     lm_head = lin("output.weight") if "output.weight" in tensors else None
     return DecoderWeights(embed, LazyLayers(spec.num_layers, layer), vec("output_norm.weight"), lm_head)

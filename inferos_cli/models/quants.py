@@ -216,19 +216,27 @@ def decode(raw: np.ndarray, kind: str, n: int, k: int) -> Codes | None:
                  f32(scales), None if mins is None else f32(mins), kind, factors)
 
 
-def blocks_weight(raw: np.ndarray, kind: str, n: int, k: int) -> QuantWeight | None:
-    """The ``[N, K]`` GGUF tensor ``raw`` as a :class:`QuantWeight` (None for a type without a form here),
-    decoded :data:`CHUNK_BYTES` of the file at a time into preallocated arrays: unpacked codes and their
-    temporaries are several times a tensor's bytes, which for a 128k-row embedding was 2 GB in one go."""
+def blocks_weight(raw: np.ndarray | Callable[[int, int], np.ndarray], kind: str, n: int,
+                  k: int) -> QuantWeight | None:
+    """The ``[N, K]`` GGUF tensor as a :class:`QuantWeight` (None for a type without a form here), decoded
+    :data:`CHUNK_BYTES` of the file at a time into preallocated arrays: unpacked codes and their temporaries
+    are several times a tensor's bytes, which for a 128k-row embedding was 2 GB in one go. ``raw``: the
+    tensor's bytes, or ``raw(a, b)`` returning rows ``a..b-1`` of them (a reader that never holds it whole)."""
     if kind not in FORMS:
         return None
     _, _, width, size, _ = FORMS[kind]
-    rows = np.asarray(raw, dtype=np.uint8).reshape(n, k // width * size)
-    step = max(1, CHUNK_BYTES // rows.shape[1])
+    row_bytes = k // width * size
+    if callable(raw):
+        rows = raw
+    else:
+        whole = np.asarray(raw, dtype=np.uint8).reshape(n, row_bytes)
+        rows = lambda a, b: whole[a:b]  # noqa: E731
+    step = max(1, CHUNK_BYTES // row_bytes)
     out: QuantWeight | None = None
     factors = []
     for a in range(0, n, step):
-        part = to_weight(decode(rows[a:a + step], kind, min(step, n - a), k))  # type: ignore[arg-type]
+        b = min(a + step, n)
+        part = to_weight(decode(rows(a, b), kind, b - a, k))  # type: ignore[arg-type]
         if out is None:
             full = lambda x: None if x is None else np.empty((n, *x.shape[1:]), x.dtype)  # noqa: E731
             out = QuantWeight(part.bits, full(part.data), full(part.scales), None, full(part.mins), part.source,
