@@ -128,7 +128,10 @@ def test_live_view_in_a_terminal_until_ctrl_c(served: tuple[str, Any]) -> None:
                 except OSError:
                     break
         os.kill(pid, signal.SIGINT)
-        while True:
+        stop_by = time.monotonic() + 30  # a child that ignores Ctrl-C fails the test instead of hanging it
+        while time.monotonic() < stop_by:
+            if not select.select([fd], [], [], 0.5)[0]:
+                continue
             try:
                 chunk = os.read(fd, 65536)
             except OSError:
@@ -136,6 +139,8 @@ def test_live_view_in_a_terminal_until_ctrl_c(served: tuple[str, Any]) -> None:
             if not chunk:
                 break
             out += chunk
+        else:
+            os.kill(pid, signal.SIGKILL)
     finally:
         _, status = os.waitpid(pid, 0)
         os.close(fd)
