@@ -422,13 +422,12 @@ def release_free_heap() -> bool:
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
-    import ctypes.util
 
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return bool(libc.malloc_trim(0)) or True
+        ctypes.CDLL(None).malloc_trim(0)  # the process's own symbols, as back_with_huge_pages reads madvise
     except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
         return False
+    return True
 
 
 def choose_provider(device: str, phase: Phase, strict: bool = False) -> tuple[str, str | None]:

@@ -208,14 +208,6 @@ def _gemma_facts(reader: Any, arch: str, spec: DecoderSpec, window: Any) -> None
     spec.final_softcap = float(cap) if cap else None
 
 
-def native_blocks(tensor: Any) -> QuantWeight | None:
-    """The GGUF tensor's own blocks as a :class:`QuantWeight`, or None for types kept as floats."""
-    if len(tensor.shape) != 2:
-        return None
-    k, n = (int(s) for s in tensor.shape)
-    return blocks_weight(tensor.data, tensor.tensor_type.name, n, k)
-
-
 def as_float(tensor: Any) -> np.ndarray:
     """Any GGUF tensor as a float array in HF orientation (``[N, K]`` for matrices), F16 kept as fp16."""
     import gguf
@@ -249,17 +241,6 @@ def native_float(tensor: Any) -> np.ndarray:
     w = as_float(tensor)
     Q = gguf.GGMLQuantizationType
     return w.astype(np.float32) if tensor.tensor_type in (Q.F32, Q.BF16) else w.astype(np.float16)
-
-
-def load_weight(tensor: Any, dtype: str | None, store: Callable[[np.ndarray, str], Weight]) -> Weight:
-    """A linear weight: the file's own blocks when the dtype allows, else floats stored at ``dtype``."""
-    if dtype not in ("fp32", "fp16"):
-        blocks = native_blocks(tensor)
-        if blocks is not None:
-            return blocks
-    if dtype is None:
-        return native_float(tensor)
-    return store(as_float(tensor), dtype)
 
 
 def unpermute_index(rows: int, heads: int) -> np.ndarray:
@@ -305,7 +286,7 @@ class TensorFile(ReadProgress):
         """Matrix ``name`` as its own blocks (:func:`~inferos_cli.models.quants.blocks_weight`), read from the
         file a few rows at a time, so no buffer of the whole tensor; None for a type kept as floats."""
         tensor = self.info(name)
-        if len(tensor.shape) != 2 or tensor.tensor_type.name not in FORMS:
+        if len(tensor.shape) != 2:
             return None
         k, n = (int(s) for s in tensor.shape)
         row_bytes = int(tensor.n_bytes) // n
@@ -328,7 +309,7 @@ class TensorFile(ReadProgress):
 
 
 def has_blocks(reader: Any) -> bool:
-    """True when some matrix of the file is in a block format kept as blocks (:func:`native_blocks`)."""
+    """True when some matrix of the file is in a block format kept as blocks (:meth:`TensorFile.blocks`)."""
     return any(len(t.shape) == 2 and t.tensor_type.name in FORMS for t in reader.tensors)
 
 
@@ -346,9 +327,17 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
     def opt_vec(name: str) -> np.ndarray | None:
         return vec(name) if name in tensors else None
 
-    def lin(name: str) -> Weight:
+    def weight(name: str, keep: Callable[[np.ndarray, str], Weight]) -> Weight:
+        """The file's own blocks when the dtype allows and the type has a form, else floats: ``keep`` at
+        ``dtype``, or the file's own float width (:func:`native_float`) when ``dtype`` is None."""
         blocks = tensors.blocks(name) if dtype not in ("fp32", "fp16") else None
-        return blocks if blocks is not None else load_weight(get(name), dtype, store)
+        if blocks is not None:
+            return blocks
+        tensor = get(name)
+        return native_float(tensor) if dtype is None else keep(as_float(tensor), dtype)
+
+    def lin(name: str) -> Weight:
+        return weight(name, store)
 
     if "rope_freqs.weight" in tensors:
         factors = vec("rope_freqs.weight")
@@ -390,9 +379,6 @@ def gguf_weights(reader: Any, spec: DecoderSpec, arch: str, dtype: str | None,
             tensors.finish()
         return weights
 
-    embed: Weight | None = tensors.blocks("token_embd.weight") if dtype not in ("fp32", "fp16") else None
-    if embed is None:
-        embd = get("token_embd.weight")
-        embed = native_float(embd) if dtype is None else store_embedding(as_float(embd), dtype)
+    embed = weight("token_embd.weight", store_embedding)
     lm_head = lin("output.weight") if "output.weight" in tensors else None
     return DecoderWeights(embed, LazyLayers(spec.num_layers, layer), vec("output_norm.weight"), lm_head)

@@ -91,8 +91,6 @@ Parts = tuple[np.ndarray, np.ndarray, "np.ndarray | None", "Factors | None"]
 def _factored(codes: np.ndarray, f: Factors) -> Parts:
     """A K-quant's parts with scales and mins computed from its factors (:class:`Factors`, the one formula)."""
     scales = f.scales()
-    if scales is None:
-        raise ValueError("K-quant factors need sub-block scales")
     return codes, scales, f.mins(scales), f
 
 
@@ -243,7 +241,7 @@ def blocks_weight(raw: np.ndarray | Callable[[int, int], np.ndarray], kind: str,
                               part.block_size)
         for mine, theirs in ((out.data, part.data), (out.scales, part.scales), (out.mins, part.mins)):
             if mine is not None:
-                mine[a:a + step] = theirs
+                mine[a:b] = theirs
         factors.append(part.factors)
     if out is not None and all(f is not None for f in factors):
         out.factors = factors[0] if len(factors) == 1 else Factors.concat(factors)  # type: ignore[arg-type]

@@ -89,15 +89,13 @@ class Factors:
 
     group: int  # blocks per super-block
     d: np.ndarray  # float32 [N, S]
-    sc: np.ndarray | None  # int8 / uint8 [N, S*group]; None: scales are not factored here
+    sc: np.ndarray  # int8 / uint8 [N, S*group]
     coef: float | None = None
     dm: np.ndarray | None = None  # float32 [N, S] (minus the file's dmin)
     mn: np.ndarray | None = None  # uint8 [N, S*group]
 
-    def scales(self) -> np.ndarray | None:
-        """float32 ``[N, S*group]`` (None without ``sc``)."""
-        if self.sc is None:
-            return None
+    def scales(self) -> np.ndarray:
+        """float32 ``[N, S*group]``."""
         n, s = self.d.shape
         return (self.d[..., None] * self.sc.reshape(n, s, self.group).astype(np.float32)).reshape(n, -1)
 
@@ -115,11 +113,11 @@ class Factors:
     def form(self) -> tuple[Any, ...]:
         """What must agree for two factored weights to be stacked."""
         kind = lambda a: None if a is None else a.dtype.str  # noqa: E731
-        return self.group, kind(self.sc), self.coef, kind(self.mn)
+        return self.group, self.sc.dtype.str, self.coef, kind(self.mn)
 
     def take_rows(self, index: np.ndarray) -> "Factors":
         pick = lambda a: None if a is None else a[index]  # noqa: E731
-        return Factors(self.group, self.d[index], pick(self.sc), self.coef, pick(self.dm), pick(self.mn))
+        return Factors(self.group, self.d[index], self.sc[index], self.coef, pick(self.dm), pick(self.mn))
 
     @staticmethod
     def concat(parts: "list[Factors]") -> "Factors | None":
@@ -150,7 +148,7 @@ class QuantWeight:
     mins: np.ndarray | None = None  # float32 [N, K/32]
     source: str = ""  # e.g. "Q4_1" (the file's own blocks) or "rtn" (quantized here)
     block_size: int = BLOCK  # values per block along K: 32, or 16 (GGUF Q6_K / Q2_K / Q3_K sub-blocks)
-    factors: Factors | None = None  # exact factors of scales / mins (GGUF K-quants), stored instead of them
+    factors: Factors | None = None  # exact factors of scales / mins (GGUF K-quants); the mins are stored as them
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -247,7 +247,7 @@ def test_gguf_head_bits_requantizes_only_the_logits_projection(tmp_path: Path) -
 
     from inferos_cli.models.convert import convert_gguf
     from inferos_cli.models.weights import quantize_rtn
-    from inferos_cli.models.gguf import native_blocks
+    from inferos_cli.models.quants import blocks_weight
 
     src = tmp_path / "tiny.gguf"
     hf, cfg = write_tiny_gguf(src)  # Q4_1 linears, tied Q8_0 embedding / head
@@ -259,7 +259,8 @@ def test_gguf_head_bits_requantizes_only_the_logits_projection(tmp_path: Path) -
     assert meta["param_count"] == base_meta["param_count"]
 
     embd = next(t for t in gguf.GGUFReader(str(src)).tensors if t.name == "token_embd.weight")
-    head = quantize_rtn(native_blocks(embd).dequantize(), 4)
+    k, n = (int(d) for d in embd.shape)
+    head = quantize_rtn(blocks_weight(embd.data, embd.tensor_type.name, n, k).dequantize(), 4)
     assert head.zero_points is not None and head.mins is None
     model = onnx.load(str(out / "model.onnx"), load_external_data=False)
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
