@@ -7,7 +7,7 @@ convert it with ``inferos pull FILE`` (wall time and the child's exact peak RSS)
 - load time and RSS after load vs weight bytes;
 - TTFT and prefill tok/s at a short and a long prompt (128 and 2,048 tokens);
 - decode tok/s at each ``--threads`` count;
-- the KV configs (inferos: ``baseline``, the default, ``int4``, an fp16 cache when a preset offers one;
+- the KV configs (inferos: ``baseline``, the default, ``int4`` and ``int4-small``, an fp16 cache when a preset offers one;
   llama.cpp: f16, q8_0, q4_0) with ``--ctx`` tokens of context: KV bytes, peak RSS, decode tok/s.
 
 inferos is measured through ``inferos bench --format json`` only (one fresh worker per config and cell);
@@ -36,10 +36,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import plot_scale
 import shapes7b
 
 GGML_TYPE = {"f16": 1, "q4_0": 2, "q8_0": 8}  # ggml_type ids for type_k / type_v
 KV_ELEM_BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}  # bytes per K or V element in llama.cpp's cache
+INT4_CONFIGS = ("int4", "int4-small")  # the segmented int4 presets: group 32 / window 64, group 64 / window 32
 GIB = 2 ** 30
 UNITS = {"_s": "s", "_ms": "ms", "_tps": "tok/s", "_bytes": "B", "_x": "ratio"}
 
@@ -129,7 +131,8 @@ def llama_worker(spec: dict) -> dict:
     from inferos_cli.machine.rss import PeakWindow, current_rss
 
     if spec.get("info"):
-        return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
+        return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode(),
+                "python": sys.executable}
     t0 = time.perf_counter()
     llm = llama_cpp.Llama(spec["gguf"], n_ctx=spec["n_ctx"], n_batch=512, n_threads=spec["threads"],
                           n_threads_batch=spec["threads"], type_k=GGML_TYPE[spec["kv"]],
@@ -166,11 +169,18 @@ def llama_worker(spec: dict) -> dict:
     return out
 
 
+def llama_child(python: str, spec: str) -> dict:
+    """Run the llama.cpp worker under ``python`` (another venv can hold another llama.cpp build); the worker
+    needs only this checkout's ``inferos_cli.machine.rss`` (stdlib-only), put on its path."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
+    return run_child([python, str(Path(__file__).resolve()), "--llama-worker", spec], env=env)
+
+
 def run_llama(gguf: Path, kv: str, seqs: list[int], args, threads: int, text: str, shape) -> dict:
     """One llama.cpp config in its own subprocess; a result per prompt length, or a reason."""
     spec = {"gguf": str(gguf), "n_ctx": args.ctx, "threads": threads, "kv": kv, "seqs": seqs, "gen": args.gen_tokens,
             "text": text, "warmup": args.warmup}
-    res = run_child([sys.executable, str(Path(__file__).resolve()), "--llama-worker", json.dumps(spec)])
+    res = llama_child(args.llama_python, json.dumps(spec))
     if res["rc"] != 0:
         return {"reason": child_failure(res, f"llama.cpp kv {kv}")}
     body = json.loads(res["stdout"].strip().splitlines()[-1])
@@ -273,7 +283,7 @@ def measure_model(name: str, quant: str, args, tok_gguf: Path, env: dict, llama_
     t_hi = max(args.threads)
     short, long_ = args.seqs
     kv_seq = args.ctx - args.gen_tokens
-    kv_configs = ["baseline", "inferos", "int4"]
+    kv_configs = ["baseline", "inferos", *INT4_CONFIGS]
     kv_skipped = []
     fp16 = fp16_preset(env)
     if fp16:
@@ -353,7 +363,7 @@ def measure_model(name: str, quant: str, args, tok_gguf: Path, env: dict, llama_
 def goals(r: dict, weight_bytes: int) -> list[dict]:
     """Issue 15's goals, each with its values and whether it holds (None when a value is missing)."""
     kv = {(c["engine"], c["config"]): c for c in r["kv"]["configs"]}
-    d, base, i4 = kv.get(("inferos", "inferos"), {}), kv.get(("inferos", "baseline"), {}), kv.get(("inferos", "int4"), {})
+    d, base = kv.get(("inferos", "inferos"), {}), kv.get(("inferos", "baseline"), {})
     l16, l8 = kv.get(("llama.cpp", "f16"), {}), kv.get(("llama.cpp", "q8_0"), {})
     dec = next((x for x in r["decode"] if x["threads"] == 2), r["decode"][-1])
     pre = r["prefill"]
@@ -376,11 +386,13 @@ def goals(r: dict, weight_bytes: int) -> list[dict]:
          check(lambda a, b: a <= 1 and b <= 1, pre[0]["ratio_x"]["ttft_ms"], pre[1]["ratio_x"]["ttft_ms"])),
         ("default KV <= 0.5 x fp16", check(lambda a, b: a <= 0.5 * b, d.get("kv_bytes"), fp16_kv)),
         ("default peak RSS below llama.cpp q8_0", check(lambda a, b: a < b, d.get("peak_rss_bytes"), l8.get("peak_rss_bytes"))),
-        ("int4 KV <= 0.3 x fp16", check(lambda a, b: a <= 0.3 * b, i4.get("kv_bytes"), fp16_kv)),
-        ("int4 peak RSS saving >= 0.7 x its KV saving vs baseline",
-         check(lambda bp, ip, bk, ik: bp - ip >= 0.7 * (bk - ik), base.get("peak_rss_bytes"), i4.get("peak_rss_bytes"),
-               base.get("kv_bytes"), i4.get("kv_bytes"))),
     ]
+    for name in INT4_CONFIGS:
+        i4 = kv.get(("inferos", name), {})
+        out += [(f"{name} KV <= 0.3 x fp16", check(lambda a, b: a <= 0.3 * b, i4.get("kv_bytes"), fp16_kv)),
+                (f"{name} peak RSS saving >= 0.7 x its KV saving vs baseline",
+                 check(lambda bp, ip, bk, ik: bp - ip >= 0.7 * (bk - ik), base.get("peak_rss_bytes"),
+                       i4.get("peak_rss_bytes"), base.get("kv_bytes"), i4.get("kv_bytes")))]
     return [{"goal": g, "holds": h} for g, h in out]
 
 
@@ -429,27 +441,6 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = [m for m in res["models"] if "kv" in m]
-    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(6 * max(1, len(models)), 4), squeeze=False)
-    for ax, m in zip(axes[0], models):
-        rows = m["kv"]["configs"]
-        names = [f"{r['engine']}\n{r['config']}" for r in rows]
-        ax.bar(names, [(r["peak_rss_bytes"] or 0) / GIB for r in rows], label="peak RSS")
-        ax.bar(names, [(r["kv_bytes"] or 0) / GIB for r in rows], label="KV")
-        ax.set_ylabel("GiB")
-        ax.set_title(f"{m['model']} {m['quant']} at {m['kv']['ctx']} tokens")
-        ax.tick_params(axis="x", labelsize=7)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-
-
 # ---------------------------------------------------------------------------------------------- main
 def tokenizer_gguf() -> Path:
     """SmolLM2's GGUF (its vocabulary is reused): ``inferos pull smollm2-135m``, then the downloads folder."""
@@ -469,6 +460,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", help="folder for the GGUFs, converted models and raw bench JSONs (default: a temp folder)")
     ap.add_argument("--out", type=Path, help="result JSON (default: benchmarks/results/scale-<date>.json)")
     ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python, the peers extra)")
+    ap.add_argument("--llama-python", default=sys.executable,
+                    help="Python whose llama_cpp to measure (e.g. a venv holding an AVX2 build; default: this one)")
     ap.add_argument("--ctx", type=int, default=4096, help="context of the KV configs, and llama.cpp's n_ctx")
     ap.add_argument("--threads", default="1,2", help="comma list of thread counts for decode")
     ap.add_argument("--seq-lengths", default="128,2048", help="short and long prompt for TTFT / prefill")
@@ -479,7 +472,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tokenizer-gguf", type=Path, help="GGUF whose vocabulary to reuse (default: SmolLM2's, pulled)")
     ap.add_argument("--keep", action="store_true", help="keep the GGUFs and converted models")
     ap.add_argument("--quick", action="store_true", help="smoke run: 32/64-token prompts, 256 context, 4 tokens, 1 thread")
-    ap.add_argument("--plot", type=Path, help="also write a PNG of KV bytes and peak RSS per config")
+    ap.add_argument("--plot", type=Path, help="also write a PNG: ratios to llama.cpp, and KV bytes and peak RSS per config (plot_scale.py)")
     ap.add_argument("--cells", default="prompt,decode,kv",
                     help="comma list of what to measure: prompt (TTFT, prefill, load), decode (other thread counts), "
                          "kv (the KV configs at --ctx); cells left out are reported as not measured")
@@ -516,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.llama_cpp:
         llama_reason = "not requested (--llama-cpp)"
     else:
-        info = run_child([sys.executable, str(Path(__file__).resolve()), "--llama-worker", '{"info": true}'])
+        info = llama_child(args.llama_python, '{"info": true}')
         if info["rc"] != 0:
             llama_reason = child_failure(info, "llama_cpp is not importable (pip install -e '.[peers]')")
         else:
@@ -556,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown(result))
     print(f"\nwrote {out}", file=sys.stderr)
     if args.plot:
-        plot(result, args.plot)
+        plot_scale.plot([result], args.plot)
     return 0
 
 

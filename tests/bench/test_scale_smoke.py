@@ -38,7 +38,8 @@ def test_scale_quick_tiny(tmp_path: Path, inferos_home: Path) -> None:
     tokenizer = smollm2_gguf(home)
     out = tmp_path / "scale.json"
     res = subprocess.run([sys.executable, str(SCALE), "--models", "tiny", "--quant", "q4_0", "--quick", "--llama-cpp",
-                          "--work", str(tmp_path / "work"), "--out", str(out), "--tokenizer-gguf", str(tokenizer)],
+                          "--work", str(tmp_path / "work"), "--out", str(out), "--tokenizer-gguf", str(tokenizer),
+                          "--plot", str(tmp_path / "scale.png")],
                          capture_output=True, text=True, timeout=600, check=False)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| decode @1 thr | tok/s |" in res.stdout
@@ -64,13 +65,15 @@ def test_scale_quick_tiny(tmp_path: Path, inferos_home: Path) -> None:
     kv = m["kv"]
     assert kv["ctx"] == 256 and kv["prompt_tokens"] == 252
     configs = {(c["engine"], c["config"]) for c in kv["configs"]}
-    assert {("inferos", "baseline"), ("inferos", "inferos"), ("inferos", "int4"),
+    assert {("inferos", "baseline"), ("inferos", "inferos"), ("inferos", "int4"), ("inferos", "int4-small"),
             ("llama.cpp", "f16"), ("llama.cpp", "q8_0"), ("llama.cpp", "q4_0")} <= configs
-    fp16 = [c for c in kv["configs"] if c["engine"] == "inferos" and c["config"] not in ("baseline", "inferos", "int4")]
+    named = ("baseline", "inferos", "int4", "int4-small")
+    fp16 = [c for c in kv["configs"] if c["engine"] == "inferos" and c["config"] not in named]
     assert fp16 or [s for s in kv["skipped"] if s["config"] == "fp16" and s["reason"]]
     for c in kv["configs"]:
         assert_measured(c, ["kv_bytes", "peak_rss_bytes", "decode_tps"], f"kv {c['engine']} {c['config']}")
     default = next(c for c in kv["configs"] if c["config"] == "inferos")
     assert default["kv_bytes"] > 0 and default["peak_rss_bytes"] > 0
-    assert len(m["goals"]) == 10 and all(g["holds"] in (True, False, None) for g in m["goals"])
+    assert len(m["goals"]) == 12 and all(g["holds"] in (True, False, None) for g in m["goals"])
     assert not (tmp_path / "work" / "tiny-q4_0.gguf").exists()  # big files are removed unless --keep
+    assert (tmp_path / "scale.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

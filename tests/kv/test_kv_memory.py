@@ -1,4 +1,5 @@
-"""Peak RSS of the segmented int4 cache at a long context, measured in child processes on a real model.
+"""Peak RSS of the segmented int4 cache (and of the fp16 cache) at a long context, measured in child processes
+on a real model.
 
 The model is written here: a 16-layer llama GGUF with wide heads (4 kv heads x 128) and small matrices
 (hidden 512, random Q4_0 blocks), so the KV cache is most of what grows with the context (fp32 KV at 4096
@@ -129,3 +130,27 @@ def test_int4_peak_rss_drops_by_most_of_the_kv_saving(tmp_path: Path) -> None:
         assert drop >= FRACTION * saving, (
             f"{profile} peak {got['peak'] / mib:.0f} MiB vs baseline {base['peak'] / mib:.0f} MiB: dropped "
             f"{drop / mib:.0f} MiB, less than {FRACTION} x the KV saving {saving / mib:.0f} MiB")
+
+
+def test_fp16_peak_rss_follows_its_kv_saving(tmp_path: Path) -> None:
+    """With many query heads the fp16 cache's prefill chunk shrinks so the peak still drops by most of its KV
+    saving: a 2-layer model with 7B attention (32 heads x 128) at 4096 tokens. With the engine's 2,048-token
+    chunks, onnxruntime's float16 GroupQueryAttention held 1 GiB of float32 scores per chunk here, so the fp16
+    peak sat above the fp32 baseline's although its KV was half."""
+    from inferos_cli.kv.half import HalfCache
+    from inferos_cli.models.convert import convert_gguf
+    from inferos_cli.models.resolve import resolve_model
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the peak window is exact (VmHWM reset) on Linux only")
+    src = tmp_path / "heads.gguf"
+    write_wide_gguf(src, layers=2, hidden=4096, heads=32, ffn=512)
+    folder = convert_gguf(src, tmp_path / "heads")
+    chunk = HalfCache(resolve_model(str(folder), progress=False), 1, capacity=CONTEXT + DECODE + 1).prefill_chunk
+    assert chunk is not None and 64 <= chunk < 2048 and chunk % 64 == 0
+    base, half = _measure(folder, "baseline"), _measure(folder, "fp16")
+    assert half["exact"] and "fp16" in half["kv_desc"] and half["kv"] * 2 == base["kv"]
+    saving, drop = base["kv"] - half["kv"], base["peak"] - half["peak"]
+    assert drop >= FRACTION * saving, (
+        f"fp16 peak {half['peak'] / 2**20:.0f} MiB vs baseline {base['peak'] / 2**20:.0f} MiB: dropped "
+        f"{drop / 2**20:.0f} MiB of a {saving / 2**20:.0f} MiB KV saving")
