@@ -134,7 +134,7 @@ def test_int4_peak_rss_drops_by_most_of_the_kv_saving(tmp_path: Path) -> None:
 
 def test_fp16_peak_rss_follows_its_kv_saving(tmp_path: Path) -> None:
     """With many query heads the fp16 cache's prefill chunk shrinks so the peak still drops by most of its KV
-    saving: a 2-layer model with 7B attention (32 heads x 128) at 4096 tokens. With the engine's 2,048-token
+    saving: an 8-layer model with 7B attention (32 heads x 128) at 4096 tokens (KV 1 GiB in fp32). With the engine's 2,048-token
     chunks, onnxruntime's float16 GroupQueryAttention held 1 GiB of float32 scores per chunk here, so the fp16
     peak sat above the fp32 baseline's although its KV was half."""
     from inferos_cli.kv.half import HalfCache
@@ -144,7 +144,7 @@ def test_fp16_peak_rss_follows_its_kv_saving(tmp_path: Path) -> None:
     if not sys.platform.startswith("linux"):
         pytest.skip("the peak window is exact (VmHWM reset) on Linux only")
     src = tmp_path / "heads.gguf"
-    write_wide_gguf(src, layers=2, hidden=4096, heads=32, ffn=512)
+    write_wide_gguf(src, layers=8, hidden=4096, heads=32, ffn=512)
     folder = convert_gguf(src, tmp_path / "heads")
     chunk = HalfCache(resolve_model(str(folder), progress=False), 1, capacity=CONTEXT + DECODE + 1).prefill_chunk
     assert chunk is not None and 64 <= chunk < 2048 and chunk % 64 == 0
