@@ -37,14 +37,14 @@ class HalfCache(PlainCache):
 
     @property
     def prefill_chunk(self) -> int | None:  # type: ignore[override]
-        """Default prefill chunk: at most 2,048 tokens (the engine's own), fewer (a multiple of 64) where a
-        chunk's float32 attention scores over the buffer's columns would pass :data:`SCORES_BYTES`.
+        """Default prefill chunk: the longest (a multiple of 64) whose float32 attention scores over the
+        buffer's columns stay under :data:`SCORES_BYTES`; the engine's own default still caps it.
         onnxruntime's float16 GroupQueryAttention on the CPU holds them for the whole chunk: with 32 heads
         and 4,096 columns, 2,048-token chunks raised the prefill's peak by 1 GiB over the float32 cache's
         (``benchmarks/README.md``), so its RSS did not follow its halved KV bytes; 512-token chunks do."""
         columns = self.capacity or self.past_len
         per_token = 4 * self.info.num_heads * max(1, columns) * max(1, self.batch)
-        return int(max(64, min(2048, SCORES_BYTES // per_token)) // 64 * 64)
+        return int(max(64, SCORES_BYTES // per_token) // 64 * 64)
 
 
 class HalfLayout(KVLayout):
