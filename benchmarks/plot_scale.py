@@ -2,7 +2,7 @@
 
     python benchmarks/plot_scale.py OUT.png benchmarks/results/scale-*.json [--only ratios|kv]
 
-One row of panels per figure: the first panel has, for every model and quant measured with llama.cpp in its
+Panels in rows of up to three: the first has, for every model and quant measured with llama.cpp in its
 run, the ratios inferos / llama.cpp of RSS after load, prefill tok/s (short and long prompt) and decode tok/s
 (each thread count), with issue 15's goals drawn as lines; then one panel per model whose KV configs were
 measured (KV bytes inside peak RSS). Only ratios of the same run are drawn; a missing value is left out.
@@ -48,7 +48,7 @@ def plot(results: list[dict], path: Path, only: str | None = None) -> None:
     import matplotlib.pyplot as plt
 
     models = [(r, m) for r in results for m in r.get("models", [])]
-    speed = [(f"{m['model']}\n{m['quant']}" + ("\nvs AVX2 build" if "AVX2 (" in (build(r) or "") else ""),
+    speed = [(f"{m['model']}\n{m['quant']}" + ("\nAVX2 peer" if "AVX2 (" in (build(r) or "") else ""),
               ratio_bars(m), build(r)) for r, m in models if ratio_bars(m)]
     kv = [m for _, m in models if any(c.get("peak_rss_bytes") for c in m.get("kv", {}).get("configs", []))]
     speed = [] if only == "kv" else speed
@@ -56,8 +56,12 @@ def plot(results: list[dict], path: Path, only: str | None = None) -> None:
     panels = (1 if speed else 0) + len(kv)
     if not panels:
         raise SystemExit("nothing to plot: no ratios and no KV configs in these results")
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.5), squeeze=False)
-    axes = list(axes[0])
+    cols = min(3, panels)  # rows of at most three panels
+    rows = -(-panels // cols)
+    fig, grid = plt.subplots(rows, cols, figsize=(6.5 * cols, 4.5 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.set_visible(False)
     if speed:
         ax = axes.pop(0)
         labels = sorted({k for _, bars, _ in speed for k in bars}, key=lambda k: (k.split()[0], k))
@@ -75,10 +79,10 @@ def plot(results: list[dict], path: Path, only: str | None = None) -> None:
         ax.set_ylabel("ratio")
         ax.legend(fontsize=7, ncol=2)
     for ax, m in zip(axes, kv):
-        rows = m["kv"]["configs"]
-        names = [f"{r['engine']}\n{r['config']}" for r in rows]
-        ax.bar(names, [(r["peak_rss_bytes"] or 0) / GIB for r in rows], label="peak RSS")
-        ax.bar(names, [(r["kv_bytes"] or 0) / GIB for r in rows], label="KV bytes")
+        configs = m["kv"]["configs"]
+        names = [f"{r['engine']}\n{r['config']}" for r in configs]
+        ax.bar(names, [(r["peak_rss_bytes"] or 0) / GIB for r in configs], label="peak RSS")
+        ax.bar(names, [(r["kv_bytes"] or 0) / GIB for r in configs], label="KV bytes")
         ax.set_ylabel("GiB")
         ax.set_title(f"{m['model']} {m['quant']}, {m['kv']['ctx']} tokens of context", fontsize=9)
         ax.tick_params(axis="x", labelsize=7)
